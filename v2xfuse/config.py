@@ -14,13 +14,26 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import yaml
 
 __all__ = ["load_config", "apply_overrides", "dump_config", "merge", "ConfigError", "get_path"]
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """Safe loader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``).
+
+    Configured once, on this subclass: PyYAML's resolver tables are class-level, and adding
+    resolvers per load (as OpenCOOD does on the global loader) grows them without bound."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 

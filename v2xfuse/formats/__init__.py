@@ -1,0 +1,1 @@
+"""Dataset file-format conventions shared by the synthetic writers and the dataset adapters."""

@@ -1,0 +1,200 @@
+"""OPV2V / V2XSet conventions (CARLA, Unreal Engine 4), and their conversion to ours.
+
+Facts (see shared/reference/opencood-opv2v.md section 2):
+
+* CARLA's world and sensor frames are **left-handed**: x forward, y right, z up. We flip y
+  (``FLIP_Y``) at load time; a transform converts as ``FLIP_Y @ T @ FLIP_Y``.
+* Poses are ``[x, y, z, roll, yaw, pitch]`` in metres and **degrees**, CARLA order, and build a
+  matrix with UE4's rotation formula (:func:`carla_pose_to_matrix`).
+* ``vehicles[id]``: ``location`` is the actor origin in the world, ``center`` the box centre
+  offset in the actor's own frame, ``angle`` ``[roll, yaw, pitch]`` degrees, ``extent`` **half**
+  sizes along the actor's x (length), y (width), z (height).
+* ``camera{i}.extrinsic`` is ``camera_ue4_from_lidar`` (UE4 camera axes: x forward, y right,
+  z up); OpenCV axes relate to UE4 axes by ``UE4_FROM_CV``.
+
+OpenCOOD adds ``center`` to ``location`` without rotating it; it is an offset in the actor
+frame, so we rotate it (identical for level actors whose offset is vertical, which is nearly
+every released box).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import yaml
+
+from ..structures.boxes import CORNER_SIGNS, corners_to_boxes
+from ..structures.transforms import invert_transform
+
+__all__ = ["FLIP_Y", "UE4_FROM_CV", "carla_pose_to_matrix", "matrix_to_carla_pose", "lh_to_rh",
+           "vehicle_box_in_lidar", "vehicle_entry_from_box", "camera_lidar_from_cv",
+           "camera_entry_from_cv"]
+
+FLIP_Y = np.diag([1.0, -1.0, 1.0, 1.0])
+
+# p_ue4 = UE4_FROM_CV @ p_cv: UE4 x (forward) = cv z, y (right) = cv x, z (up) = -cv y.
+UE4_FROM_CV = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0],
+                        [0.0, 0.0, 0.0, 1.0]])
+
+
+def carla_pose_to_matrix(pose) -> np.ndarray:
+    """(4, 4) left-handed ``world_from_x`` from a CARLA pose ``[x, y, z, roll, yaw, pitch]`` (deg)."""
+    x, y, z, roll, yaw, pitch = (float(v) for v in pose)
+    cr, sr = math.cos(math.radians(roll)), math.sin(math.radians(roll))
+    cy, sy = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
+    cp, sp = math.cos(math.radians(pitch)), math.sin(math.radians(pitch))
+    m = np.eye(4)
+    m[:3, 3] = (x, y, z)
+    m[:3, :3] = [
+        [cp * cy, cy * sp * sr - sy * cr, -cy * sp * cr - sy * sr],
+        [sy * cp, sy * sp * sr + cy * cr, -sy * sp * cr + cy * sr],
+        [sp, -cp * sr, cp * cr],
+    ]
+    return m
+
+
+def matrix_to_carla_pose(m: np.ndarray) -> list[float]:
+    """Inverse of :func:`carla_pose_to_matrix`: ``[x, y, z, roll, yaw, pitch]`` (deg)."""
+    r = np.asarray(m, dtype=np.float64)
+    yaw = math.degrees(math.atan2(r[1, 0], r[0, 0]))
+    roll = math.degrees(math.atan2(-r[2, 1], r[2, 2]))
+    pitch = math.degrees(math.atan2(r[2, 0], math.hypot(r[2, 1], r[2, 2])))
+    return [float(r[0, 3]), float(r[1, 3]), float(r[2, 3]), roll, yaw, pitch]
+
+
+def lh_to_rh(m: np.ndarray) -> np.ndarray:
+    """Convert a transform between left-handed CARLA frames to our right-handed frames (and back)."""
+    return FLIP_Y @ np.asarray(m, dtype=np.float64) @ FLIP_Y
+
+
+def vehicle_box_in_lidar(entry: dict, world_from_lidar_rh: np.ndarray) -> np.ndarray:
+    """(7,) box in our right-handed LiDAR frame from an OPV2V ``vehicles[id]`` entry.
+
+    Args:
+        entry: dict with ``location``, ``center``, ``angle``, ``extent`` as in the yaml.
+        world_from_lidar_rh: (4, 4) right-handed pose of the LiDAR the box is expressed in.
+    """
+    loc = [float(v) for v in entry["location"]]
+    roll, yaw, pitch = (float(v) for v in entry["angle"])
+    world_from_actor = lh_to_rh(carla_pose_to_matrix([*loc, roll, yaw, pitch]))
+    centre_local = FLIP_Y[:3, :3] @ np.asarray(entry["center"], dtype=np.float64)
+    half = np.asarray(entry["extent"], dtype=np.float64)
+    if half.shape != (3,) or np.any(half < 0):
+        raise ValueError(f"extent must be 3 non-negative half sizes, got {entry['extent']!r}")
+    local = centre_local + CORNER_SIGNS * half
+    lidar_from_actor = invert_transform(world_from_lidar_rh) @ world_from_actor
+    corners = local @ lidar_from_actor[:3, :3].T + lidar_from_actor[:3, 3]
+    return corners_to_boxes(corners[None])[0]
+
+
+def vehicle_entry_from_box(box_world_rh: np.ndarray, speed_mps: float,
+                           centre_offset_xy=(0.0, 0.0)) -> dict:
+    """The OPV2V ``vehicles[id]`` entry of a level box given in our right-handed world frame.
+
+    ``centre_offset_xy`` is the box centre's offset from the actor origin in the actor's
+    frame (CARLA ``bounding_box.location``; the origin sits on the ground).
+    """
+    x, y, z, dx, dy, dz, yaw = (float(v) for v in box_world_rh)
+    ox, oy = centre_offset_xy
+    # Our actor frame (right-handed) -> the same physical offset in CARLA's actor frame.
+    c, s = math.cos(yaw), math.sin(yaw)
+    origin_rh = (x - (c * ox - s * oy), y - (s * ox + c * oy), z - dz / 2)
+    return {
+        "angle": [0.0, -math.degrees(yaw), 0.0],
+        "center": [ox, -oy, dz / 2],
+        "extent": [dx / 2, dy / 2, dz / 2],
+        "location": [origin_rh[0], -origin_rh[1], origin_rh[2]],
+        "speed": speed_mps * 3.6,
+    }
+
+
+def camera_lidar_from_cv(extrinsic_ue4_from_lidar: np.ndarray) -> np.ndarray:
+    """Our ``lidar_from_camera`` (right-handed LiDAR, OpenCV camera) from an OPV2V extrinsic."""
+    lidar_lh_from_cv = invert_transform(extrinsic_ue4_from_lidar) @ UE4_FROM_CV
+    return FLIP_Y @ lidar_lh_from_cv
+
+
+def camera_entry_from_cv(world_from_lidar_rh: np.ndarray, lidar_from_camera_cv: np.ndarray,
+                         intrinsic: np.ndarray) -> dict:
+    """An OPV2V ``camera{i}`` entry: ``cords`` (world pose, CARLA), ``intrinsic``, ``extrinsic``."""
+    world_lh_from_cam_ue4 = FLIP_Y @ world_from_lidar_rh @ lidar_from_camera_cv @ invert_transform(UE4_FROM_CV)
+    cam_ue4_from_lidar_lh = invert_transform(FLIP_Y @ lidar_from_camera_cv @ invert_transform(UE4_FROM_CV))
+    return {
+        "cords": matrix_to_carla_pose(world_lh_from_cam_ue4),
+        "intrinsic": np.asarray(intrinsic, dtype=np.float64).tolist(),
+        "extrinsic": cam_ue4_from_lidar_lh.tolist(),
+    }
+
+
+# ---- reading --------------------------------------------------------------------------------
+# One loader class, configured once. OpenCOOD adds implicit resolvers to the global PyYAML
+# loader on every call, which grows without bound and slows loading down over an epoch.
+YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(path) -> dict:
+    """Parse one OPV2V yaml with the safe (C when available) loader; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            data = yaml.load(f, Loader=YamlLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _pose6(meta: dict, key: str, where: str) -> list[float]:
+    if key not in meta:
+        raise ValueError(f"{where}: missing field {key!r}")
+    value = meta[key]
+    try:
+        pose = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: field {key!r} must be 6 numbers, got {value!r}") from None
+    if len(pose) != 6 or not all(math.isfinite(v) for v in pose):
+        raise ValueError(f"{where}: field {key!r} must be 6 finite numbers, got {value!r}")
+    return pose
+
+
+def world_from_lidar_rh(meta: dict, where: str) -> np.ndarray:
+    """Our right-handed ``world_from_lidar`` from a yaml's ``lidar_pose``."""
+    return lh_to_rh(carla_pose_to_matrix(_pose6(meta, "lidar_pose", where)))
+
+
+def vehicle_boxes(meta: dict, world_from_lidar: np.ndarray, where: str):
+    """(ids (M,) int64, boxes (M, 7) in the right-handed LiDAR frame) of a yaml's ``vehicles``."""
+    vehicles = meta.get("vehicles") or {}
+    if not isinstance(vehicles, dict):
+        raise ValueError(f"{where}: field 'vehicles' must be a mapping, got {type(vehicles).__name__}")
+    ids, boxes = [], []
+    for vid, entry in vehicles.items():
+        field_name = f"vehicles[{vid}]"
+        try:
+            boxes.append(vehicle_box_in_lidar(entry, world_from_lidar))
+            ids.append(int(vid))
+        except KeyError as e:
+            raise ValueError(f"{where}: {field_name} lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {field_name}: {e}") from None
+    return np.array(ids, dtype=np.int64), np.array(boxes, dtype=np.float64).reshape(-1, 7)
+
+
+def camera_calibration(meta: dict, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(K (3, 3), lidar_from_camera (4, 4) OpenCV axes) of ``camera<i>`` in a yaml."""
+    try:
+        entry = meta[name]
+        k = np.asarray(entry["intrinsic"], dtype=np.float64)
+        ext = np.asarray(entry["extrinsic"], dtype=np.float64)
+    except KeyError as e:
+        raise ValueError(f"{where}: missing field {name}.{e.args[0]}" if e.args[0] != name
+                         else f"{where}: missing field {name!r}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name}.intrinsic/extrinsic are not numeric matrices") from None
+    if k.shape != (3, 3) or ext.shape != (4, 4):
+        raise ValueError(f"{where}: {name}: intrinsic must be 3x3 and extrinsic 4x4, "
+                         f"got {k.shape} and {ext.shape}")
+    return k, camera_lidar_from_cv(ext)
+
+
+__all__ += ["YamlLoader", "load_yaml", "world_from_lidar_rh", "vehicle_boxes", "camera_calibration"]

@@ -1,0 +1,139 @@
+"""The embedded synthetic cooperative world and its dataset writers.
+
+``generate_dataset`` lays out scenes, runs every agent's LiDAR and cameras, and writes the
+result in the exact OPV2V/V2XSet or DAIR-V2X-C format, so the real-data loaders, training and
+evaluation all run without downloading anything.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import SimConfig
+from .generate import simulate_scene, visibility_stats
+from .world import build_scene
+
+__all__ = ["SimConfig", "generate_dataset", "scene_seeds", "split_of_scenes", "FORMATS",
+           "MANIFEST_NAME", "build_scene", "simulate_scene"]
+
+FORMATS = ("opv2v", "dair")
+MANIFEST_NAME = "v2xfuse_synthetic.json"
+EPOCH_US = 1626155123000000  # July 2021, like DAIR-V2X's timestamps
+
+
+def scene_seeds(seed: int, n_scenes: int) -> list[np.random.Generator]:
+    """One independent generator per scene; scene i is the same whatever ``n_scenes`` is."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n_scenes)]
+
+
+def split_of_scenes(n_scenes: int, fractions: dict[str, float]) -> list[str]:
+    """Assign scenes to splits in order: every named split gets at least one scene when there
+    are enough scenes, the first split takes the rounding remainder."""
+    names = list(fractions)
+    counts = {n: int(np.floor(fractions[n] * n_scenes)) for n in names}
+    for n in names[1:]:
+        if counts[n] == 0 and fractions[n] > 0 and sum(counts.values()) < n_scenes - 1:
+            counts[n] = 1
+    counts[names[0]] += n_scenes - sum(counts.values())
+    out = []
+    for n in names:
+        out += [n] * counts[n]
+    return out
+
+
+def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, seed: int,
+                     cfg: SimConfig | None = None, splits: dict[str, float] | None = None,
+                     progress: bool = True, keep_frames: bool = False, eval_range: float = 51.2):
+    """Generate and write a synthetic dataset.
+
+    Args:
+        fmt: ``"opv2v"`` (OPV2V/V2XSet layout, roadside units as negative ids) or ``"dair"``
+            (DAIR-V2X-C: the ego vehicle and one roadside unit per scene).
+        out: dataset root to write.
+        n_scenes, n_frames: scenes and 10 Hz frames per scene.
+        seed: everything is a deterministic function of the seed and the arguments.
+        cfg: world and sensor settings.
+        splits: fraction of scenes per split, in order.
+        keep_frames: also return the :class:`SimFrame` truth records (tests only: they are big).
+    Returns:
+        (stats dict, list of (scene, frames, write info) if ``keep_frames`` else None).
+    """
+    from tqdm import tqdm
+
+    from .write_dair import DairWriter
+    from .write_opv2v import Opv2vWriter, opv2v_scenario_name
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    cfg = cfg or SimConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if splits is None:
+        splits = {"train": 0.7, "validate": 0.15, "test": 0.15}
+    scene_split = split_of_scenes(n_scenes, splits)
+    rngs = scene_seeds(seed, n_scenes)
+    agents_per_scene = 2 if fmt == "dair" else cfg.scene.n_cavs + cfg.scene.n_rsus
+    bar = tqdm(total=n_scenes * n_frames * agents_per_scene, desc=f"synthetic {fmt}", unit="agent-frame",
+               disable=not progress)
+    dair = DairWriter(out, np.random.default_rng([seed, 1])) if fmt == "dair" else None
+    kept = [] if keep_frames else None
+    seen_total = seen_ego_total = labels = 0
+    object_ids: set[tuple[int, int]] = set()
+    agents_total = frames_total = 0
+    started = time.perf_counter()
+    for i, (rng, split) in enumerate(zip(rngs, scene_split)):
+        scene = build_scene(rng, cfg, f"scene_{i:03d}", n_frames / cfg.frame_rate_hz)
+        start_us = EPOCH_US + i * 600_000_000
+        agent_offsets, camera_offsets = {}, {}
+        if fmt == "dair":
+            rsu = next(a for a in scene.agents if a.kind == "infrastructure")
+            scene.agents = [scene.agents[0], rsu]
+            agent_offsets[rsu.agent_id] = int(rng.integers(-45_000, 45_000))
+            camera_offsets = {scene.agents[0].agent_id: int(rng.integers(20_000, 60_000)),
+                              rsu.agent_id: int(rng.integers(20_000, 110_000))}
+            dair.begin_batch(scene, start_us, n_frames, "val" if split == "validate" else split)
+            writer = dair
+        else:
+            writer = Opv2vWriter(out, split, opv2v_scenario_name(rng), scene, start_us,
+                                 first_key=2 * int(rng.integers(30, 200)), rng=rng,
+                                 protocol={"world": {"generator": "v2xfuse.sim", "seed": seed,
+                                                     "scene": i, "road_yaw": scene.meta["road_yaw"]},
+                                           "sensors": cfg.to_dict()})
+        scene_frames = []
+        for frame in simulate_scene(scene, cfg, n_frames, rng, start_us, agent_offsets, camera_offsets,
+                                    progress=bar):
+            info = writer.write_frame(frame)
+            st = visibility_stats([frame], eval_range)
+            seen_total += st["objects_seen"]
+            seen_ego_total += st["objects_seen_by_ego"]
+            for a in frame.agents:
+                labels += len(a.seen_ids())
+                object_ids.update((i, oid) for oid in a.seen_ids())
+            agents_total += len(frame.agents)
+            frames_total += 1
+            if keep_frames:
+                scene_frames.append((frame, info))
+        if keep_frames:
+            kept.append((scene, scene_frames, getattr(writer, "dir", None)))
+    if dair is not None:
+        dair.close()
+    bar.close()
+    elapsed = time.perf_counter() - started
+    stats = {
+        "format": fmt, "scenes": n_scenes, "frames": frames_total, "agent_frames": agents_total,
+        "agents_per_frame": agents_total / max(frames_total, 1),
+        "objects": len(object_ids), "box_labels": labels,
+        "objects_near_ego_seen": seen_total,
+        "collaborator_only_fraction": 1.0 - seen_ego_total / seen_total if seen_total else 0.0,
+        "eval_range_m": eval_range,
+        "seconds": elapsed, "seconds_per_agent_frame": elapsed / max(agents_total, 1),
+        "splits": {s: scene_split.count(s) for s in splits},
+    }
+    manifest = {"format": fmt, "scenes": n_scenes, "frames": n_frames, "seed": seed,
+                "config": cfg.to_dict(), "splits": splits, "stats": stats}
+    with open(out / MANIFEST_NAME, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return stats, kept

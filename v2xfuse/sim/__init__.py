@@ -71,8 +71,9 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
     cfg = cfg or SimConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if splits is None:
-        splits = {"train": 0.7, "validate": 0.15, "test": 0.15}
+    if splits is None:  # each format's own split names (OPV2V folders, DAIR split-file keys)
+        val = "val" if fmt == "dair" else "validate"
+        splits = {"train": 0.7, val: 0.15, "test": 0.15}
     scene_split = split_of_scenes(n_scenes, splits)
     rngs = scene_seeds(seed, n_scenes)
     agents_per_scene = 2 if fmt == "dair" else cfg.scene.n_cavs + cfg.scene.n_rsus

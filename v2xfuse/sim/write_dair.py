@@ -69,6 +69,9 @@ class DairWriter:
 
     # ---- batches --------------------------------------------------------------------------
     def begin_batch(self, scene: Scene, start_us: int, n_frames: int, split: str) -> None:
+        if split not in self.split["batch_split"]:
+            raise ValueError(f"DAIR-V2X split names are {sorted(self.split['batch_split'])}, "
+                             f"got {split!r}")
         self.batch += 1
         self.scene = scene
         self.start_us = start_us
@@ -103,6 +106,7 @@ class DairWriter:
 
     def _common(self, side: str, agent: SimAgentFrame, fid: str, cam: SimCamera | None) -> dict:
         d = self.root / side
+        (d / "velodyne").mkdir(parents=True, exist_ok=True)
         write_points_dair(d / "velodyne" / f"{fid}.pcd", agent.points[:, :3], agent.points[:, 3] * 255.0)
         row = {"pointcloud_path": f"velodyne/{fid}.pcd",
                "pointcloud_timestamp": str(agent.timestamp_us)}

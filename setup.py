@@ -67,18 +67,22 @@ def _extensions():
     with_cuda = (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1") and \
         torch.version.cuda is not None
     include_dirs = [os.path.join(HERE, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std: torch's build helper adds the standard its headers need (C++17 up to torch 2.9,
+    # C++20 after); forcing one here breaks or warns on the other torch versions.
+    cxx_flags = ["-O3"]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         ext = CUDAExtension(
             "v2xfuse._C", sources, include_dirs=include_dirs,
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            # No --use_fast_math: its sin/cos/division are approximate, which would move rotated
+            # IoUs near an NMS threshold and make CUDA keep other boxes than CPU.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
     else:
         ext = CppExtension("v2xfuse._C", sources, include_dirs=include_dirs,
                            extra_compile_args={"cxx": cxx_flags})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,0 +1,39 @@
+// BEV pooling (lift-splat): features (P, C) with coords (P, 3) int [batch, y, x] summed per cell
+// into (B, C, ny, nx). Deterministic on both devices: points are sorted by cell (stable), then
+// each cell sums its points in ascending point order (segmented sum), so CPU and CUDA add in
+// the same order. The backward pass gathers the output gradient of each point's cell.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common.h"
+
+namespace v2xfuse {
+
+at::Tensor bev_pool_forward_cpu(const at::Tensor& features, const at::Tensor& coords,
+                                int64_t batch_size, int64_t ny, int64_t nx);
+at::Tensor bev_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& coords);
+#ifdef WITH_CUDA
+at::Tensor bev_pool_forward_cuda(const at::Tensor& features, const at::Tensor& coords,
+                                 int64_t batch_size, int64_t ny, int64_t nx);
+at::Tensor bev_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& coords);
+#endif
+
+// Device-agnostic helpers (ATen ops only), defined in bev_pool_cpu.cpp.
+
+// Checks coords (P, 3) [batch, y, x] against the grid and returns the flat cell index
+// (batch * ny + y) * nx + x of each point, (P,) int64. Out-of-range rows raise a ValueError.
+at::Tensor bev_pool_cells(const at::Tensor& coords, int64_t batch_size, int64_t ny, int64_t nx);
+
+// The occupied cells, in increasing order, and the points in each: the points of segment s are
+// order[starts[s] : starts[s] + lengths[s]], in increasing point index. All (S,) or (P,) int64.
+struct BevPoolSegments {
+  at::Tensor order, cells, starts, lengths;
+};
+BevPoolSegments bev_pool_segments(const at::Tensor& cells);
+
+void check_bev_pool_forward_args(const at::Tensor& features, const at::Tensor& coords,
+                                 int64_t batch_size, int64_t ny, int64_t nx);
+void check_bev_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& coords);
+
+}  // namespace v2xfuse

@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from v2xfuse import ops
+from v2xfuse.ops import reference
+
+needs_extension = pytest.mark.skipif(not ops.extension_available(),
+                                     reason="v2xfuse._C is not built")
+
+IMPLS = {"op": ops.bev_pool, "reference": reference.bev_pool}
+
+
+def lifted_points(n_points, channels, batch_size, ny, nx, seed, dtype=torch.float32,
+                  crowd=0):
+    """Random points, the first `crowd` of them all in cell (batch 0, y 1, x 2)."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_points, channels, generator=g, dtype=torch.float64).to(dtype)
+    coords = torch.stack([torch.randint(0, batch_size, (n_points,), generator=g),
+                          torch.randint(0, ny, (n_points,), generator=g),
+                          torch.randint(0, nx, (n_points,), generator=g)], dim=1)
+    coords[:crowd] = torch.tensor([0, 1, 2])
+    # Shuffle so the crowded cell's points are spread over the point list.
+    perm = torch.randperm(n_points, generator=g)
+    return features[perm].contiguous(), coords[perm].int()
+
+
+def test_gradcheck_reference_float64():
+    features, coords = lifted_points(40, 3, 2, 3, 4, 0, torch.float64, crowd=10)
+    features.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: reference.bev_pool(f, coords, 2, 3, 4), (features,))
+
+
+def test_gradcheck_op_float64():
+    features, coords = lifted_points(40, 3, 2, 3, 4, 1, torch.float64, crowd=10)
+    features.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: ops.bev_pool(f, coords, 2, 3, 4), (features,))
+
+
+@pytest.mark.parametrize("crowd", [0, 500])
+def test_op_matches_reference_float32(crowd):
+    batch_size, ny, nx, channels = 2, 13, 17, 8
+    features, coords = lifted_points(3000, channels, batch_size, ny, nx, 2, crowd=crowd)
+    f_op = features.clone().requires_grad_(True)
+    f_ref = features.clone().requires_grad_(True)
+    out_op = ops.bev_pool(f_op, coords, batch_size, ny, nx)
+    out_ref = reference.bev_pool(f_ref, coords, batch_size, ny, nx)
+    assert out_op.shape == (batch_size, channels, ny, nx) and out_op.dtype == torch.float32
+    torch.testing.assert_close(out_op, out_ref, atol=1e-4, rtol=1e-5)
+    grad = torch.randn_like(out_op)
+    (out_op * grad).sum().backward()
+    (out_ref * grad).sum().backward()
+    torch.testing.assert_close(f_op.grad, f_ref.grad, atol=0, rtol=0)  # both pure gathers
+    if crowd:
+        torch.testing.assert_close(out_op[0, :, 1, 2], features[coords[:, 0].eq(0)
+                                   & coords[:, 1].eq(1) & coords[:, 2].eq(2)].sum(0),
+                                   atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_empty_cells_are_zero_and_sums_are_right(impl):
+    features = torch.tensor([[1.0, 10.0], [2.0, 20.0], [4.0, 40.0]])
+    coords = torch.tensor([[1, 0, 2], [0, 1, 0], [1, 0, 2]])
+    out = IMPLS[impl](features, coords, 2, 2, 3)
+    expected = torch.zeros(2, 2, 2, 3)
+    expected[1, :, 0, 2] = torch.tensor([5.0, 50.0])
+    expected[0, :, 1, 0] = torch.tensor([2.0, 20.0])
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_no_points(impl):
+    features = torch.zeros(0, 4, requires_grad=True)
+    out = IMPLS[impl](features, torch.zeros(0, 3, dtype=torch.long), 1, 2, 2)
+    assert out.shape == (1, 4, 2, 2) and torch.all(out == 0)
+    out.sum().backward()
+    assert features.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("bad_row", [[-1, 0, 0], [2, 0, 0], [0, -1, 0], [0, 3, 0], [0, 0, -1],
+                                     [0, 0, 4]])
+def test_out_of_range_coords_raise(impl, bad_row):
+    features = torch.ones(3, 2)
+    coords = torch.tensor([[0, 0, 0], [1, 2, 3], bad_row])
+    with pytest.raises(ValueError, match=r"coords\[2\].*outside the grid"):
+        IMPLS[impl](features, coords, 2, 3, 4)
+
+
+def test_bad_arguments():
+    features, coords = lifted_points(10, 2, 1, 2, 2, 0)
+    for fn in IMPLS.values():
+        with pytest.raises(ValueError, match="coords must be"):
+            fn(features, coords[:, :2], 1, 2, 2)
+        with pytest.raises(ValueError, match="integer"):
+            fn(features, coords.float(), 1, 2, 2)
+        with pytest.raises(ValueError, match="features"):
+            fn(features.long(), coords, 1, 2, 2)
+
+
+def test_layouts_and_dtypes():
+    features, coords = lifted_points(200, 6, 2, 4, 5, 3, torch.float64)
+    expected = reference.bev_pool(features, coords, 2, 4, 5)
+    strided = features.T.contiguous().T  # column-major: same values, not contiguous
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(ops.bev_pool(strided, coords.long(), 2, 4, 5), expected)
+    assert ops.bev_pool(features.double(), coords, 2, 4, 5).dtype == torch.float64
+    half = ops.bev_pool(features.to(torch.bfloat16), coords, 2, 4, 5)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), expected, atol=0.1, rtol=0.02)
+
+
+@needs_extension
+def test_kernel_checks_its_arguments():
+    features, coords = lifted_points(10, 2, 1, 2, 2, 0)
+    with pytest.raises(RuntimeError, match="coords must be"):
+        torch.ops.v2xfuse.bev_pool_forward(features, coords[:5], 1, 2, 2)
+    with pytest.raises(ValueError, match="outside the grid"):
+        torch.ops.v2xfuse.bev_pool_forward(features, coords, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.v2xfuse.bev_pool_backward(features, coords)

@@ -1,0 +1,196 @@
+"""OPV2V and V2XSet (same layout; V2XSet adds roadside units with negative ids).
+
+Indexing: ``<root>/<split>/<scenario>/<agent id>/<key>.yaml|.pcd|_camera<i>.png``. Keys are
+CARLA frame numbers (six digits, +2 per 10 Hz sample); they are treated as opaque sorted
+strings and delays count samples, not key arithmetic. A sample's time is ``int(key) * 50 ms``.
+
+Agent selection (stated rule, not sort order): the ego is a connected vehicle (``ego``:
+``"first"`` = the smallest non-negative id, numerically; ``"each"`` = every vehicle of the
+scenario in turn, multiplying the samples). The other agents are those within ``comm_range``
+metres of the ego at that instant, nearest first, up to ``max_agents`` in all.
+
+Ground truth: the union of every selected agent's ``vehicles`` (OPV2V lists, per agent, the
+vehicles its LiDAR hit), de-duplicated by actor id, built from location + center + angle +
+half extents and expressed in the ego LiDAR frame.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..formats import opv2v as fmt
+from ..structures.boxes import transform_boxes
+from ..structures.coop import AgentObs, CameraObs, CoopFrame
+from ..structures.transforms import invert_transform
+from .base import CoopAdapter, DatasetError, PointCache, load_point_file
+
+__all__ = ["Opv2vAdapter", "Opv2vMeta"]
+
+log = logging.getLogger(__name__)
+TICK_US = 50_000  # CARLA runs at 20 Hz; OPV2V keeps every second tick
+
+
+class Opv2vMeta:
+    """What the loader keeps of one agent yaml: pose, world boxes, camera calibration."""
+
+    __slots__ = ("world_from_lidar", "ids", "boxes_world", "speed_mps", "is_rsu", "cameras")
+
+    def __init__(self, path: Path, camera_names: tuple[str, ...]):
+        where = str(path)
+        if not path.is_file():
+            raise DatasetError(f"{path}: yaml file is missing")
+        try:
+            meta = fmt.load_yaml(path)
+            self.world_from_lidar = fmt.world_from_lidar_rh(meta, where)
+            self.ids, self.boxes_world = fmt.vehicle_boxes(meta, np.eye(4), where)
+            self.speed_mps = float(meta.get("ego_speed", 0.0)) / 3.6
+            self.is_rsu = bool(meta.get("RSU", False))
+            self.cameras = {name: fmt.camera_calibration(meta, name, where)
+                            for name in camera_names if name in meta}
+        except DatasetError:
+            raise
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+
+
+class Opv2vAdapter(CoopAdapter):
+    name = "opv2v"
+    frame_period_us = 2 * TICK_US
+
+    def __init__(self, root: str | Path, split: str = "train", max_agents: int = 5,
+                 comm_range: float = 70.0, ego: str = "first", include_rsu: bool = True,
+                 camera_names: tuple[str, ...] = ("camera0", "camera1", "camera2", "camera3"),
+                 load_images: bool = False, skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
+                 meta_cache_size: int = 65536):
+        super().__init__(skip_bad_frames)
+        if ego not in ("first", "each"):
+            raise ValueError(f"ego must be 'first' or 'each', got {ego!r}")
+        if max_agents < 1:
+            raise ValueError(f"max_agents must be >= 1, got {max_agents}")
+        self.root = Path(root)
+        self.split_dir = self.root / split
+        if not self.split_dir.is_dir():
+            raise DatasetError(f"{self.split_dir}: split folder is missing")
+        self.max_agents = max_agents
+        self.comm_range = comm_range
+        self.include_rsu = include_rsu
+        self.camera_names = tuple(camera_names)
+        self.load_images = load_images
+        self.points = PointCache(cache_points_mb)
+        self._meta = lru_cache(maxsize=meta_cache_size)(self._read_meta)
+        # scenario -> agent id -> sorted keys
+        self.scenarios: dict[str, dict[str, list[str]]] = {}
+        self.samples: list[tuple[str, str, int]] = []  # (scenario, ego id, key index)
+        for scen in sorted(p for p in self.split_dir.iterdir() if p.is_dir()):
+            agents = {}
+            for adir in sorted(p for p in scen.iterdir() if p.is_dir()):
+                try:
+                    aid = int(adir.name)
+                except ValueError:
+                    continue  # "additional" folders and the like
+                if aid < 0 and not include_rsu:
+                    continue
+                keys = sorted(p.stem for p in adir.glob("*.yaml") if "additional" not in p.name)
+                if keys:
+                    agents[adir.name] = keys
+            cavs = sorted((a for a in agents if int(a) >= 0), key=int)
+            if not cavs:
+                log.warning("%s: no connected vehicle folders, scenario skipped", scen)
+                continue
+            self.scenarios[scen.name] = agents
+            for ego_id in (cavs if ego == "each" else cavs[:1]):
+                self.samples += [(scen.name, ego_id, k) for k in range(len(agents[ego_id]))]
+        if not self.samples:
+            raise DatasetError(f"{self.split_dir}: no OPV2V samples found")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read_meta(self, path: Path) -> Opv2vMeta:
+        return Opv2vMeta(path, self.camera_names)
+
+    def _agent_dir(self, scenario: str, agent_id: str) -> Path:
+        return self.split_dir / scenario / agent_id
+
+    def _select_agents(self, scenario: str, ego_id: str, key: str) -> list[str]:
+        agents = self.scenarios[scenario]
+        ego_pos = self._meta(self._agent_dir(scenario, ego_id) / f"{key}.yaml").world_from_lidar[:2, 3]
+        near = []
+        for aid, keys in agents.items():
+            if aid == ego_id or key not in keys:
+                continue
+            pos = self._meta(self._agent_dir(scenario, aid) / f"{key}.yaml").world_from_lidar[:2, 3]
+            dist = float(np.hypot(*(pos - ego_pos)))
+            if dist <= self.comm_range:
+                near.append((dist, aid))
+        near.sort()
+        return [ego_id] + [aid for _, aid in near[: self.max_agents - 1]]
+
+    def agent_ids(self, idx: int) -> list[str]:
+        scenario, ego_id, k = self.samples[idx]
+        return self._select_agents(scenario, ego_id, self.scenarios[scenario][ego_id][k])
+
+    def _load(self, idx: int, delays: Mapping[str, int] | None) -> CoopFrame:
+        scenario, ego_id, k = self.samples[idx]
+        ego_keys = self.scenarios[scenario][ego_id]
+        key = ego_keys[k]
+        selected = self._select_agents(scenario, ego_id, key)
+        agents, gt_ids, gt_boxes_world, gt_seen = [], [], [], set()
+        for aid in selected:
+            meta = self._meta(self._agent_dir(scenario, aid) / f"{key}.yaml")
+            for oid, box in zip(meta.ids, meta.boxes_world):
+                if int(oid) not in gt_seen:
+                    gt_seen.add(int(oid))
+                    gt_ids.append(int(oid))
+                    gt_boxes_world.append(box)
+            delay = 0 if aid == ego_id or not delays else int(delays.get(aid, 0))
+            keys = self.scenarios[scenario][aid]
+            obs_key = keys[max(keys.index(key) - delay, 0)]
+            agents.append(self._agent(scenario, aid, obs_key))
+        ego_from_world = invert_transform(agents[0].world_from_lidar)
+        gt = transform_boxes(ego_from_world, np.array(gt_boxes_world).reshape(-1, 7))
+        return CoopFrame(self.name, scenario, key, agents, gt, np.array(gt_ids, np.int64),
+                         tuple("car" for _ in gt_ids))
+
+    def _agent(self, scenario: str, aid: str, key: str) -> AgentObs:
+        adir = self._agent_dir(scenario, aid)
+        meta = self._meta(adir / f"{key}.yaml")
+        pcd = adir / f"{key}.pcd"
+        points = self.points.get(str(pcd), lambda: _flip_points(load_point_file(pcd)))
+        cameras = []
+        for name, (k_mat, lidar_from_camera) in meta.cameras.items():
+            img_path = adir / f"{key}_{name}.png"
+            image = _read_image(img_path) if self.load_images else None
+            size = image.shape[:2] if image is not None else _image_size(k_mat)
+            cameras.append(CameraObs(name, k_mat, lidar_from_camera, size, image, str(img_path)))
+        lidar_from_world = invert_transform(meta.world_from_lidar)
+        return AgentObs(aid, "infrastructure" if int(aid) < 0 or meta.is_rsu else "vehicle",
+                        meta.world_from_lidar, int(key) * TICK_US, points, cameras,
+                        transform_boxes(lidar_from_world, meta.boxes_world), meta.ids, meta.speed_mps)
+
+
+def _flip_points(points: np.ndarray) -> np.ndarray:
+    points[:, 1] *= -1.0  # CARLA left-handed -> right-handed
+    return points
+
+
+def _image_size(k: np.ndarray) -> tuple[int, int]:
+    """Image size implied by a centred principal point (OPV2V's cameras have cx = W/2, cy = H/2)."""
+    return int(round(2 * k[1, 2])), int(round(2 * k[0, 2]))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: camera image is missing") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: unreadable image: {e}") from None
+

@@ -1,0 +1,186 @@
+"""From a :class:`CoopFrame` to a training/evaluation sample: delays, pose noise, augmentation, crop.
+
+Order matters and is fixed: (1) per-agent time delay (the adapter serves older observations),
+(2) localisation noise on the poses the ego *receives* (points stay true, so features land in
+the wrong place, as with a real GNSS error), (3) augmentation, (4) range crop.
+
+Augmentation is one similarity ``A`` (flip about x, rotation about z, uniform scale) applied
+in every agent's own LiDAR frame; the pairwise transforms become ``A @ T @ inv(A)``, which is
+still rigid, so warping features between agents stays exact. Poses are re-expressed with the
+augmented ego frame as the world.
+
+Randomness comes from an explicit generator seeded by ``(seed, epoch, index)``: reproducible
+with any number of DataLoader workers, and nothing reseeds a global RNG.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..structures.boxes import transform_boxes, wrap_angle
+from ..structures.coop import CoopFrame
+from ..structures.transforms import invert_transform, make_transform, rotation_z
+from .base import CoopAdapter
+
+__all__ = ["PipelineConfig", "Sample", "CoopSampler", "augmentation_matrix"]
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of :class:`CoopSampler` (all distances in metres, angles in degrees)."""
+
+    lidar_range: tuple[float, ...] = (-51.2, -51.2, -8.0, 51.2, 51.2, 3.0)
+    gt_range: tuple[float, ...] | None = None     # default: lidar_range (box centres, ego frame)
+    flip_prob: float = 0.0
+    rotate_deg: float = 0.0                        # uniform in [-rotate_deg, rotate_deg]
+    scale: tuple[float, float] = (1.0, 1.0)
+    loc_noise_xyz_std: float = 0.0
+    loc_noise_yaw_std_deg: float = 0.0
+    delay_frames: int = 0                          # max delay of each non-ego agent, in samples
+    delay_mode: str = "fixed"                      # "fixed": every collaborator late by delay_frames;
+                                                   # "uniform": each one late by U{0..delay_frames}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PipelineConfig":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise KeyError(f"pipeline config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        for k in ("lidar_range", "gt_range", "scale"):
+            if d.get(k) is not None:
+                d[k] = tuple(float(v) for v in d[k])
+        return cls(**d)
+
+
+@dataclass
+class Sample:
+    """One processed sample (numpy), the unit :func:`v2xfuse.datasets.batch.collate` stacks.
+
+    Attributes:
+        points: per agent (N_i, 4) float32 [x, y, z, intensity] in that agent's LiDAR frame.
+        ego_from_agent: (L, 4, 4) float64 transforms into the ego frame, as the ego believes them.
+        gt_boxes: (M, 7) ego frame; gt_ids: (M,) int64.
+        agent_ids, agent_kinds: per agent (kinds: "vehicle" | "infrastructure").
+        time_delay_s: (L,) how old each agent's observation is relative to the ego's.
+        frame: the source frame's (dataset, sequence_id, frame_id).
+        cameras: per agent, the list of CameraObs (images only when the adapter loads them).
+    """
+
+    points: list[np.ndarray]
+    ego_from_agent: np.ndarray
+    gt_boxes: np.ndarray
+    gt_ids: np.ndarray
+    agent_ids: list[str]
+    agent_kinds: list[str]
+    time_delay_s: np.ndarray
+    frame: tuple[str, str, str]
+    cameras: list = field(default_factory=list)
+    true_ego_from_agent: np.ndarray | None = None
+
+
+def augmentation_matrix(flip: bool, rotate_rad: float, scale: float) -> np.ndarray:
+    """(4, 4) ``A = scale * Rz(rotate) @ diag(1, -1 if flip else 1, 1)``."""
+    a = make_transform(rotation_z(rotate_rad), (0.0, 0.0, 0.0))
+    if flip:
+        a = a @ np.diag([1.0, -1.0, 1.0, 1.0])
+    a[:3, :3] *= scale
+    return a
+
+
+def _apply_similarity_to_boxes(a: np.ndarray, boxes: np.ndarray, flip: bool, scale: float) -> np.ndarray:
+    out = boxes.copy()
+    if flip:
+        out[:, 1] *= -1.0
+        out[:, 6] *= -1.0
+    rigid = a.copy()
+    rigid[:3, :3] /= scale
+    if flip:
+        rigid = rigid @ np.diag([1.0, -1.0, 1.0, 1.0])
+    out = transform_boxes(rigid, out)
+    out[:, :6] *= scale
+    out[:, 6] = wrap_angle(out[:, 6])
+    return out
+
+
+class CoopSampler:
+    """Turns adapter frames into :class:`Sample` objects; also a ``torch`` map-style dataset."""
+
+    def __init__(self, adapter: CoopAdapter, cfg: PipelineConfig, train: bool, seed: int = 0):
+        self.adapter = adapter
+        self.cfg = cfg
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.adapter)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, idx: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if self.train else 0, idx])
+
+    def __getitem__(self, idx: int) -> Sample:
+        return self.process(self.load(idx), self.rng(idx))
+
+    def load(self, idx: int) -> CoopFrame:
+        cfg = self.cfg
+        delays = None
+        if cfg.delay_frames > 0:
+            rng = self.rng(idx)
+            ids = self.adapter.agent_ids(idx)
+            if cfg.delay_mode == "fixed":
+                delays = {a: cfg.delay_frames for a in ids[1:]}
+            elif cfg.delay_mode == "uniform":
+                delays = {a: int(rng.integers(0, cfg.delay_frames + 1)) for a in ids[1:]}
+            else:
+                raise ValueError(f"delay_mode must be 'fixed' or 'uniform', got {cfg.delay_mode!r}")
+        return self.adapter.load(idx, delays)
+
+    def process(self, frame: CoopFrame, rng: np.random.Generator) -> Sample:
+        cfg = self.cfg
+        ego = frame.ego
+        ego_from_world = invert_transform(ego.world_from_lidar)
+        true_ego_from_agent = np.stack([ego_from_world @ a.world_from_lidar for a in frame.agents])
+        ego_from_agent = true_ego_from_agent.copy()
+        # (2) localisation noise on collaborators' poses (as received by the ego).
+        if cfg.loc_noise_xyz_std > 0 or cfg.loc_noise_yaw_std_deg > 0:
+            for i in range(1, len(frame.agents)):
+                noise = make_transform(rotation_z(math.radians(rng.normal(0, cfg.loc_noise_yaw_std_deg))),
+                                       (*rng.normal(0, cfg.loc_noise_xyz_std, 2), 0.0))
+                ego_from_agent[i] = ego_from_agent[i] @ noise
+        points = [a.points for a in frame.agents]
+        gt = frame.gt_boxes
+        # (3) augmentation, training only.
+        if self.train and (cfg.flip_prob > 0 or cfg.rotate_deg > 0 or cfg.scale != (1.0, 1.0)):
+            flip = bool(rng.random() < cfg.flip_prob)
+            rot = math.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
+            scale = float(rng.uniform(*cfg.scale))
+            a = augmentation_matrix(flip, rot, scale)
+            a_inv = np.linalg.inv(a)
+            points = [_transform_xyz(a, p) for p in points]
+            ego_from_agent = np.einsum("ab,nbc,cd->nad", a, ego_from_agent, a_inv)
+            true_ego_from_agent = np.einsum("ab,nbc,cd->nad", a, true_ego_from_agent, a_inv)
+            gt = _apply_similarity_to_boxes(a, gt, flip, scale)
+        # (4) crop: points in each agent's own frame, boxes by centre in the ego frame.
+        lr = cfg.lidar_range
+        points = [p[(p[:, 0] >= lr[0]) & (p[:, 0] < lr[3]) & (p[:, 1] >= lr[1]) & (p[:, 1] < lr[4])
+                    & (p[:, 2] >= lr[2]) & (p[:, 2] < lr[5])] for p in points]
+        gr = cfg.gt_range or lr
+        keep = (gt[:, 0] >= gr[0]) & (gt[:, 0] < gr[3]) & (gt[:, 1] >= gr[1]) & (gt[:, 1] < gr[4])
+        gt, gt_ids = gt[keep], frame.gt_ids[keep]
+        delay_s = np.array([(ego.timestamp_us - a.timestamp_us) / 1e6 for a in frame.agents])
+        return Sample(points, ego_from_agent, gt, gt_ids, [a.agent_id for a in frame.agents],
+                      [a.kind for a in frame.agents], delay_s,
+                      (frame.dataset, frame.sequence_id, frame.frame_id),
+                      [a.cameras for a in frame.agents], true_ego_from_agent)
+
+
+def _transform_xyz(a: np.ndarray, points: np.ndarray) -> np.ndarray:
+    out = points.copy()
+    out[:, :3] = points[:, :3] @ a[:3, :3].T.astype(np.float32) + a[:3, 3].astype(np.float32)
+    return out

@@ -1,0 +1,92 @@
+"""The one interface every fusion method implements.
+
+A method has a sender side and a receiver side::
+
+    payloads = method.encode(state, senders)          # what each non-ego agent sends
+    fused    = method.fuse(state, received)           # what the ego makes of what arrived
+
+``payloads`` are dicts of named tensors; the detector turns each into a
+:class:`v2xfuse.comm.Message` when a channel is attached, so what is counted is the
+serialised bytes and what is fused is what the receiver decoded. Without a channel (training)
+the tensors pass straight through, keeping gradients.
+
+``stage`` tells the detector where the method sits:
+* ``"none"``: no communication, the ego's own features go to the head;
+* ``"early"``: raw points are sent and the ego encodes the union (``fuse`` returns points);
+* ``"intermediate"``: BEV features (or parts of them) are sent and fused before the head;
+* ``"late"``: detections are sent and merged after each agent's own head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..datasets.batch import CoopBatch
+from ..models.bev import BevGrid
+
+__all__ = ["Received", "FusionState", "FusionMethod"]
+
+
+@dataclass
+class Received:
+    """One message as the ego sees it after the channel.
+
+    Attributes:
+        sample: index of the ego's sample in the batch.
+        sender: stacked index of the sending agent in the batch.
+        payload: the named tensors that arrived (decoded from bytes when a channel is used).
+        ego_from_sender: (4, 4) built from the pose the message carried (noisy if the channel
+            or the data pipeline perturbed it).
+        delay_s: age of the sender's observation.
+    """
+
+    sample: int
+    sender: int
+    payload: dict[str, torch.Tensor]
+    ego_from_sender: torch.Tensor
+    delay_s: float = 0.0
+
+
+@dataclass
+class FusionState:
+    """What the detector hands a fusion method for one batch.
+
+    Attributes:
+        batch: the input batch.
+        features: (N, C, H, W) every agent's BEV features in its own frame (intermediate), or
+            None before encoding (early).
+        grid: the grid of ``features``.
+        extras: method-specific per-agent maps the detector computed (e.g. ``"confidence"``:
+            (N, 1, H, W) from a per-agent head).
+    """
+
+    batch: CoopBatch
+    features: torch.Tensor | None
+    grid: BevGrid | None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FusionMethod(nn.Module):
+    stage = "intermediate"
+    message_kind = "features"
+    #: payload name -> codec name (see v2xfuse.comm.codecs); the detector serialises with these.
+    codecs: dict[str, str] = {}
+    #: whether the detector must compute per-agent detection confidences (FusionState.extras)
+    needs_confidence = False
+
+    def senders(self, batch: CoopBatch) -> list[int]:
+        """Stacked indices of the agents that send (every non-ego agent by default)."""
+        ego = set(batch.ego_index().tolist())
+        return [i for i in range(batch.num_agents) if i not in ego]
+
+    def encode(self, state: FusionState, senders: list[int]) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def fuse(self, state: FusionState, received: list[Received]):
+        raise NotImplementedError
+
+    def aux_loss(self, state: FusionState) -> dict[str, torch.Tensor]:
+        """Extra training losses of the method (e.g. a codebook's reconstruction loss)."""
+        return {}

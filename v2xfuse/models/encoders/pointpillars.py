@@ -1,0 +1,75 @@
+"""PointPillars (Lang et al., CVPR 2019): a PointNet per vertical column, scattered to BEV."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...registry import ENCODERS
+from ..bev import BevGrid
+from ..voxelize import Voxelizer, Voxels
+
+__all__ = ["PillarFeatureNet", "PointPillars"]
+
+
+class PillarFeatureNet(nn.Module):
+    """Per-point features -> one vector per pillar.
+
+    Each point gets [x, y offsets to the pillar centre, normalised z, intensity, offsets to the
+    pillar's point mean (3), range from the sensor / 50 m]; a shared linear layer + BN + ReLU,
+    then a max over the pillar's points. Positions are relative to the pillar rather than
+    absolute (as in the original), so nothing ties the features to one agent's frame; the range
+    term keeps what absolute positions told the network about point density.
+    """
+
+    def __init__(self, out_channels: int, voxel_size, point_range):
+        super().__init__()
+        self.out_channels = out_channels
+        self.register_buffer("voxel_size", torch.tensor(voxel_size[:2], dtype=torch.float32), persistent=False)
+        self.register_buffer("origin", torch.tensor(point_range[:2], dtype=torch.float32), persistent=False)
+        z0, z1 = float(point_range[2]), float(point_range[5])
+        self.z_mid, self.z_half = (z0 + z1) / 2, (z1 - z0) / 2
+        self.linear = nn.Linear(8, out_channels, bias=False)
+        self.norm = nn.BatchNorm1d(out_channels, eps=1e-3, momentum=0.01)
+
+    def forward(self, voxels: Voxels) -> torch.Tensor:
+        """-> (V, out_channels)."""
+        pts = voxels.features
+        n = voxels.num_points.clamp(min=1).to(pts.dtype)
+        valid = (torch.arange(pts.shape[1], device=pts.device)[None] < voxels.num_points[:, None])
+        mean = pts[:, :, :3].sum(1) / n[:, None]
+        centre = (voxels.coords[:, [3, 2]].to(pts.dtype) + 0.5) * self.voxel_size + self.origin
+        xyz = pts[:, :, :3]
+        z_norm = (xyz[..., 2:3] - self.z_mid) / self.z_half
+        dist = torch.linalg.norm(xyz[..., :2], dim=-1, keepdim=True) / 50.0
+        feats = torch.cat([xyz[..., :2] - centre[:, None], z_norm, pts[..., 3:4],
+                           xyz - mean[:, None], dist], dim=-1)
+        feats = feats * valid[..., None]
+        x = self.linear(feats)
+        x = self.norm(x.flatten(0, 1)).view_as(x).relu()
+        x = x.masked_fill(~valid[..., None], float("-inf"))
+        out = x.max(dim=1).values
+        return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+
+
+@ENCODERS.register("pointpillars")
+class PointPillars(nn.Module):
+    """Points of N agents -> (N, C, ny, nx) pseudo-images on ``grid`` (one per agent)."""
+
+    def __init__(self, point_range, voxel_size=(0.4, 0.4), out_channels: int = 32,
+                 max_points_per_pillar: int = 32, max_pillars: int = 32000):
+        super().__init__()
+        vz = float(point_range[5]) - float(point_range[2])
+        self.voxelizer = Voxelizer([voxel_size[0], voxel_size[1], vz], point_range,
+                                   max_points_per_pillar, max_pillars)
+        self.pfn = PillarFeatureNet(out_channels, voxel_size, point_range)
+        self.out_channels = out_channels
+        self.grid = BevGrid(point_range[0], point_range[1], point_range[3], point_range[4], voxel_size[0])
+
+    def forward(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
+        voxels = self.voxelizer(points, num_agents)
+        feats = self.pfn(voxels)
+        ny, nx = self.grid.ny, self.grid.nx
+        canvas = feats.new_zeros((num_agents * ny * nx, self.out_channels))
+        c = voxels.coords.long()
+        canvas[c[:, 0] * ny * nx + c[:, 2] * nx + c[:, 3]] = feats
+        return canvas.view(num_agents, ny, nx, self.out_channels).permute(0, 3, 1, 2).contiguous()

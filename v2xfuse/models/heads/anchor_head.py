@@ -1,0 +1,196 @@
+"""Anchor-based 3D detection head: anchors, target assignment, losses, decoding.
+
+Anchors sit at every cell centre of the head's BEV grid with ``len(rotations)`` yaws and one
+size. Assignment uses the IoU of the axis-aligned BEV hulls ("standup" boxes, as SECOND and
+OpenCOOD do): positive above ``pos_iou`` or the best anchor of each box, negative below
+``neg_iou`` for every box, ignored in between. Regression follows SECOND's box coder; yaw is
+learned through the sine of the angle difference, with a 2-bin direction classifier to
+resolve the remaining pi ambiguity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...registry import HEADS
+from ...structures.boxes import wrap_angle
+from ..bev import BevGrid
+
+__all__ = ["AnchorHead", "HeadOutput", "standup_iou", "encode_boxes", "decode_boxes"]
+
+
+@dataclass
+class HeadOutput:
+    """Raw head maps for B ego frames. A = anchors per cell.
+
+    cls: (B, A, H, W) logits; reg: (B, A*7, H, W); dir: (B, A*2, H, W).
+    """
+
+    cls: torch.Tensor
+    reg: torch.Tensor
+    dir: torch.Tensor
+
+
+def standup_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) IoU of the axis-aligned BEV hulls of rotated boxes (N, 7) and (M, 7)."""
+    def hull(x):
+        c, s = torch.cos(x[:, 6]).abs(), torch.sin(x[:, 6]).abs()
+        hx = 0.5 * (x[:, 3] * c + x[:, 4] * s)
+        hy = 0.5 * (x[:, 3] * s + x[:, 4] * c)
+        return torch.stack([x[:, 0] - hx, x[:, 1] - hy, x[:, 0] + hx, x[:, 1] + hy], 1)
+    ha, hb = hull(a), hull(b)
+    lo = torch.maximum(ha[:, None, :2], hb[None, :, :2])
+    hi = torch.minimum(ha[:, None, 2:], hb[None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area_a = (ha[:, 2:] - ha[:, :2]).prod(-1)
+    area_b = (hb[:, 2:] - hb[:, :2]).prod(-1)
+    return inter / (area_a[:, None] + area_b[None] - inter).clamp(min=1e-9)
+
+
+def encode_boxes(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """SECOND box coder: (K, 7) boxes relative to (K, 7) anchors -> (K, 7) targets."""
+    diag = torch.sqrt(anchors[:, 3] ** 2 + anchors[:, 4] ** 2)
+    return torch.stack([
+        (boxes[:, 0] - anchors[:, 0]) / diag, (boxes[:, 1] - anchors[:, 1]) / diag,
+        (boxes[:, 2] - anchors[:, 2]) / anchors[:, 5],
+        torch.log(boxes[:, 3] / anchors[:, 3]), torch.log(boxes[:, 4] / anchors[:, 4]),
+        torch.log(boxes[:, 5] / anchors[:, 5]), boxes[:, 6] - anchors[:, 6]], dim=1)
+
+
+def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode_boxes`."""
+    diag = torch.sqrt(anchors[:, 3] ** 2 + anchors[:, 4] ** 2)
+    dims = anchors[:, 3:6] * torch.exp(deltas[:, 3:6].clamp(max=4.0))
+    return torch.stack([
+        deltas[:, 0] * diag + anchors[:, 0], deltas[:, 1] * diag + anchors[:, 1],
+        deltas[:, 2] * anchors[:, 5] + anchors[:, 2], dims[:, 0], dims[:, 1], dims[:, 2],
+        deltas[:, 6] + anchors[:, 6]], dim=1)
+
+
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    w = alpha * targets + (1 - alpha) * (1 - targets)
+    return w * (1 - p_t) ** gamma * ce
+
+
+@HEADS.register("anchor")
+class AnchorHead(nn.Module):
+    """1x1 conv heads over the fused ego BEV map.
+
+    Args:
+        in_channels: channels of the fused map.
+        grid: the head's BEV grid (the fused map's extent and cell size).
+        anchor_size: (l, w, h); anchor_z: anchor centre height in the ego LiDAR frame.
+        rotations_deg: anchor yaws.
+    """
+
+    def __init__(self, in_channels: int, grid: BevGrid, anchor_size=(4.5, 1.9, 1.6), anchor_z: float = -1.1,
+                 rotations_deg=(0.0, 90.0), pos_iou: float = 0.6, neg_iou: float = 0.45,
+                 cls_weight: float = 1.0, reg_weight: float = 2.0, dir_weight: float = 0.2,
+                 dir_offset: float = math.pi / 4):
+        super().__init__()
+        self.grid = grid
+        self.num_anchors = len(rotations_deg)
+        self.cls = nn.Conv2d(in_channels, self.num_anchors, 1)
+        self.reg = nn.Conv2d(in_channels, self.num_anchors * 7, 1)
+        self.dir = nn.Conv2d(in_channels, self.num_anchors * 2, 1)
+        nn.init.constant_(self.cls.bias, -math.log((1 - 0.01) / 0.01))  # prior 0.01
+        nn.init.normal_(self.reg.weight, std=0.001)
+        nn.init.zeros_(self.reg.bias)
+        self.pos_iou, self.neg_iou = pos_iou, neg_iou
+        self.cls_weight, self.reg_weight, self.dir_weight = cls_weight, reg_weight, dir_weight
+        self.dir_offset = dir_offset
+        xs, ys = grid.centres()
+        n = self.num_anchors
+        rot = torch.tensor([math.radians(r) for r in rotations_deg])
+        anchors = torch.zeros(grid.ny, grid.nx, n, 7)
+        anchors[..., 0] = xs[..., None]
+        anchors[..., 1] = ys[..., None]
+        anchors[..., 2] = anchor_z
+        anchors[..., 3:6] = torch.tensor(anchor_size, dtype=torch.float32)
+        anchors[..., 6] = rot
+        # (H, W, A, 7) -> flat in (A, H, W) order, matching the maps' channel layout.
+        self.register_buffer("anchors", anchors.permute(2, 0, 1, 3).reshape(-1, 7), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> HeadOutput:
+        return HeadOutput(self.cls(x), self.reg(x), self.dir(x))
+
+    def _flat(self, out: HeadOutput, b: int):
+        """Per-anchor (K,), (K, 7), (K, 2) predictions of sample ``b`` in anchor order."""
+        a = self.num_anchors
+        cls = out.cls[b].reshape(-1)
+        reg = out.reg[b].view(a, 7, *out.reg.shape[2:]).permute(0, 2, 3, 1).reshape(-1, 7)
+        dir_ = out.dir[b].view(a, 2, *out.dir.shape[2:]).permute(0, 2, 3, 1).reshape(-1, 2)
+        return cls, reg, dir_
+
+    @torch.no_grad()
+    def assign(self, gt: torch.Tensor):
+        """Labels (K,) in {1 positive, 0 negative, -1 ignore} and matched gt index (K,)."""
+        k = len(self.anchors)
+        labels = torch.zeros(k, dtype=torch.long, device=gt.device)
+        matched = torch.zeros(k, dtype=torch.long, device=gt.device)
+        if len(gt) == 0:
+            return labels, matched
+        iou = standup_iou(self.anchors, gt)
+        best, matched = iou.max(dim=1)
+        labels[(best >= self.neg_iou) & (best < self.pos_iou)] = -1
+        labels[best >= self.pos_iou] = 1
+        per_gt_best = iou.argmax(dim=0)
+        ok = iou[per_gt_best, torch.arange(len(gt), device=gt.device)] > 0
+        labels[per_gt_best[ok]] = 1
+        matched[per_gt_best[ok]] = torch.arange(len(gt), device=gt.device)[ok]
+        return labels, matched
+
+    def loss(self, out: HeadOutput, gt_boxes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        cls_losses, reg_losses, dir_losses = [], [], []
+        for b, gt in enumerate(gt_boxes):
+            cls, reg, dir_ = self._flat(out, b)
+            labels, matched = self.assign(gt)
+            pos = labels == 1
+            n_pos = max(int(pos.sum()), 1)
+            care = labels >= 0
+            cls_losses.append(sigmoid_focal_loss(cls[care], pos[care].float()).sum() / n_pos)
+            if pos.any():
+                anchors = self.anchors[pos]
+                target = encode_boxes(gt[matched[pos]], anchors)
+                pred = reg[pos]
+                # Sine of the yaw difference: pred yaw and target yaw compared modulo pi.
+                p_sin = torch.sin(pred[:, 6]) * torch.cos(target[:, 6])
+                t_sin = torch.cos(pred[:, 6]) * torch.sin(target[:, 6])
+                pred = torch.cat([pred[:, :6], p_sin[:, None]], 1)
+                target = torch.cat([target[:, :6], t_sin[:, None]], 1)
+                reg_losses.append(F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum") / n_pos)
+                dir_target = (wrap_angle(gt[matched[pos], 6] - self.dir_offset) > 0).long()
+                dir_losses.append(F.cross_entropy(dir_[pos], dir_target, reduction="sum") / n_pos)
+            else:
+                reg_losses.append(reg.sum() * 0.0)
+                dir_losses.append(dir_.sum() * 0.0)
+        cls_l = torch.stack(cls_losses).mean()
+        reg_l = torch.stack(reg_losses).mean()
+        dir_l = torch.stack(dir_losses).mean()
+        total = self.cls_weight * cls_l + self.reg_weight * reg_l + self.dir_weight * dir_l
+        return {"loss": total, "loss_cls": cls_l.detach(), "loss_reg": reg_l.detach(), "loss_dir": dir_l.detach()}
+
+    @torch.no_grad()
+    def decode(self, out: HeadOutput, b: int, score_threshold: float = 0.1, pre_max: int = 1000):
+        """Boxes (K, 7) and scores (K,) of sample ``b`` before NMS, best first."""
+        cls, reg, dir_ = self._flat(out, b)
+        scores = torch.sigmoid(cls)
+        keep = scores >= score_threshold
+        idx = torch.nonzero(keep).squeeze(1)
+        if len(idx) > pre_max:
+            idx = idx[scores[idx].topk(pre_max).indices]
+        idx = idx[scores[idx].argsort(descending=True)]
+        boxes = decode_boxes(reg[idx], self.anchors[idx])
+        # Resolve the pi ambiguity with the direction bin: bin 1 means yaw - dir_offset lies
+        # in (0, pi), bin 0 in [-pi, 0] (see ``loss``).
+        r = torch.remainder(boxes[:, 6] - self.dir_offset, math.pi)
+        label = dir_[idx].argmax(1).to(r.dtype)
+        boxes[:, 6] = wrap_angle(r + self.dir_offset - math.pi * (1.0 - label))
+        return boxes, scores[idx]

@@ -9,7 +9,7 @@ __all__ = ["BevBackbone", "conv_bn_relu"]
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-                         nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
+                         nn.BatchNorm2d(cout, eps=1e-3, momentum=0.1), nn.ReLU(inplace=True))
 
 
 class BevBackbone(nn.Module):
@@ -41,7 +41,7 @@ class BevBackbone(nn.Module):
             else:
                 k = out_stride // stride
                 ups = nn.Conv2d(c, up, k, k, bias=False)
-            self.ups.append(nn.Sequential(ups, nn.BatchNorm2d(up, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True)))
+            self.ups.append(nn.Sequential(ups, nn.BatchNorm2d(up, eps=1e-3, momentum=0.1), nn.ReLU(inplace=True)))
             cin = c
         self.out_channels = int(sum(upsample_channels))
         self.out_stride = out_stride

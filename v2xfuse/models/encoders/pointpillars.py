@@ -29,7 +29,7 @@ class PillarFeatureNet(nn.Module):
         z0, z1 = float(point_range[2]), float(point_range[5])
         self.z_mid, self.z_half = (z0 + z1) / 2, (z1 - z0) / 2
         self.linear = nn.Linear(8, out_channels, bias=False)
-        self.norm = nn.BatchNorm1d(out_channels, eps=1e-3, momentum=0.01)
+        self.norm = nn.BatchNorm1d(out_channels, eps=1e-3, momentum=0.1)
 
     def forward(self, voxels: Voxels) -> torch.Tensor:
         """-> (V, out_channels)."""

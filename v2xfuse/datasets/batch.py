@@ -27,6 +27,8 @@ class CoopBatch:
         time_delay_s: (N,) float32 age of each agent's observation.
         gt_boxes: B tensors (M_b, 7) in the ego frame; gt_ids: B tensors (M_b,) int64.
         meta: per sample, dict with dataset, sequence, frame and agent ids.
+        true_ego_from_agent: (N, 4, 4) float32 without localisation noise (for supervision
+            in each agent's frame; never used by fusion).
     """
 
     points: torch.Tensor
@@ -37,6 +39,7 @@ class CoopBatch:
     gt_boxes: list[torch.Tensor]
     gt_ids: list[torch.Tensor]
     meta: list[dict]
+    true_ego_from_agent: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -68,7 +71,7 @@ class CoopBatch:
 
 
 def collate(samples: list[Sample]) -> CoopBatch:
-    points, ego_from_agent, kinds, delays, meta = [], [], [], [], []
+    points, ego_from_agent, kinds, delays, meta, true_pose = [], [], [], [], [], []
     agent = 0
     for s in samples:
         for p in s.points:
@@ -76,6 +79,8 @@ def collate(samples: list[Sample]) -> CoopBatch:
             points.append(np.concatenate([idx, p[:, :4]], axis=1))
             agent += 1
         ego_from_agent.append(s.ego_from_agent)
+        true_pose.append(s.ego_from_agent if s.true_ego_from_agent is None
+                         else s.true_ego_from_agent)
         kinds += [KIND_CODES[k] for k in s.agent_kinds]
         delays.append(s.time_delay_s)
         meta.append({"dataset": s.frame[0], "sequence": s.frame[1], "frame": s.frame[2],
@@ -90,4 +95,5 @@ def collate(samples: list[Sample]) -> CoopBatch:
         gt_boxes=[torch.from_numpy(s.gt_boxes.astype(np.float32)) for s in samples],
         gt_ids=[torch.from_numpy(s.gt_ids.astype(np.int64)) for s in samples],
         meta=meta,
+        true_ego_from_agent=torch.from_numpy(np.concatenate(true_pose).astype(np.float32)),
     )

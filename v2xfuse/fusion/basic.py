@@ -73,7 +73,7 @@ class MaxFusion(FusionMethod):
     """F-Cooper (Chen et al., 2019): element-wise max of the ego's and the warped collaborators'
     BEV feature maps. Payload ``features``: (C, H, W) float32, the whole map."""
 
-    codecs = {"features": "raw"}
+    codecs = {"features": "float32"}
 
     def encode(self, state: FusionState, senders: list[int]):
         # unbind, not indexing: one backward node instead of a full-size zero gradient per sender.
@@ -96,3 +96,35 @@ class MaxFusion(FusionMethod):
                 fused = torch.maximum(fused, w)
             out.append(fused)
         return torch.stack(out)
+
+
+@FUSION.register("late")
+class LateFusion(FusionMethod):
+    """Late fusion: each collaborator sends its own detections; the ego moves them into its
+    frame and merges them with its own before NMS.
+
+    Payload ``boxes``: (K, 7) float32 in the sender's LiDAR frame; ``scores``: (K,) float32.
+    Training is single-agent (the ego's head on its own map); boxes are exchanged at inference.
+    """
+
+    stage = "late"
+    message_kind = "boxes"
+    codecs = {"boxes": "raw", "scores": "raw"}
+
+    def encode(self, state: FusionState, senders: list[int]):
+        dets = state.extras.get("detections")
+        if dets is None:  # training: nothing to exchange
+            return []
+        return [{"boxes": d.boxes.float(), "scores": d.scores.float()} for d in dets]
+
+    def fuse(self, state: FusionState, received: list[Received]):
+        """-> per sample, (boxes (K, 7), scores (K,)) in the ego frame, or None."""
+        from ..structures.boxes import transform_boxes
+
+        out: list = [None] * state.batch.batch_size
+        for b, msgs in group_by_sample(received).items():
+            boxes = [transform_boxes(m.ego_from_sender.to(torch.float32),
+                                     m.payload["boxes"].float()) for m in msgs]
+            scores = [m.payload["scores"].float() for m in msgs]
+            out[b] = (torch.cat(boxes), torch.cat(scores))
+        return out

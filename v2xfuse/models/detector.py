@@ -12,6 +12,7 @@ from torch import nn
 
 from ..datasets.batch import CoopBatch
 from ..fusion.base import FusionMethod, FusionState, Received
+from ..structures.boxes import transform_boxes
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
 
@@ -31,6 +32,8 @@ class DetectorOutput:
     head: HeadOutput
     state: FusionState
     received: list[Received] = field(default_factory=list)
+    #: late fusion: per sample, (boxes (K, 7), scores (K,)) received, in the ego frame
+    late_boxes: list | None = None
 
 
 class CoopDetector(nn.Module):
@@ -41,13 +44,20 @@ class CoopDetector(nn.Module):
         fusion: the fusion method.
         head: detection head on the fused (B, C', H', W') maps.
         nms_iou, score_threshold, max_detections: post-processing.
+        agent_loss_weight: weight of the single-agent auxiliary loss: the same head on every
+            agent's own BEV map, against the ground truth moved into that agent's frame
+            (anchors whose centre falls outside the ego's ground-truth range are ignored, since
+            the labels there are incomplete). It gives the shared encoder every agent's view
+            as supervision each step; 0 disables it. Ignored for early fusion.
     """
 
     def __init__(self, encoder: nn.Module, backbone: nn.Module, fusion: FusionMethod, head: AnchorHead,
-                 nms_iou: float = 0.15, score_threshold: float = 0.1, max_detections: int = 100):
+                 nms_iou: float = 0.15, score_threshold: float = 0.1, max_detections: int = 100,
+                 agent_loss_weight: float = 0.0):
         super().__init__()
         self.encoder, self.backbone, self.fusion, self.head = encoder, backbone, fusion, head
         self.nms_iou, self.score_threshold, self.max_detections = nms_iou, score_threshold, max_detections
+        self.agent_loss_weight = float(agent_loss_weight)
         self.feature_grid: BevGrid = encoder.grid.scaled(backbone.out_stride)
 
     def bev(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
@@ -60,16 +70,42 @@ class CoopDetector(nn.Module):
         fusion = self.fusion
         if fusion.stage == "early":
             state = FusionState(batch, None, None)
+        elif fusion.stage == "none" and not (self.training and self.agent_loss_weight > 0):
+            # Ego only: collaborators' points are never encoded (their maps stay zero).
+            ego = batch.ego_index()
+            agent = batch.points[:, 0].long()
+            own = batch.points[torch.isin(agent, ego)]
+            features = self.bev(own, batch.num_agents)
+            state = FusionState(batch, features, self.feature_grid)
         else:
             state = FusionState(batch, self.bev(batch.points, batch.num_agents), self.feature_grid)
+            if fusion.needs_confidence:
+                state.extras["confidence"] = self.head.confidence(state.features)
         senders = fusion.senders(batch)
+        if fusion.stage == "late" and senders and not self.training:
+            state.extras["detections"] = self.detect_agents(state.features, senders)
         payloads = fusion.encode(state, senders) if senders else []
         received = (channel.transmit(fusion, batch, senders, payloads) if channel is not None
                     else self.direct(batch, senders, payloads))
         fused = fusion.fuse(state, received)
         if fusion.stage == "early":
             fused = self.bev(fused, batch.batch_size)
+        if fusion.stage == "late":  # the ego's own map; received boxes are merged in predict
+            return DetectorOutput(self.head(state.features[batch.ego_index()]), state, received,
+                                  late_boxes=fused)
         return DetectorOutput(self.head(fused), state, received)
+
+    @torch.no_grad()
+    def detect_agents(self, features: torch.Tensor, agents: list[int]) -> list[Detections]:
+        """Each listed agent's own detections (its frame) from its own map, after NMS."""
+        out = self.head(features[agents])
+        return [self._nms(*self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
+
+    def _nms(self, boxes: torch.Tensor, scores: torch.Tensor) -> Detections:
+        from ..ops import nms_rotated
+
+        keep = nms_rotated(boxes, scores, self.nms_iou)[: self.max_detections]
+        return Detections(boxes[keep], scores[keep])
 
     @staticmethod
     def direct(batch: CoopBatch, senders: list[int], payloads) -> list[Received]:
@@ -80,18 +116,43 @@ class CoopDetector(nn.Module):
 
     def loss(self, out: DetectorOutput, batch: CoopBatch) -> dict[str, torch.Tensor]:
         losses = self.head.loss(out.head, batch.gt_boxes)
+        if self.agent_loss_weight > 0 and out.state.features is not None:
+            agent = self.agent_loss(out.state.features, batch)
+            losses["loss"] = losses["loss"] + self.agent_loss_weight * agent["loss"]
+            losses["loss_agent"] = agent["loss"].detach()
         for k, v in self.fusion.aux_loss(out.state).items():
             losses["loss"] = losses["loss"] + v
             losses[k] = v.detach()
         return losses
 
+    def agent_loss(self, features: torch.Tensor, batch: CoopBatch) -> dict[str, torch.Tensor]:
+        """The head's loss on every agent's own (N, C, H, W) map, in that agent's frame."""
+        poses = batch.true_ego_from_agent if batch.true_ego_from_agent is not None \
+            else batch.ego_from_agent
+        sample = batch.sample_of_agent().tolist()
+        grid = self.head.grid
+        centres = self.head.anchors[:, :2]
+        gts, ignore = [], []
+        for i, b in enumerate(sample):
+            ego_from_agent = poses[i].to(torch.float64)
+            agent_from_ego = torch.linalg.inv(ego_from_agent).to(features.dtype)
+            gts.append(transform_boxes(agent_from_ego, batch.gt_boxes[b]))
+            xy = centres @ ego_from_agent[:2, :2].T.to(centres.dtype) + \
+                ego_from_agent[:2, 3].to(centres.dtype)
+            inside = (xy[:, 0] >= grid.x_min) & (xy[:, 0] < grid.x_max) & \
+                (xy[:, 1] >= grid.y_min) & (xy[:, 1] < grid.y_max)
+            ignore.append(~inside)
+        return self.head.loss(self.head(features), gts, ignore)
+
     @torch.no_grad()
     def predict(self, out: DetectorOutput) -> list[Detections]:
-        from ..ops import nms_rotated
-
+        """Final boxes per sample in the ego frame: decode, merge any late-fusion boxes, NMS."""
         dets = []
         for b in range(out.head.cls.shape[0]):
             boxes, scores = self.head.decode(out.head, b, self.score_threshold)
-            keep = nms_rotated(boxes, scores, self.nms_iou)[: self.max_detections]
-            dets.append(Detections(boxes[keep], scores[keep]))
+            if out.late_boxes is not None and out.late_boxes[b] is not None:
+                extra_boxes, extra_scores = out.late_boxes[b]
+                boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])
+                scores = torch.cat([scores, extra_scores.to(scores.dtype)])
+            dets.append(self._nms(boxes, scores))
         return dets

@@ -121,6 +121,11 @@ class AnchorHead(nn.Module):
     def forward(self, x: torch.Tensor) -> HeadOutput:
         return HeadOutput(self.cls(x), self.reg(x), self.dir(x))
 
+    def confidence(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) per-agent features -> (N, 1, H, W) max anchor probability per cell
+        (Where2comm's spatial confidence map, from this same head)."""
+        return torch.sigmoid(self.cls(x)).amax(dim=1, keepdim=True)
+
     def _flat(self, out: HeadOutput, b: int):
         """Per-anchor (K,), (K, 7), (K, 2) predictions of sample ``b`` in anchor order."""
         a = self.num_anchors
@@ -130,12 +135,16 @@ class AnchorHead(nn.Module):
         return cls, reg, dir_
 
     @torch.no_grad()
-    def assign(self, gt: torch.Tensor):
-        """Labels (K,) in {1 positive, 0 negative, -1 ignore} and matched gt index (K,)."""
+    def assign(self, gt: torch.Tensor, ignore: torch.Tensor | None = None):
+        """Labels (K,) in {1 positive, 0 negative, -1 ignore} and matched gt index (K,).
+        ``ignore``: (K,) bool anchors that are neither positive nor negative whatever the
+        boxes (e.g. outside the region where the ground truth is complete)."""
         k = len(self.anchors)
         labels = torch.zeros(k, dtype=torch.long, device=gt.device)
         matched = torch.zeros(k, dtype=torch.long, device=gt.device)
         if len(gt) == 0:
+            if ignore is not None:
+                labels[ignore] = -1
             return labels, matched
         iou = standup_iou(self.anchors, gt)
         best, matched = iou.max(dim=1)
@@ -145,13 +154,23 @@ class AnchorHead(nn.Module):
         ok = iou[per_gt_best, torch.arange(len(gt), device=gt.device)] > 0
         labels[per_gt_best[ok]] = 1
         matched[per_gt_best[ok]] = torch.arange(len(gt), device=gt.device)[ok]
+        if ignore is not None:
+            labels[ignore & (labels == 0)] = -1
         return labels, matched
 
-    def loss(self, out: HeadOutput, gt_boxes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def loss(self, out: HeadOutput, gt_boxes: list[torch.Tensor],
+             ignore: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Focal classification, smooth-L1 regression (sine yaw) and direction losses, each
+        normalised by the positives of its map and averaged over the B maps.
+
+        Args:
+            gt_boxes: B tensors (M_b, 7) in each map's frame.
+            ignore: optional B tensors (K,) bool, anchors excluded from the loss (see assign).
+        """
         cls_losses, reg_losses, dir_losses = [], [], []
         for b, gt in enumerate(gt_boxes):
             cls, reg, dir_ = self._flat(out, b)
-            labels, matched = self.assign(gt)
+            labels, matched = self.assign(gt, None if ignore is None else ignore[b])
             pos = labels == 1
             n_pos = max(int(pos.sum()), 1)
             care = labels >= 0

@@ -1,0 +1,117 @@
+"""Config sections -> objects: datasets (generating the synthetic one on first use) and the detector.
+
+Classes keep plain keyword ``__init__``s; this module is the only place that reads config
+dictionaries for them, so a typo in a config fails here, naming the key.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+from .datasets import CoopSampler, Opv2vAdapter, PipelineConfig
+from .models.backbone import BevBackbone
+from .models.detector import CoopDetector
+from .models.heads.anchor_head import AnchorHead
+from .registry import DATASETS, ENCODERS, FUSION
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_adapter", "build_dataset", "build_detector", "ensure_synthetic", "kwargs_for"]
+
+
+def _register_builtin() -> None:
+    """Import the modules whose import registers encoders, fusion methods and datasets."""
+    from . import fusion  # noqa: F401  (fusion/__init__ imports every method)
+    from .models import encoders  # noqa: F401
+    if "opv2v" not in DATASETS:
+        DATASETS.register("opv2v")(Opv2vAdapter)
+
+
+def kwargs_for(cls, section: dict, what: str, skip: tuple[str, ...] = ("type",)) -> dict:
+    """``section`` minus ``skip`` keys, checked against ``cls.__init__``'s parameters."""
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    out = {k: v for k, v in section.items() if k not in skip}
+    unknown = [k for k in out if k not in params] if not accepts_any else []
+    if unknown:
+        known = [p for p in params if p not in ("self", "args", "kwargs")]
+        raise KeyError(f"{what}: unknown keys {unknown} for {cls.__name__} (known: {known})")
+    return out
+
+
+def ensure_synthetic(dataset_cfg: dict) -> None:
+    """Generate the embedded synthetic dataset at ``dataset.root`` when it is missing and the
+    config has a ``dataset.synthetic`` section saying how."""
+    spec = dataset_cfg.get("synthetic")
+    if not spec:
+        return
+    from .sim import SimConfig, generate_dataset
+
+    fmt = {"opv2v": "opv2v", "dair_v2x_c": "dair", "v2xseq": "v2xseq"}[dataset_cfg["type"]]
+    out = Path(dataset_cfg.get("generate_dir") or dataset_cfg["root"])
+    if fmt == "dair" and out.name == "cooperative-vehicle-infrastructure":
+        out = out.parent
+    if (out / "v2xfuse_synthetic.json").is_file():
+        return
+    sim_cfg = SimConfig.from_dict(spec.get("sim"))
+    sim_cfg.cameras = bool(spec.get("cameras", False))
+    log.info("generating the synthetic %s dataset in %s (first use)", fmt, out)
+    generate_dataset(fmt, out, int(spec["scenes"]), int(spec["frames"]), int(spec.get("seed", 0)),
+                     sim_cfg, splits=spec.get("splits"), progress=True)
+
+
+def build_adapter(dataset_cfg: dict, split: str, **extra):
+    """The dataset adapter for split ``split`` ("train", "val", "test": names mapped through
+    ``dataset.splits`` to the dataset's own split names)."""
+    _register_builtin()
+    cls = DATASETS.get(dataset_cfg["type"])
+    split_name = dataset_cfg.get("splits", {}).get(split, split)
+    section = {k: v for k, v in dataset_cfg.items()
+               if k not in ("type", "splits", "synthetic", "generate_dir")}
+    section.update(extra)
+    return cls(split=split_name, **kwargs_for(cls, section, f"dataset ({dataset_cfg['type']})"))
+
+
+def build_dataset(cfg: dict, split: str, train: bool, seed: int = 0, **extra) -> CoopSampler:
+    """A map-style dataset of :class:`~v2xfuse.datasets.Sample` for ``split``."""
+    ensure_synthetic(cfg["dataset"])
+    adapter = build_adapter(cfg["dataset"], split, **extra)
+    return CoopSampler(adapter, PipelineConfig.from_dict(cfg.get("pipeline")), train=train, seed=seed)
+
+
+def build_detector(cfg: dict) -> CoopDetector:
+    """The detector of ``cfg["model"]`` on the range ``cfg["pipeline"]["lidar_range"]``.
+
+    Shapes flow forward: the encoder tells the backbone its channels, the backbone tells the
+    fusion method and the head theirs; the config never repeats them.
+    """
+    _register_builtin()
+    model = cfg["model"]
+    point_range = PipelineConfig.from_dict(cfg.get("pipeline")).lidar_range
+    enc_cfg = dict(model["encoder"])
+    enc_cls = ENCODERS.get(enc_cfg["type"])
+    encoder = enc_cls(point_range=point_range, **kwargs_for(enc_cls, enc_cfg, "model.encoder"))
+    backbone = BevBackbone(encoder.out_channels,
+                           **kwargs_for(BevBackbone, model.get("backbone", {}), "model.backbone"))
+    fusion_cfg = dict(model.get("fusion", {"type": "none"}))
+    fusion_cls = FUSION.get(fusion_cfg["type"])
+    fusion_kwargs = kwargs_for(fusion_cls, fusion_cfg, "model.fusion")
+    params = inspect.signature(fusion_cls.__init__).parameters
+    if "channels" in params:
+        fusion_kwargs["channels"] = backbone.out_channels
+    if "grid" in params:
+        fusion_kwargs["grid"] = encoder.grid.scaled(backbone.out_stride)
+    fusion = fusion_cls(**fusion_kwargs)
+    head_cfg = dict(model.get("head", {"type": "anchor"}))
+    if head_cfg.get("type", "anchor") != "anchor":
+        raise KeyError(f"model.head.type: unknown head {head_cfg['type']!r}; known: anchor")
+    head = AnchorHead(getattr(fusion, "out_channels", backbone.out_channels),
+                      encoder.grid.scaled(backbone.out_stride),
+                      **kwargs_for(AnchorHead, head_cfg, "model.head"))
+    post = model.get("post", {})
+    return CoopDetector(encoder, backbone, fusion, head,
+                        agent_loss_weight=float(model.get("agent_loss_weight", 0.0)),
+                        **kwargs_for(CoopDetector, post, "model.post",
+                                     skip=("encoder", "backbone", "fusion", "head",
+                                           "agent_loss_weight")))

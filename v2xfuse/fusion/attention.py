@@ -1,0 +1,150 @@
+"""Attention-based intermediate fusion: AttFuse (OPV2V) and Where2comm.
+
+Both warp what arrived into the ego frame with :func:`~v2xfuse.models.bev.warp_to_ego` (the one
+shared warping routine) and fuse per BEV cell across agents.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..models.bev import warp_to_ego
+from ..registry import FUSION
+from .base import FusionMethod, FusionState, Received
+from .basic import group_by_sample
+
+__all__ = ["AttFusion", "Where2comm", "cell_attention"]
+
+
+def cell_attention(stack: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-cell scaled dot-product self-attention across agents; returns the ego's output.
+
+    Args:
+        stack: (L, C, H, W), the ego first, every map in the ego frame.
+        valid: (L, 1, H, W) bool, cells an agent actually covers / sent (default: all).
+    Returns:
+        (C, H, W): ``sum_j softmax_j(x_ego . x_j / sqrt(C)) x_j`` over valid agents j.
+    """
+    length, channels = stack.shape[:2]
+    if length == 1:
+        return stack[0]
+    scores = (stack[:1] * stack).sum(1, keepdim=True) / math.sqrt(channels)  # (L, 1, H, W)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+        scores[0] = torch.where(valid[0], scores[0], torch.zeros_like(scores[0]))
+    weights = torch.softmax(scores, dim=0)
+    return (weights * stack).sum(0)
+
+
+@FUSION.register("attfuse")
+class AttFusion(FusionMethod):
+    """AttFuse (Xu et al., OPV2V, ICRA 2022): per-cell self-attention over the ego's and the
+    warped collaborators' full BEV maps. Payload ``features``: (C, H, W) float32."""
+
+    codecs = {"features": "float32"}
+
+    def encode(self, state: FusionState, senders: list[int]):
+        maps = state.features.unbind(0)
+        return [{"features": maps[i]} for i in senders]
+
+    def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
+        ego = state.features[state.batch.ego_index()]
+        groups = group_by_sample(received)
+        out = []
+        for b in range(len(ego)):
+            msgs = groups.get(b, [])
+            if not msgs:
+                out.append(ego[b])
+                continue
+            feats = torch.stack([m.payload["features"].to(ego.dtype) for m in msgs])
+            poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
+            warped = warp_to_ego(feats, poses, state.grid)
+            covered = warp_to_ego(torch.ones_like(feats[:, :1]), poses, state.grid) > 0.5
+            stack = torch.cat([ego[b:b + 1], warped])
+            valid = torch.cat([torch.ones_like(covered[:1]), covered])
+            out.append(cell_attention(stack, valid))
+        return torch.stack(out)
+
+
+@FUSION.register("where2comm")
+class Where2comm(FusionMethod):
+    """Where2comm (Hu et al., NeurIPS 2022): spatial confidence maps decide which BEV cells a
+    collaborator sends; the ego fuses the sparse maps by per-cell attention at two scales.
+
+    Sender: confidence = max over anchors of sigmoid(cls) of the shared detection head on the
+    agent's own features. Cells are sent where confidence > ``threshold`` (inference), or the
+    ``top_k`` most confident cells when ``top_k`` > 0. While training, a random fraction of the
+    most confident cells is kept each step (as the reference does), so one model serves any
+    bandwidth. Payload ``features``: (C, K) values and ``cells``: (K,) flat cell indices (sent
+    through the sparse codec: bytes grow with K).
+
+    Receiver: each arrival is scattered back to a (C, H, W) map (zeros elsewhere), warped into
+    the ego frame, and fused with the ego's map by per-cell attention over the agents that
+    sent the cell, at full resolution and 2x pooled; the two results are summed.
+
+    Args:
+        threshold: confidence above which a cell is sent at inference.
+        top_k: if > 0, send exactly the ``top_k`` most confident cells instead.
+    """
+
+    needs_confidence = True
+    message_kind = "sparse_features"
+    codecs = {"features": "float32", "cells": "raw"}
+
+    def __init__(self, threshold: float = 0.01, top_k: int = 0):
+        super().__init__()
+        self.threshold = float(threshold)
+        self.top_k = int(top_k)
+
+    def select(self, confidence: torch.Tensor) -> torch.Tensor:
+        """(H, W) confidence -> (K,) flat indices of the cells to send."""
+        flat = confidence.reshape(-1)
+        if self.training:
+            k = int(torch.randint(0, flat.numel() + 1, ()).item())
+            return flat.topk(k).indices.sort().values
+        if self.top_k > 0:
+            return flat.topk(min(self.top_k, flat.numel())).indices.sort().values
+        return torch.nonzero(flat > self.threshold).squeeze(1)
+
+    def encode(self, state: FusionState, senders: list[int]):
+        conf = state.extras["confidence"]  # (N, 1, H, W)
+        maps = state.features.unbind(0)
+        out = []
+        for i in senders:
+            cells = self.select(conf[i, 0].detach())
+            out.append({"features": maps[i].flatten(1)[:, cells], "cells": cells.to(torch.int32)})
+        return out
+
+    def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
+        ego = state.features[state.batch.ego_index()]
+        _, channels, height, width = ego.shape
+        groups = group_by_sample(received)
+        out = []
+        for b in range(len(ego)):
+            msgs = groups.get(b, [])
+            if not msgs:
+                out.append(ego[b])
+                continue
+            dense, sent = [], []
+            for m in msgs:
+                cells = m.payload["cells"].long()
+                canvas = ego.new_zeros(channels, height * width)
+                canvas = canvas.index_copy(1, cells, m.payload["features"].to(ego.dtype))
+                mask = ego.new_zeros(1, height * width)
+                mask[:, cells] = 1.0
+                dense.append(canvas.view(channels, height, width))
+                sent.append(mask.view(1, height, width))
+            poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
+            warped = warp_to_ego(torch.stack(dense), poses, state.grid)
+            valid = warp_to_ego(torch.stack(sent), poses, state.grid) > 0.5
+            stack = torch.cat([ego[b:b + 1], warped])
+            valid = torch.cat([torch.ones_like(valid[:1]), valid])
+            fine = cell_attention(stack, valid)
+            pooled = F.avg_pool2d(stack, 2, ceil_mode=True)
+            pooled_valid = F.max_pool2d(valid.to(stack.dtype), 2, ceil_mode=True) > 0
+            coarse = F.interpolate(cell_attention(pooled, pooled_valid)[None], size=(height, width),
+                                   mode="nearest")[0]
+            out.append(fine + coarse)
+        return torch.stack(out)

@@ -7,6 +7,7 @@
 #include <ATen/ops/unique_consecutive.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "bev_pool/bev_pool.h"
@@ -112,12 +113,14 @@ at::Tensor bev_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& c
   check_bev_pool_backward_args(grad_out, coords);
   TORCH_CHECK(grad_out.device().is_cpu(), "bev_pool_backward_cpu expects CPU tensors");
   const int64_t batch_size = grad_out.size(0), channels = grad_out.size(1);
-  const int64_t ny = grad_out.size(2), nx = grad_out.size(3), plane = ny * nx;
+  const int64_t ny = grad_out.size(2), nx = grad_out.size(3);
   const int64_t n_points = coords.size(0);
   at::Tensor grad_features = at::empty({n_points, channels}, grad_out.options());
   const at::Tensor cells = bev_pool_cells(coords, batch_size, ny, nx).contiguous();
   if (n_points == 0 || channels == 0) return grad_features;
-  const at::Tensor go = grad_out.contiguous();
+  // Channels last (B, ny, nx, C): each point then copies one contiguous row of C gradients,
+  // instead of C values a plane apart (a cache miss each on a lift-splat sized grid).
+  const at::Tensor go = grad_out.permute({0, 2, 3, 1}).contiguous();
   const int64_t* cell_ptr = cells.data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(),
@@ -126,9 +129,8 @@ at::Tensor bev_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& c
     scalar_t* dst = grad_features.data_ptr<scalar_t>();
     at::parallel_for(0, n_points, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = cell_ptr[p] / plane, yx = cell_ptr[p] % plane;
-        const scalar_t* cell_grad = src + b * channels * plane + yx;
-        for (int64_t c = 0; c < channels; ++c) dst[p * channels + c] = cell_grad[c * plane];
+        const scalar_t* cell_grad = src + cell_ptr[p] * channels;
+        std::copy(cell_grad, cell_grad + channels, dst + p * channels);
       }
     });
   });

@@ -84,9 +84,9 @@ def frame_id_of(path: str, where: str) -> str:
     return Path(path).stem
 
 
-def find_split_file(root: Path) -> Path | None:
+def find_split_file(root: Path, names=SPLIT_NAMES) -> Path | None:
     for base in (root, root.parent):
-        for name in SPLIT_NAMES:
+        for name in names:
             if (base / name).is_file():
                 return base / name
     return None
@@ -165,6 +165,8 @@ class DairV2XCAdapter(CoopAdapter):
 
     name = "dair-v2x-c"
     frame_period_us = 100_000
+    root_folder = "cooperative-vehicle-infrastructure"
+    split_file_names = SPLIT_NAMES
 
     def __init__(self, root: str | Path, split: str = "train", split_file: str | Path | None = None,
                  offset_source: str = "pair", duplicates: str = "keep", load_images: bool = False,
@@ -176,8 +178,8 @@ class DairV2XCAdapter(CoopAdapter):
         if duplicates not in ("keep", "first", "last"):
             raise ValueError(f"duplicates must be 'keep', 'first' or 'last', got {duplicates!r}")
         root = Path(root)
-        if not (root / "cooperative").is_dir() and (root / "cooperative-vehicle-infrastructure").is_dir():
-            root = root / "cooperative-vehicle-infrastructure"
+        if not (root / "cooperative").is_dir() and (root / self.root_folder).is_dir():
+            root = root / self.root_folder
         self.root = root
         self.offset_source = offset_source
         self.load_images = load_images
@@ -190,15 +192,16 @@ class DairV2XCAdapter(CoopAdapter):
         self.infra_rows = side_rows(root / INFRA_SIDE)
         self.infra_segments = self._segments(self.infra_rows, root / INFRA_SIDE / "data_info.json")
 
-        coop_path = root / "cooperative" / "data_info.json"
+        coop_path = self.index_path = root / "cooperative" / "data_info.json"
         rows = read_json(coop_path, "data_info")
         if not isinstance(rows, list):
             raise DatasetError(f"{coop_path}: expected a JSON array of rows")
         wanted = None
         if split != "all":
-            split_file = Path(split_file) if split_file is not None else find_split_file(root)
+            split_file = (Path(split_file) if split_file is not None
+                          else find_split_file(root, self.split_file_names))
             if split_file is None:
-                raise DatasetError(f"{root}: no cooperative-split-data.json here or in the parent; "
+                raise DatasetError(f"{root}: no {self.split_file_names[0]} here or in the parent; "
                                    f"pass split_file or split='all'")
             wanted = split_ids(split_file, split)
         self.samples: list[dict] = []  # the cooperative rows, with "_vehicle_id", "_infra_id", "_row"
@@ -208,11 +211,7 @@ class DairV2XCAdapter(CoopAdapter):
             try:
                 if not isinstance(row, dict):
                     raise DatasetError(f"{where}: expected an object")
-                vid = frame_id_of(row.get("vehicle_pointcloud_path") or row.get("vehicle_image_path"),
-                                  f"{where}.vehicle_pointcloud_path")
-                iid = frame_id_of(row.get("infrastructure_pointcloud_path")
-                                  or row.get("infrastructure_image_path"),
-                                  f"{where}.infrastructure_pointcloud_path")
+                vid, iid = self._row_ids(row, where)
             except DatasetError as e:
                 if not skip_bad_frames:
                     raise
@@ -229,6 +228,15 @@ class DairV2XCAdapter(CoopAdapter):
             self.samples.append(sample)
         if not self.samples:
             raise DatasetError(f"{coop_path}: no cooperative samples for split {split!r}")
+
+    @staticmethod
+    def _row_ids(row: dict, where: str) -> tuple[str, str]:
+        """(vehicle frame id, infrastructure frame id) of a cooperative data_info row."""
+        vid = frame_id_of(row.get("vehicle_pointcloud_path") or row.get("vehicle_image_path"),
+                          f"{where}.vehicle_pointcloud_path")
+        iid = frame_id_of(row.get("infrastructure_pointcloud_path") or row.get("infrastructure_image_path"),
+                          f"{where}.infrastructure_pointcloud_path")
+        return vid, iid
 
     @staticmethod
     def _segments(rows: dict[str, dict], where: Path) -> dict[str, tuple[tuple[str, str], list[str]]]:
@@ -260,7 +268,7 @@ class DairV2XCAdapter(CoopAdapter):
     # ---- loading ---------------------------------------------------------------------------
     def _load(self, idx: int, delays: Mapping[str, int] | None) -> CoopFrame:
         s = self.samples[idx]
-        where = f"{self.root / 'cooperative' / 'data_info.json'}: row {s['_row']}"
+        where = f"{self.index_path}: row {s['_row']}"
         vid, iid = s["_vehicle_id"], s["_infra_id"]
         delay = int((delays or {}).get(INFRA, 0))
         if delay < 0:
@@ -270,12 +278,29 @@ class DairV2XCAdapter(CoopAdapter):
         offset = self._offset(s, iid, where)
         vrow = self._side_row(self.vehicle_rows, vid, VEHICLE_SIDE, where)
         irow = self._side_row(self.infra_rows, iid, INFRA_SIDE, where)
-        vehicle = self._agent(VEHICLE, VEHICLE_SIDE, vid, vrow, offset)
-        infra = self._agent(INFRA, INFRA_SIDE, iid, irow, offset)
-        label_rel = s.get("cooperative_label_path") or f"cooperative/label_world/{vid}.json"
-        gt = self._cooperative_labels(self.root / label_rel, invert_transform(vehicle.world_from_lidar))
-        return CoopFrame(self.name, segment_of(vrow, vid)[0], vid, [vehicle, infra], gt,
-                         np.full(len(gt), -1, np.int64), tuple("car" for _ in gt))
+        vehicle_pose = self._pose(VEHICLE, VEHICLE_SIDE, vid, vrow)
+        infra_pose = self._corrected_infra_pose(self._pose(INFRA, INFRA_SIDE, iid, irow), vehicle_pose, offset)
+        vehicle = self._agent(VEHICLE, VEHICLE_SIDE, vid, vrow, vehicle_pose)
+        infra = self._agent(INFRA, INFRA_SIDE, iid, irow, infra_pose)
+        gt, gt_ids = self._ground_truth(s, vid, invert_transform(vehicle_pose))
+        return CoopFrame(self.name, self._sequence_of(s, vrow, vid), vid, [vehicle, infra], gt,
+                         gt_ids, tuple("car" for _ in gt))
+
+    def _corrected_infra_pose(self, world_from_infra: np.ndarray, world_from_vehicle: np.ndarray,
+                              offset: tuple[float, float]) -> np.ndarray:
+        """DAIR-V2X-C adds the offset to the roadside pose's translation in the world frame."""
+        out = world_from_infra.copy()
+        out[:2, 3] += offset
+        return out
+
+    def _ground_truth(self, sample: dict, vid: str, lidar_from_world: np.ndarray):
+        """(M, 7) vehicle-frame boxes and (M,) ids of a sample."""
+        rel = sample.get("cooperative_label_path") or f"cooperative/label_world/{vid}.json"
+        gt = self._cooperative_labels(self.root / rel, lidar_from_world)
+        return gt, np.full(len(gt), -1, np.int64)
+
+    def _sequence_of(self, sample: dict, vehicle_row: dict, vid: str) -> str:
+        return segment_of(vehicle_row, vid)[0]
 
     def _earlier_infra(self, iid: str, k: int, where: str) -> str:
         if iid not in self.infra_segments:
@@ -317,25 +342,25 @@ class DairV2XCAdapter(CoopAdapter):
             raise DatasetError(f"{path}: expected a JSON object")
         return data, str(path)
 
-    def _pose(self, kind: str, side: str, fid: str, row: dict, offset) -> np.ndarray:
+    def _pose(self, kind: str, side: str, fid: str, row: dict) -> np.ndarray:
+        """(4, 4) world_from_lidar as calibrated (the roadside one before the offset correction)."""
         try:
             if kind == VEHICLE:
                 l2n, w1 = self._calib(side, row, fid, "lidar_to_novatel", VEHICLE_CALIB["lidar_to_novatel"])
                 n2w, w2 = self._calib(side, row, fid, "novatel_to_world", VEHICLE_CALIB["novatel_to_world"])
-                if "transform" not in l2n:
+                if not isinstance(l2n.get("transform"), dict):
                     raise DatasetError(f"{w1}: missing field 'transform'")
-                return (fmt.rt_to_matrix(n2w, w2) @ fmt.rt_to_matrix(l2n["transform"], f"{w1}: transform"))
+                return fmt.rt_to_matrix(n2w, w2) @ fmt.rt_to_matrix(l2n["transform"], f"{w1}: transform")
             v2w, where = self._calib(side, row, fid, "virtuallidar_to_world", INFRA_CALIB["virtuallidar_to_world"])
-            return fmt.infra_world_from_lidar(v2w, offset, where)
+            return fmt.rt_to_matrix(v2w, where)
         except DatasetError:
             raise
         except ValueError as e:
             raise DatasetError(str(e)) from None
 
-    def _agent(self, kind: str, side: str, fid: str, row: dict, offset) -> AgentObs:
+    def _agent(self, kind: str, side: str, fid: str, row: dict, world_from_lidar: np.ndarray) -> AgentObs:
         side_dir = self.root / side
         where = f"{side_dir / 'data_info.json'}: frame {fid}"
-        world_from_lidar = self._pose(kind, side, fid, row, offset)
         pcd = side_dir / row["pointcloud_path"]
         points = self.points.get(str(pcd), lambda: load_point_file(pcd, self.intensity_scale))
         boxes = self._side_labels(side_dir, row, where) if self.side_labels else None

@@ -4,6 +4,7 @@ from .batch import CoopBatch, collate
 from .dair import DairV2XCAdapter
 from .opv2v import Opv2vAdapter
 from .pipeline import CoopSampler, PipelineConfig, Sample
+from .v2xseq import V2XSeqAdapter
 
-__all__ = ["CoopAdapter", "DatasetError", "CoopBatch", "collate", "Opv2vAdapter", "DairV2XCAdapter", "CoopSampler",
+__all__ = ["CoopAdapter", "DatasetError", "CoopBatch", "collate", "Opv2vAdapter", "DairV2XCAdapter", "V2XSeqAdapter", "CoopSampler",
            "PipelineConfig", "Sample"]

@@ -307,3 +307,33 @@ def test_copy_of_generated_data_without_split_file_needs_split_all(generated, tm
     with pytest.raises(DatasetError, match="split_file"):
         DairV2XCAdapter(root, "train")
     assert len(DairV2XCAdapter(root, "all")) > 0
+
+
+def test_camera_from_doc_spellings(fixture_root):
+    """Intrinsics under the README's ``calib/camera/`` folder, a non-orthonormal extrinsic (issue #64)."""
+    from PIL import Image
+
+    side = fixture_root / "infrastructure-side"
+    rows = json.loads((side / "data_info.json").read_text())
+    cam_from_lidar = np.array([[-0.0638, -0.9911, -0.0443, -5.78], [-0.2103, 0.0440, -0.7988, 6.04],
+                               [0.9758, -0.0603, -0.1716, 1.06], [0, 0, 0, 1]])
+    for row in rows:
+        fid = row["pointcloud_path"][-10:-4]
+        row.update({"image_path": f"image/{fid}.jpg",
+                    "calib_virtuallidar_to_camera_path": f"calib/virtuallidar_to_camera/{fid}.json"})
+        for rel, obj in ((f"calib/camera/{fid}.json", {"cam_K": [2000, 0, 960, 0, 2000, 540, 0, 0, 1],
+                                                        "cam_D": [0] * 5}),
+                         (row["calib_virtuallidar_to_camera_path"], matrix_to_rt(cam_from_lidar))):
+            (side / rel).parent.mkdir(parents=True, exist_ok=True)
+            (side / rel).write_text(json.dumps(obj))
+        (side / "image").mkdir(exist_ok=True)
+        Image.new("RGB", (32, 18)).save(side / row["image_path"])
+    (side / "data_info.json").write_text(json.dumps(rows))
+    frame = DairV2XCAdapter(fixture_root, "train", cameras=True, load_images=True).load(0)
+    assert frame.ego.cameras == []  # the vehicle row names no camera calibration
+    cam = frame.agents[1].cameras[0]
+    assert cam.image.shape == (18, 32, 3) and cam.image_size == (18, 32)
+    np.testing.assert_allclose(cam.lidar_from_camera @ cam_from_lidar, np.eye(4), atol=1e-9)
+    (side / "image" / "000020.jpg").unlink()
+    with pytest.raises(DatasetError, match="000020.jpg: camera image is missing"):
+        DairV2XCAdapter(fixture_root, "train", cameras=True).load(0)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Generate the embedded synthetic cooperative dataset in OPV2V/V2XSet or DAIR-V2X-C format.
+"""Generate the embedded synthetic cooperative dataset in OPV2V/V2XSet, DAIR-V2X-C or V2X-Seq SPD format.
 
     python tools/make_synthetic.py --format opv2v --out data/synthetic/opv2v --scenes 4 --frames 20 --seed 0
     python tools/make_synthetic.py --format dair  --out data/synthetic/dair  --scenes 4 --frames 20 --seed 0
+    python tools/make_synthetic.py --format v2xseq --out data/synthetic/v2xseq --scenes 4 --frames 20 --seed 0
 
 Deterministic for a seed. Prints dataset statistics at the end, among them the fraction of
 objects near the ego that only a collaborator saw (what cooperation can recover).

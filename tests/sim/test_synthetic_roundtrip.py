@@ -197,7 +197,7 @@ def _tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("fmt", ["opv2v", "dair"])
+@pytest.mark.parametrize("fmt", ["opv2v", "dair", "v2xseq"])
 def test_generation_is_deterministic(tmp_path, fmt):
     cfg = small_config(cameras=False)
     generate_dataset(fmt, tmp_path / "a", 1, 2, seed=11, cfg=cfg, progress=False)

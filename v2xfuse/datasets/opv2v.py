@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..formats import opv2v as fmt
+from ..registry import DATASETS
 from ..structures.boxes import transform_boxes
 from ..structures.coop import AgentObs, CameraObs, CoopFrame
 from ..structures.transforms import invert_transform
@@ -57,6 +58,7 @@ class Opv2vMeta:
             raise DatasetError(str(e)) from None
 
 
+@DATASETS.register("opv2v")
 class Opv2vAdapter(CoopAdapter):
     name = "opv2v"
     frame_period_us = 2 * TICK_US

@@ -19,7 +19,8 @@ from .world import build_scene
 __all__ = ["SimConfig", "generate_dataset", "scene_seeds", "split_of_scenes", "FORMATS",
            "MANIFEST_NAME", "build_scene", "simulate_scene"]
 
-FORMATS = ("opv2v", "dair")
+FORMATS = ("opv2v", "dair", "v2xseq")
+PAIR_FORMATS = ("dair", "v2xseq")  # one vehicle + one roadside unit per scene
 MANIFEST_NAME = "v2xfuse_synthetic.json"
 EPOCH_US = 1626155123000000  # July 2021, like DAIR-V2X's timestamps
 
@@ -50,8 +51,9 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
     """Generate and write a synthetic dataset.
 
     Args:
-        fmt: ``"opv2v"`` (OPV2V/V2XSet layout, roadside units as negative ids) or ``"dair"``
-            (DAIR-V2X-C: the ego vehicle and one roadside unit per scene).
+        fmt: ``"opv2v"`` (OPV2V/V2XSet layout, roadside units as negative ids), ``"dair"``
+            (DAIR-V2X-C: the ego vehicle and one roadside unit per scene) or ``"v2xseq"``
+            (V2X-Seq SPD: the same pair, one sequence per scene, track ids).
         out: dataset root to write.
         n_scenes, n_frames: scenes and 10 Hz frames per scene.
         seed: everything is a deterministic function of the seed and the arguments.
@@ -64,6 +66,7 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
     from tqdm import tqdm
 
     from .write_dair import DairWriter
+    from .write_v2xseq import V2XSeqWriter
     from .write_opv2v import Opv2vWriter, opv2v_scenario_name
 
     if fmt not in FORMATS:
@@ -72,14 +75,15 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if splits is None:  # each format's own split names (OPV2V folders, DAIR split-file keys)
-        val = "val" if fmt == "dair" else "validate"
+        val = "val" if fmt in PAIR_FORMATS else "validate"
         splits = {"train": 0.7, val: 0.15, "test": 0.15}
     scene_split = split_of_scenes(n_scenes, splits)
     rngs = scene_seeds(seed, n_scenes)
-    agents_per_scene = 2 if fmt == "dair" else cfg.scene.n_cavs + cfg.scene.n_rsus
+    agents_per_scene = 2 if fmt in PAIR_FORMATS else cfg.scene.n_cavs + cfg.scene.n_rsus
     bar = tqdm(total=n_scenes * n_frames * agents_per_scene, desc=f"synthetic {fmt}", unit="agent-frame",
                disable=not progress)
-    dair = DairWriter(out, np.random.default_rng([seed, 1])) if fmt == "dair" else None
+    pair_writer = {"dair": DairWriter, "v2xseq": V2XSeqWriter}.get(fmt)
+    dair = pair_writer(out, np.random.default_rng([seed, 1])) if pair_writer else None
     kept = [] if keep_frames else None
     seen_total = seen_ego_total = labels = 0
     object_ids: set[tuple[int, int]] = set()
@@ -89,7 +93,7 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
         scene = build_scene(rng, cfg, f"scene_{i:03d}", n_frames / cfg.frame_rate_hz)
         start_us = EPOCH_US + i * 600_000_000
         agent_offsets, camera_offsets = {}, {}
-        if fmt == "dair":
+        if fmt in PAIR_FORMATS:
             rsu = next(a for a in scene.agents if a.kind == "infrastructure")
             scene.agents = [scene.agents[0], rsu]
             agent_offsets[rsu.agent_id] = int(rng.integers(-45_000, 45_000))

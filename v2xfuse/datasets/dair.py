@@ -1,0 +1,450 @@
+"""DAIR-V2X-C (``cooperative-vehicle-infrastructure``): one vehicle and one roadside unit per sample.
+
+Facts and sources are in shared/reference/dair-v2x.md; the choices this adapter makes:
+
+* **Samples** are the rows of ``cooperative/data_info.json``, filtered by the official split file
+  (``cooperative-split-data.json``: ``cooperative_split[split]`` lists *vehicle* frame ids, the
+  id being the stem of ``vehicle_pointcloud_path``). Side rows are joined by frame id (the stem
+  of each side row's ``pointcloud_path``).
+* **Duplicated vehicle frames** (the same vehicle frame paired with two consecutive roadside
+  frames, seen 6 times in the real val split): ``duplicates="keep"`` (default) keeps every row,
+  as the official ``VICDataset`` evaluates both; ``"first"`` / ``"last"`` keep one (HEAL/CoAlign
+  keep the last through a dict). Duplicates share ``frame_id``; ``sample_keys`` disambiguates.
+* **Poses**: vehicle ``world_from_lidar = novatel_to_world @ lidar_to_novatel``; roadside
+  ``world_from_lidar = virtuallidar_to_world`` with ``system_error_offset`` *added* to its
+  x/y translation in the world frame (``T_inf->world = (R, t + [dx, dy, 0])``: official
+  ``tools/dataset_converter/calib_i2v.py`` and ``v2x/dataset/dataset_utils/frame.py``; HEAL and
+  FFNet do the same). ``offset_source="pair"`` (default) reads the offset from the cooperative
+  row, ``"calib"`` from ``virtuallidar_to_world.relative_error`` (what the official evaluator
+  reads). ``""`` means 0.
+* **Ground truth**: ``cooperative/label_world/<vehicle id>.json``, geometry from
+  ``world_8_points`` only, taken to the vehicle LiDAR frame; Car/Van/Truck/Bus -> ``"car"``,
+  other classes and zero-size boxes dropped. DAIR-V2X-C has no track ids (``gt_ids`` = -1).
+* **Asynchrony** (VIC-Async-k): ``load(idx, {"infrastructure": k})`` serves the roadside frame k
+  steps earlier in the same batch segment, ordered by ``pointcloud_timestamp``; the pair's
+  offset is kept (the official TCLF reuses it). Where fewer than k earlier frames exist the
+  earliest one is used (the official code drops such samples); the age actually served is in
+  the timestamps.
+* **Intensity** is stored 0..255; it is divided by ``intensity_scale`` (255, as the KITTI
+  converters; the official ``read_pcd`` uses 256).
+
+Agent ids are ``"vehicle"`` (the ego) and ``"infrastructure"``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..formats import dair as fmt
+from ..registry import DATASETS
+from ..structures.coop import AgentObs, CameraObs, CoopFrame
+from ..structures.transforms import invert_transform
+from .base import CoopAdapter, DatasetError, PointCache, load_point_file
+
+__all__ = ["DairV2XCAdapter", "read_json", "find_split_file", "split_ids", "side_rows",
+           "frame_id_of", "segment_of", "VEHICLE", "INFRA"]
+
+log = logging.getLogger(__name__)
+VEHICLE, INFRA = "vehicle", "infrastructure"
+VEHICLE_SIDE, INFRA_SIDE = "vehicle-side", "infrastructure-side"
+SPLIT_NAMES = ("cooperative-split-data.json",)
+
+# Per-side calibration: data_info key, its default folder (the official code hard-codes these).
+VEHICLE_CALIB = {"lidar_to_novatel": "calib_lidar_to_novatel_path",
+                 "novatel_to_world": "calib_novatel_to_world_path"}
+INFRA_CALIB = {"virtuallidar_to_world": "calib_virtuallidar_to_world_path"}
+# Alternative spellings, first found wins (docs vs data, reference section 1.3 / 7.3).
+LABEL_KEYS = ("label_lidar_std_path", "label_lidar_path")
+CAMERA_TO_KEYS = {VEHICLE: ("calib_lidar_to_camera_path",),
+                  INFRA: ("calib_virtuallidar_to_camera_path", "calib_virtuallidar_to_cam_path")}
+INTRINSIC_FOLDERS = ("camera_intrinsic", "camera")
+
+
+# ---- small readers shared with the V2X-Seq adapter and tools/check_dataset.py -----------------
+def read_json(path: Path, what: str = "json file"):
+    """Parsed JSON; a missing or malformed file raises :class:`DatasetError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: malformed JSON ({e})") from None
+
+
+def frame_id_of(path: str, where: str) -> str:
+    """``"vehicle-side/velodyne/015376.pcd"`` -> ``"015376"``."""
+    if not isinstance(path, str) or not path:
+        raise DatasetError(f"{where}: expected a file path, got {path!r}")
+    return Path(path).stem
+
+
+def find_split_file(root: Path, names=SPLIT_NAMES) -> Path | None:
+    for base in (root, root.parent):
+        for name in names:
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def split_ids(path: Path, split: str, key: str = "cooperative_split") -> set[str]:
+    """Frame ids of ``split`` from an official split file (``{key: {split: [...]}}``) or a flat
+    ``{split: [...]}`` / ``[...]`` one (HEAL's ``train.json``)."""
+    data = read_json(path, "split file")
+    if isinstance(data, dict) and key in data:
+        data = data[key]
+    if isinstance(data, dict):
+        if split not in data:
+            raise DatasetError(f"{path}: no split {split!r} under {key!r} (has {sorted(data)})")
+        data = data[split]
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: {key}.{split} must be a list of frame ids")
+    return {str(v) for v in data}
+
+
+def side_rows(side_dir: Path) -> dict[str, dict]:
+    """A side's ``data_info.json`` rows by frame id (stem of ``pointcloud_path``)."""
+    path = side_dir / "data_info.json"
+    rows = read_json(path, "data_info")
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON array of rows")
+    out = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "pointcloud_path" not in row:
+            raise DatasetError(f"{path}: row {i} has no 'pointcloud_path'")
+        out[frame_id_of(row["pointcloud_path"], f"{path}: row {i}.pointcloud_path")] = row
+    return out
+
+
+def segment_of(row: dict, fid: str) -> tuple[str, str]:
+    """(batch_id, start id) of the continuous segment holding frame ``fid``.
+
+    Accepts top-level ``batch_start_id``/``batch_end_id`` (vehicle side, official code) or
+    ``valid_batch_splits: [{"batch_start_id", "batch_end_id"}, ...]`` (infrastructure side).
+    """
+    batch = str(row.get("batch_id", row.get("sequence_id", "")))
+    for split in row.get("valid_batch_splits") or row.get("valid_frames_splits") or []:
+        start = str(split.get("batch_start_id", split.get("start_frame_id", "")))
+        end = str(split.get("batch_end_id", split.get("end_frame_id", "")))
+        if start.isdigit() and end.isdigit() and fid.isdigit() and int(start) <= int(fid) <= int(end):
+            return batch, start
+    return batch, str(row.get("batch_start_id", row.get("start_frame_id", "")))
+
+
+def timestamp_us(row: dict, where: str) -> int:
+    value = row.get("pointcloud_timestamp")
+    try:
+        return int(str(value).split(".")[0])
+    except ValueError:
+        raise DatasetError(f"{where}.pointcloud_timestamp: expected integer microseconds, "
+                           f"got {value!r}") from None
+
+
+@DATASETS.register("dair_v2x_c")
+class DairV2XCAdapter(CoopAdapter):
+    """DAIR-V2X-C samples as :class:`CoopFrame` (ego = the vehicle, plus the roadside unit).
+
+    Args:
+        root: the DAIR-V2X-C root (holding ``cooperative/``, ``vehicle-side/`` and
+            ``infrastructure-side/``), or the folder above it.
+        split: ``cooperative_split`` key (``"train"``, ``"val"``...), or ``"all"`` for every row.
+        split_file: defaults to ``cooperative-split-data.json`` in ``root`` or its parent.
+        offset_source: ``"pair"`` | ``"calib"`` | ``"none"`` (see the module docstring).
+        duplicates: ``"keep"`` | ``"first"`` | ``"last"`` for repeated vehicle frames.
+        cameras: attach the front camera (intrinsic, extrinsic, image path and size); off by
+            default because released infrastructure images are partly missing (issue #113).
+        load_images: decode JPEGs into ``CameraObs.image`` (else only their path and size).
+        side_labels: also read each side's own LiDAR labels into ``AgentObs.boxes``.
+        intensity_scale: stored intensity is divided by this.
+    """
+
+    name = "dair-v2x-c"
+    frame_period_us = 100_000
+    root_folder = "cooperative-vehicle-infrastructure"
+    split_file_names = SPLIT_NAMES
+
+    def __init__(self, root: str | Path, split: str = "train", split_file: str | Path | None = None,
+                 offset_source: str = "pair", duplicates: str = "keep", load_images: bool = False,
+                 cameras: bool = False, side_labels: bool = False, intensity_scale: float = 255.0,
+                 skip_bad_frames: bool = False, cache_points_mb: float = 0.0):
+        super().__init__(skip_bad_frames)
+        if offset_source not in ("pair", "calib", "none"):
+            raise ValueError(f"offset_source must be 'pair', 'calib' or 'none', got {offset_source!r}")
+        if duplicates not in ("keep", "first", "last"):
+            raise ValueError(f"duplicates must be 'keep', 'first' or 'last', got {duplicates!r}")
+        root = Path(root)
+        if not (root / "cooperative").is_dir() and (root / self.root_folder).is_dir():
+            root = root / self.root_folder
+        self.root = root
+        self.offset_source = offset_source
+        self.load_images = load_images
+        self.cameras = cameras
+        self.side_labels = side_labels
+        self.intensity_scale = intensity_scale
+        self.points = PointCache(cache_points_mb)
+        self._json = lru_cache(maxsize=16384)(read_json)
+        self.vehicle_rows = side_rows(root / VEHICLE_SIDE)
+        self.infra_rows = side_rows(root / INFRA_SIDE)
+        self.infra_segments = self._segments(self.infra_rows, root / INFRA_SIDE / "data_info.json")
+
+        coop_path = self.index_path = root / "cooperative" / "data_info.json"
+        rows = read_json(coop_path, "data_info")
+        if not isinstance(rows, list):
+            raise DatasetError(f"{coop_path}: expected a JSON array of rows")
+        wanted = None
+        if split != "all":
+            split_file = (Path(split_file) if split_file is not None
+                          else find_split_file(root, self.split_file_names))
+            if split_file is None:
+                raise DatasetError(f"{root}: no {self.split_file_names[0]} here or in the parent; "
+                                   f"pass split_file or split='all'")
+            wanted = split_ids(split_file, split)
+        self.samples: list[dict] = []  # the cooperative rows, with "_vehicle_id", "_infra_id", "_row"
+        by_vehicle: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            where = f"{coop_path}: row {i}"
+            try:
+                if not isinstance(row, dict):
+                    raise DatasetError(f"{where}: expected an object")
+                vid, iid = self._row_ids(row, where)
+            except DatasetError as e:
+                if not skip_bad_frames:
+                    raise
+                log.warning("%s: skipping row: %s", self.name, e)
+                continue
+            if wanted is not None and vid not in wanted:
+                continue
+            sample = dict(row, _vehicle_id=vid, _infra_id=iid, _row=i)
+            if vid in by_vehicle and duplicates != "keep":
+                if duplicates == "last":
+                    self.samples[by_vehicle[vid]] = sample
+                continue
+            by_vehicle.setdefault(vid, len(self.samples))
+            self.samples.append(sample)
+        if not self.samples:
+            raise DatasetError(f"{coop_path}: no cooperative samples for split {split!r}")
+
+    @staticmethod
+    def _row_ids(row: dict, where: str) -> tuple[str, str]:
+        """(vehicle frame id, infrastructure frame id) of a cooperative data_info row."""
+        vid = frame_id_of(row.get("vehicle_pointcloud_path") or row.get("vehicle_image_path"),
+                          f"{where}.vehicle_pointcloud_path")
+        iid = frame_id_of(row.get("infrastructure_pointcloud_path") or row.get("infrastructure_image_path"),
+                          f"{where}.infrastructure_pointcloud_path")
+        return vid, iid
+
+    @staticmethod
+    def _segments(rows: dict[str, dict], where: Path) -> dict[str, tuple[tuple[str, str], list[str]]]:
+        """frame id -> (segment key, that segment's frame ids in timestamp order)."""
+        groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for fid, row in rows.items():
+            try:
+                ts = timestamp_us(row, f"{where}: frame {fid}")
+            except DatasetError:
+                ts = int(fid) if fid.isdigit() else 0  # reported when the frame is loaded
+            groups.setdefault(segment_of(row, fid), []).append((ts, fid))
+        out = {}
+        for key, members in groups.items():
+            order = [fid for _, fid in sorted(members)]
+            for fid in order:
+                out[fid] = (key, order)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sample_keys(self) -> list[tuple[str, str]]:
+        """(vehicle id, infrastructure id) of every sample, unique even with duplicated vehicles."""
+        return [(s["_vehicle_id"], s["_infra_id"]) for s in self.samples]
+
+    def agent_ids(self, idx: int) -> list[str]:
+        return [VEHICLE, INFRA]
+
+    # ---- loading ---------------------------------------------------------------------------
+    def _load(self, idx: int, delays: Mapping[str, int] | None) -> CoopFrame:
+        s = self.samples[idx]
+        where = f"{self.index_path}: row {s['_row']}"
+        vid, iid = s["_vehicle_id"], s["_infra_id"]
+        delay = int((delays or {}).get(INFRA, 0))
+        if delay < 0:
+            raise ValueError(f"delays[{INFRA!r}] must be >= 0, got {delay}")
+        if delay:
+            iid = self._earlier_infra(iid, delay, where)
+        offset = self._offset(s, iid, where)
+        vrow = self._side_row(self.vehicle_rows, vid, VEHICLE_SIDE, where)
+        irow = self._side_row(self.infra_rows, iid, INFRA_SIDE, where)
+        vehicle_pose = self._pose(VEHICLE, VEHICLE_SIDE, vid, vrow)
+        infra_pose = self._corrected_infra_pose(self._pose(INFRA, INFRA_SIDE, iid, irow), vehicle_pose, offset)
+        vehicle = self._agent(VEHICLE, VEHICLE_SIDE, vid, vrow, vehicle_pose)
+        infra = self._agent(INFRA, INFRA_SIDE, iid, irow, infra_pose)
+        gt, gt_ids = self._ground_truth(s, vid, invert_transform(vehicle_pose))
+        return CoopFrame(self.name, self._sequence_of(s, vrow, vid), vid, [vehicle, infra], gt,
+                         gt_ids, tuple("car" for _ in gt))
+
+    def _corrected_infra_pose(self, world_from_infra: np.ndarray, world_from_vehicle: np.ndarray,
+                              offset: tuple[float, float]) -> np.ndarray:
+        """DAIR-V2X-C adds the offset to the roadside pose's translation in the world frame."""
+        out = world_from_infra.copy()
+        out[:2, 3] += offset
+        return out
+
+    def _ground_truth(self, sample: dict, vid: str, lidar_from_world: np.ndarray):
+        """(M, 7) vehicle-frame boxes and (M,) ids of a sample."""
+        rel = sample.get("cooperative_label_path") or f"cooperative/label_world/{vid}.json"
+        gt = self._cooperative_labels(self.root / rel, lidar_from_world)
+        return gt, np.full(len(gt), -1, np.int64)
+
+    def _sequence_of(self, sample: dict, vehicle_row: dict, vid: str) -> str:
+        return segment_of(vehicle_row, vid)[0]
+
+    def _earlier_infra(self, iid: str, k: int, where: str) -> str:
+        if iid not in self.infra_segments:
+            raise DatasetError(f"{where}: infrastructure frame {iid} is not in "
+                               f"{self.root / INFRA_SIDE / 'data_info.json'}")
+        _, order = self.infra_segments[iid]
+        return order[max(order.index(iid) - k, 0)]
+
+    def _offset(self, sample: dict, iid: str, where: str) -> tuple[float, float]:
+        try:
+            if self.offset_source == "pair":
+                return fmt.parse_offset(sample.get("system_error_offset", ""), f"{where}.system_error_offset")
+            if self.offset_source == "calib":
+                path = self._calib_path(INFRA_SIDE, self.infra_rows.get(iid, {}), iid, "virtuallidar_to_world",
+                                        INFRA_CALIB["virtuallidar_to_world"])
+                calib = self._json(path, "calibration file")
+                return fmt.parse_offset(calib.get("relative_error", ""), f"{path}: relative_error")
+        except ValueError as e:
+            if isinstance(e, DatasetError):
+                raise
+            raise DatasetError(str(e)) from None
+        return 0.0, 0.0
+
+    def _side_row(self, rows: dict, fid: str, side: str, where: str) -> dict:
+        try:
+            return rows[fid]
+        except KeyError:
+            raise DatasetError(f"{where}: frame {fid} is not listed in "
+                               f"{self.root / side / 'data_info.json'}") from None
+
+    def _calib_path(self, side: str, row: dict, fid: str, name: str, key: str) -> Path:
+        rel = row.get(key) or f"calib/{name}/{fid}.json"
+        return self.root / side / rel
+
+    def _calib(self, side: str, row: dict, fid: str, name: str, key: str) -> tuple[dict, str]:
+        path = self._calib_path(side, row, fid, name, key)
+        data = self._json(path, f"calibration file ({key})")
+        if not isinstance(data, dict):
+            raise DatasetError(f"{path}: expected a JSON object")
+        return data, str(path)
+
+    def _pose(self, kind: str, side: str, fid: str, row: dict) -> np.ndarray:
+        """(4, 4) world_from_lidar as calibrated (the roadside one before the offset correction)."""
+        try:
+            if kind == VEHICLE:
+                l2n, w1 = self._calib(side, row, fid, "lidar_to_novatel", VEHICLE_CALIB["lidar_to_novatel"])
+                n2w, w2 = self._calib(side, row, fid, "novatel_to_world", VEHICLE_CALIB["novatel_to_world"])
+                if not isinstance(l2n.get("transform"), dict):
+                    raise DatasetError(f"{w1}: missing field 'transform'")
+                return fmt.rt_to_matrix(n2w, w2) @ fmt.rt_to_matrix(l2n["transform"], f"{w1}: transform")
+            v2w, where = self._calib(side, row, fid, "virtuallidar_to_world", INFRA_CALIB["virtuallidar_to_world"])
+            return fmt.rt_to_matrix(v2w, where)
+        except DatasetError:
+            raise
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+
+    def _agent(self, kind: str, side: str, fid: str, row: dict, world_from_lidar: np.ndarray) -> AgentObs:
+        side_dir = self.root / side
+        where = f"{side_dir / 'data_info.json'}: frame {fid}"
+        pcd = side_dir / row["pointcloud_path"]
+        points = self.points.get(str(pcd), lambda: load_point_file(pcd, self.intensity_scale))
+        boxes = self._side_labels(side_dir, row, where) if self.side_labels else None
+        cams = self._cameras(kind, side, fid, row) if self.cameras else []
+        return AgentObs(kind, kind, world_from_lidar, timestamp_us(row, where), points, cams, boxes)
+
+    def _cameras(self, kind: str, side: str, fid: str, row: dict) -> list[CameraObs]:
+        side_dir = self.root / side
+        extr_rel = next((row[k] for k in CAMERA_TO_KEYS[kind] if row.get(k)), None)
+        intr_rel = row.get("calib_camera_intrinsic_path")
+        if not intr_rel:
+            intr_rel = next((f"calib/{d}/{fid}.json" for d in INTRINSIC_FOLDERS
+                             if (side_dir / "calib" / d / f"{fid}.json").is_file()), None)
+        if not (extr_rel and intr_rel and row.get("image_path")):
+            return []  # a LiDAR-only frame
+        try:
+            intr_path = side_dir / intr_rel
+            k = np.asarray(self._json(intr_path, "camera intrinsic")["cam_K"], dtype=np.float64)
+            if k.size != 9:
+                raise DatasetError(f"{intr_path}: cam_K must have 9 values, got {k.size}")
+            extr_path = side_dir / extr_rel
+            cam_from_lidar = fmt.rt_to_matrix(self._json(extr_path, "camera extrinsic"), str(extr_path))
+        except KeyError as e:
+            raise DatasetError(f"{intr_path}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, DatasetError):
+                raise
+            raise DatasetError(f"{extr_path}: {e}") from None
+        img = side_dir / row["image_path"]
+        image, size = _image(img, self.load_images)
+        # A true inverse: some DAIR rotations are not orthonormal (issue #64).
+        return [CameraObs("front", k.reshape(3, 3), np.linalg.inv(cam_from_lidar), size, image, str(img))]
+
+    def _side_labels(self, side_dir: Path, row: dict, where: str) -> np.ndarray:
+        rel = next((row[k] for k in LABEL_KEYS if row.get(k)), None)
+        if rel is None:
+            raise DatasetError(f"{where}: no {' / '.join(LABEL_KEYS)}")
+        path = side_dir / rel
+        labels = self._json(path, "label file")
+        boxes = []
+        for j, entry in enumerate(labels if isinstance(labels, list) else []):
+            if str(entry.get("type", "")).lower() in fmt.VEHICLE_CLASSES:
+                try:
+                    boxes.append(fmt.side_label_box(entry, f"{path}: [{j}]"))
+                except ValueError as e:
+                    raise DatasetError(str(e)) from None
+        return np.array(boxes).reshape(-1, 7)
+
+    def _cooperative_labels(self, path: Path, lidar_from_world: np.ndarray) -> np.ndarray:
+        """(M, 7) boxes in the vehicle LiDAR frame from ``world_8_points``."""
+        labels = self._json(path, "cooperative label file")
+        if not isinstance(labels, list):
+            raise DatasetError(f"{path}: expected a JSON array of objects")
+        boxes = []
+        for j, entry in enumerate(labels):
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{path}: [{j}] is not an object")
+            if str(entry.get("type", "")).lower() not in fmt.VEHICLE_CLASSES:
+                continue
+            if "world_8_points" not in entry:
+                raise DatasetError(f"{path}: [{j}] missing field 'world_8_points'")
+            try:
+                pts = [[fmt.parse_float(v, f"{path}: [{j}].world_8_points") for v in p]
+                       for p in entry["world_8_points"]]
+                box = fmt.world_8_points_to_box(pts, lidar_from_world, f"{path}: [{j}]")
+            except (TypeError, ValueError) as e:
+                raise DatasetError(str(e) if isinstance(e, ValueError) else
+                                   f"{path}: [{j}].world_8_points is not a list of points") from None
+            if np.all(box[3:6] > 1e-6):  # the official loader skips zero-size boxes
+                boxes.append(box)
+        return np.array(boxes).reshape(-1, 7)
+
+
+def _image(path: Path, load: bool):
+    """(image or None, (height, width)); the size comes from the JPEG header when not loading."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if load:
+                arr = np.asarray(im.convert("RGB"))
+                return arr, arr.shape[:2]
+            return None, (im.height, im.width)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: camera image is missing") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: unreadable image: {e}") from None

@@ -1,0 +1,89 @@
+"""V2X-Seq SPD (sequential perception): DAIR-V2X-C's sides, plus sequences and track ids.
+
+What differs from :mod:`v2xfuse.datasets.dair` (shared/reference/dair-v2x.md section 1.9):
+
+* ``cooperative/data_info.json`` rows are ``{vehicle_frame, infrastructure_frame,
+  vehicle_sequence, infrastructure_sequence, system_error_offset}``; side rows carry
+  ``frame_id``/``sequence_id`` and ``start_frame_id``/``end_frame_id`` (vehicle) or
+  ``valid_frames_splits`` (infrastructure). Side rows are joined by ``frame_id`` (falling back
+  to the stem of ``pointcloud_path``).
+* Ground truth is ``cooperative/label/<vehicle frame>.json``, already in the **vehicle LiDAR
+  frame** (``3d_location`` centre, ``3d_dimensions`` l/w/h, ``rotation`` yaw); ``gt_ids`` are
+  the integer ``track_id`` (6-digit strings in the files). Car/Van/Truck/Bus -> ``"car"``.
+* ``system_error_offset`` is added to the infrastructure -> vehicle translation **in the
+  vehicle frame** (official ``Coord_transformation_spd.Coord_Infrastructure_lidar2Vehicle_lidar``),
+  so the roadside pose served is ``W_veh @ (inv(W_veh) @ W_inf + [dx, dy, 0])``.
+* The split file is ``cooperative-split-data-spd.json`` (``cooperative_split`` = vehicle frames).
+* ``frame_id`` is the vehicle frame, ``sequence_id`` the ``vehicle_sequence``.
+
+Asynchrony, duplicates, agent ids and intensity are handled as for DAIR-V2X-C.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..formats import dair as fmt
+from ..registry import DATASETS
+from .base import DatasetError
+from .dair import DairV2XCAdapter
+
+__all__ = ["V2XSeqAdapter"]
+
+SPD_SPLIT_NAMES = ("cooperative-split-data-spd.json", "cooperative-split-data.json")
+
+
+@DATASETS.register("v2x_seq_spd")
+class V2XSeqAdapter(DairV2XCAdapter):
+    """V2X-Seq SPD samples as :class:`CoopFrame`; arguments as :class:`DairV2XCAdapter`
+    (``offset_source`` is ``"pair"`` or ``"none"``: SPD calibrations carry no ``relative_error``)."""
+
+    name = "v2x-seq-spd"
+    root_folder = "V2X-Seq-SPD"
+    split_file_names = SPD_SPLIT_NAMES
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.offset_source == "calib":
+            raise ValueError("V2X-Seq SPD has no relative_error in its calibrations; "
+                             "use offset_source='pair' or 'none'")
+        for rows in (self.vehicle_rows, self.infra_rows):  # join by frame_id where given
+            for fid, row in list(rows.items()):
+                if str(row.get("frame_id", fid)) != fid:
+                    rows[str(row["frame_id"])] = rows.pop(fid)
+        self.infra_segments = self._segments(self.infra_rows, self.root / "infrastructure-side" / "data_info.json")
+
+    @staticmethod
+    def _row_ids(row: dict, where: str) -> tuple[str, str]:
+        try:
+            return str(row["vehicle_frame"]), str(row["infrastructure_frame"])
+        except KeyError as e:
+            raise DatasetError(f"{where}: missing field {e.args[0]!r}") from None
+
+    def _corrected_infra_pose(self, world_from_infra, world_from_vehicle, offset):
+        vehicle_from_infra = np.linalg.inv(world_from_vehicle) @ world_from_infra
+        vehicle_from_infra[:2, 3] += offset
+        return world_from_vehicle @ vehicle_from_infra
+
+    def _sequence_of(self, sample: dict, vehicle_row: dict, vid: str) -> str:
+        return str(sample.get("vehicle_sequence", vehicle_row.get("sequence_id", "")))
+
+    def _ground_truth(self, sample: dict, vid: str, lidar_from_world: np.ndarray):
+        path = self.root / "cooperative" / "label" / f"{vid}.json"
+        labels = self._json(path, "cooperative label file")
+        if not isinstance(labels, list):
+            raise DatasetError(f"{path}: expected a JSON array of objects")
+        boxes, ids = [], []
+        for j, entry in enumerate(labels):
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{path}: [{j}] is not an object")
+            if str(entry.get("type", "")).lower() not in fmt.VEHICLE_CLASSES:
+                continue
+            try:
+                box = fmt.side_label_box(entry, f"{path}: [{j}]")
+                track = int(fmt.parse_float(entry.get("track_id", -1), f"{path}: [{j}].track_id"))
+            except ValueError as e:
+                raise DatasetError(str(e)) from None
+            if np.all(box[3:6] > 1e-6):
+                boxes.append(box)
+                ids.append(track)
+        return np.array(boxes).reshape(-1, 7), np.array(ids, np.int64)

@@ -3,8 +3,8 @@
 
 File mode (predictions and ground truth as JSON, see v2xfuse/evaluation/files.py)::
 
-    python tools/eval.py --pred preds.json --gt gt.json                       # OpenCOOD, global sort
-    python tools/eval.py --pred preds.json --gt gt.json --order local          # OpenCOOD default
+    python tools/eval.py --pred preds.json --gt gt.json                   # OpenCOOD, global sort
+    python tools/eval.py --pred preds.json --gt gt.json --order local      # OpenCOOD default
     python tools/eval.py --pred preds.json --gt gt.json --range -140 -40 -3 140 40 1
     python tools/eval.py --pred preds.json --gt gt.json --mode dair --out results.json
 

@@ -24,7 +24,7 @@ def test_first_recall_step_is_not_counted(aabb):
 
 
 def test_matching_is_ground_truth_centric(aabb):
-    # GT A = [0,4], B = [1,5] (x, both 2 m wide). d1 = [0.8,4.8] (score .9): IoU(A) = 3.2/4.8 = .667,
+    # GT A = [0,4], B = [1,5] (x, 2 m wide). d1 = [0.8,4.8] (score .9): IoU(A) = 3.2/4.8 = .667,
     # IoU(B) = 3.8/4.2 = .905. d2 = [2,6] (score .8): IoU(A) = 2/6 = .333, IoU(B) = 3/5 = .6.
     # DAIR: A first takes d1 (its only IoU >= .5), then B takes d2: 2 TP.
     # OpenCOOD: d1 takes its best GT, B; d2 is left with A at .333: 1 TP.

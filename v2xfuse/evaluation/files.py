@@ -1,0 +1,260 @@
+"""Prediction and ground-truth JSON files, and scoring one against the other.
+
+Both files hold a JSON list with one entry per frame, boxes in the ego (vehicle LiDAR) frame::
+
+    predictions:  [{"frame_id": "000068", "boxes": [[x, y, z, dx, dy, dz, yaw], ...],
+                    "scores": [s, ...],
+                    "payload_bytes": 1234, "latency_ms": 41.5}, ...]   # last two optional
+    ground truth: [{"frame_id": "000068", "boxes": [[x, y, z, dx, dy, dz, yaw], ...]}, ...]
+
+A frame without boxes has ``"boxes": []`` (and ``"scores": []``). ``frame_id`` is a string or an
+integer (compared as its decimal string, so 68 and "68" match but "000068" does not). Frames are
+evaluated in ground-truth file order, which is the frame order of the "local" AP sort. Other keys
+in an entry are ignored. Every malformed entry raises :class:`EvalFileError` naming the file, the
+frame and the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from v2xfuse.structures import BOX_DIM
+
+from .common import RANGE_RULES
+from .dair import DairEvaluator
+from .opencood import DEFAULT_IOU_THRESHOLDS, SORT_MODES, OpenCOODEvaluator
+from .result import EvalResult
+
+__all__ = [
+    "EvalFileError",
+    "FrameBoxes",
+    "load_predictions",
+    "load_ground_truth",
+    "write_predictions",
+    "write_ground_truth",
+    "pair_frames",
+    "score_files",
+    "EVAL_MODES",
+]
+
+EVAL_MODES = ("opencood", "dair")
+
+
+class EvalFileError(ValueError):
+    """A predictions or ground-truth file that cannot be evaluated."""
+
+
+@dataclass
+class FrameBoxes:
+    """One frame of a predictions or ground-truth file.
+
+    Attributes:
+        frame_id: the id as a string.
+        boxes: (N, 7) float64 [x, y, z, dx, dy, dz, yaw].
+        scores: (N,) float64 for predictions, None for ground truth.
+        payload_bytes: bytes sent for this frame, if the file says.
+        latency_ms: latency of this frame, if the file says.
+    """
+
+    frame_id: str
+    boxes: np.ndarray
+    scores: np.ndarray | None = None
+    payload_bytes: float | None = None
+    latency_ms: float | None = None
+
+
+def load_predictions(path: str | os.PathLike) -> dict[str, FrameBoxes]:
+    """Read a predictions file: ``{frame_id: FrameBoxes}`` in file order."""
+    return _load(path, with_scores=True)
+
+
+def load_ground_truth(path: str | os.PathLike) -> dict[str, FrameBoxes]:
+    """Read a ground-truth file: ``{frame_id: FrameBoxes}`` in file order."""
+    return _load(path, with_scores=False)
+
+
+def write_predictions(path: str | os.PathLike, frames: Iterable[FrameBoxes]) -> None:
+    _write(path, frames, with_scores=True)
+
+
+def write_ground_truth(path: str | os.PathLike, frames: Iterable[FrameBoxes]) -> None:
+    _write(path, frames, with_scores=False)
+
+
+def pair_frames(predictions: dict[str, FrameBoxes], ground_truth: dict[str, FrameBoxes],
+                pred_path: str = "predictions", gt_path: str = "ground truth"
+                ) -> list[tuple[FrameBoxes, FrameBoxes]]:
+    """(prediction, ground truth) per frame, in ground-truth order.
+
+    Raises:
+        EvalFileError: a ground-truth frame has no prediction entry, or the other way round.
+    """
+    missing = [f for f in ground_truth if f not in predictions]
+    extra = [f for f in predictions if f not in ground_truth]
+    if missing:
+        raise EvalFileError(
+            f"{pred_path}: missing frame {missing[0]!r} present in {gt_path} ({len(missing)} "
+            f"frame(s) missing; give frames without detections as \"boxes\": [], \"scores\": [])")
+    if extra:
+        raise EvalFileError(f"{pred_path}: frame {extra[0]!r} is not in {gt_path} "
+                            f"({len(extra)} such frame(s))")
+    return [(predictions[f], ground_truth[f]) for f in ground_truth]
+
+
+def score_files(pred_path: str | os.PathLike, gt_path: str | os.PathLike, mode: str = "opencood",
+                order: str | None = None, iou_type: str | None = None,
+                eval_range: Sequence[float] | None = None, range_rule: str | None = None,
+                iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS, dataset: str = "",
+                split: str = "", method: str = "") -> list[EvalResult]:
+    """Evaluate a predictions file against a ground-truth file.
+
+    Args:
+        mode: "opencood" (one result) or "dair" (official protocol: one result per view and
+            distance range; it fixes its own ordering, views and ranges, so ``order``,
+            ``iou_type``, ``eval_range`` and ``range_rule`` must be left None).
+        order: "local" or "global" (default) detection ordering; opencood mode.
+        iou_type: "bev" (default) or "3d"; opencood mode.
+        eval_range: [xmin, ymin, zmin, xmax, ymax, zmax], default None (no filter); opencood mode.
+        range_rule: one of :data:`v2xfuse.evaluation.common.RANGE_RULES`, default
+            "all_corners_bev" (OpenCOOD's); opencood mode.
+        dataset, split, method: labels written into the results.
+    """
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+    opencood_options = {"order": order, "iou_type": iou_type, "eval_range": eval_range,
+                        "range_rule": range_rule}
+    if mode == "dair":
+        given = [k for k, v in opencood_options.items() if v is not None]
+        if given:
+            raise ValueError(f"dair mode fixes its own ordering, IoU views and ranges; "
+                             f"{', '.join(given)} apply to opencood mode only")
+    order = order or "global"
+    if order not in SORT_MODES:
+        raise ValueError(f"order must be one of {SORT_MODES}, got {order!r}")
+    range_rule = range_rule or "all_corners_bev"
+    if range_rule not in RANGE_RULES:
+        raise ValueError(f"range_rule must be one of {RANGE_RULES}, got {range_rule!r}")
+    pairs = pair_frames(load_predictions(pred_path), load_ground_truth(gt_path),
+                        os.fspath(pred_path), os.fspath(gt_path))
+    if mode == "dair":
+        evaluator = DairEvaluator(iou_thresholds=iou_thresholds)
+    else:
+        evaluator = OpenCOODEvaluator(iou_thresholds=iou_thresholds, iou_type=iou_type or "bev",
+                                      eval_range=eval_range, range_rule=range_rule)
+    for pred, gt in pairs:
+        evaluator.add(gt.frame_id, pred.boxes, pred.scores, gt.boxes,
+                      payload_bytes=pred.payload_bytes, latency_ms=pred.latency_ms)
+    if mode == "dair":
+        return evaluator.results(dataset=dataset, split=split, method=method)
+    return [evaluator.result(order, dataset=dataset, split=split, method=method)]
+
+
+# --- reading and writing -------------------------------------------------------------------------
+
+def _load(path: str | os.PathLike, with_scores: bool) -> dict[str, FrameBoxes]:
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise EvalFileError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvalFileError(f"{name}: not valid JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise EvalFileError(f"{name}: expected a JSON list with one entry per frame, "
+                            f"got {type(data).__name__}")
+    frames: dict[str, FrameBoxes] = {}
+    for index, entry in enumerate(data):
+        frame = _parse_entry(entry, index, name, with_scores)
+        if frame.frame_id in frames:
+            raise EvalFileError(f"{name}: frame {frame.frame_id!r} (entry {index}) appears twice")
+        frames[frame.frame_id] = frame
+    return frames
+
+
+def _parse_entry(entry, index: int, name: str, with_scores: bool) -> FrameBoxes:
+    where = f"{name}: entry {index}"
+    if not isinstance(entry, dict):
+        raise EvalFileError(f"{where}: expected an object, got {type(entry).__name__}")
+    if "frame_id" not in entry:
+        raise EvalFileError(f"{where}: missing field 'frame_id'")
+    fid = entry["frame_id"]
+    if isinstance(fid, bool) or not isinstance(fid, (str, int)) or fid == "":
+        raise EvalFileError(f"{where}: 'frame_id' must be a non-empty string or an integer, "
+                            f"got {fid!r}")
+    fid = str(fid)
+    where = f"{name}: frame {fid!r} (entry {index})"
+    boxes = _parse_boxes(entry.get("boxes", _MISSING), where)
+    scores = None
+    if with_scores:
+        scores = _parse_numbers(entry.get("scores", _MISSING), where, "scores")
+        if len(scores) != len(boxes):
+            raise EvalFileError(f"{where}: 'scores' has {len(scores)} values for "
+                                f"{len(boxes)} boxes")
+    extras = {}
+    for key in ("payload_bytes", "latency_ms"):
+        value = entry.get(key)
+        if value is not None:
+            if not _is_number(value) or value < 0:
+                raise EvalFileError(f"{where}: '{key}' must be a finite number >= 0, got {value!r}")
+            extras[key] = float(value)
+    return FrameBoxes(frame_id=fid, boxes=boxes, scores=scores, **extras)
+
+
+_MISSING = object()
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _parse_numbers(values, where: str, field: str) -> np.ndarray:
+    if values is _MISSING:
+        raise EvalFileError(f"{where}: missing field '{field}'")
+    if not isinstance(values, list):
+        raise EvalFileError(f"{where}: '{field}' must be a list, got {type(values).__name__}")
+    for k, v in enumerate(values):
+        if not _is_number(v):
+            raise EvalFileError(f"{where}: {field}[{k}] must be a finite number, got {v!r}")
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def _parse_boxes(values, where: str) -> np.ndarray:
+    if values is _MISSING:
+        raise EvalFileError(f"{where}: missing field 'boxes'")
+    if not isinstance(values, list):
+        raise EvalFileError(f"{where}: 'boxes' must be a list, got {type(values).__name__}")
+    rows = []
+    for k, box in enumerate(values):
+        if not isinstance(box, list) or len(box) != BOX_DIM:
+            size = f"{len(box)} values" if isinstance(box, list) else type(box).__name__
+            raise EvalFileError(f"{where}: boxes[{k}] must be {BOX_DIM} numbers "
+                                f"[x, y, z, dx, dy, dz, yaw], got {size}")
+        for c, v in enumerate(box):
+            if not _is_number(v):
+                raise EvalFileError(f"{where}: boxes[{k}][{c}] must be a finite number, got {v!r}")
+        if min(box[3:6]) < 0:
+            raise EvalFileError(f"{where}: boxes[{k}] has a negative size dx, dy or dz: {box}")
+        rows.append(box)
+    return np.asarray(rows, dtype=np.float64).reshape(-1, BOX_DIM)
+
+
+def _write(path: str | os.PathLike, frames: Iterable[FrameBoxes], with_scores: bool) -> None:
+    out = []
+    for frame in frames:
+        entry = {"frame_id": frame.frame_id,
+                 "boxes": np.asarray(frame.boxes, dtype=np.float64).reshape(-1, BOX_DIM).tolist()}
+        if with_scores:
+            entry["scores"] = np.asarray(frame.scores, dtype=np.float64).reshape(-1).tolist()
+            for key in ("payload_bytes", "latency_ms"):
+                if getattr(frame, key) is not None:
+                    entry[key] = getattr(frame, key)
+        out.append(entry)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f, allow_nan=False)

@@ -1,0 +1,76 @@
+"""Training: the loss falls on a tiny model, and --resume ends on the same weights."""
+import pytest
+import torch
+
+from v2xfuse.builder import build_dataset, build_detector
+from v2xfuse.datasets import collate
+from v2xfuse.engine.trainer import Trainer, load_checkpoint
+from v2xfuse.sim import SimConfig, generate_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    sim = SimConfig.from_dict({"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
+                               "rsu_lidar": {"azimuth_steps": 360, "beams": 16}})
+    sim.cameras = False
+    generate_dataset("opv2v", root, n_scenes=2, n_frames=3, seed=11, cfg=sim,
+                     splits={"train": 0.5, "validate": 0.5}, progress=False)
+    return {
+        "dataset": {"type": "opv2v", "root": str(root), "max_agents": 3, "comm_range": 200.0,
+                    "splits": {"train": "train", "val": "validate"}},
+        "pipeline": {"lidar_range": [-25.6, -25.6, -5.0, 25.6, 25.6, 3.0], "flip_prob": 0.5,
+                     "rotate_deg": 10.0},
+        "model": {"encoder": {"type": "pointpillars", "voxel_size": [1.6, 1.6],
+                              "out_channels": 8, "max_points_per_pillar": 8},
+                  "backbone": {"layer_strides": [1], "layer_channels": [16], "layer_nums": [1],
+                               "upsample_channels": [16], "out_stride": 1},
+                  "fusion": {"type": "max"}},
+        "train": {"seed": 3, "steps": 6, "batch_size": 2, "lr": 3e-3, "checkpoint_every": 2,
+                  "val_frames": 1, "log_every": 1},
+    }
+
+
+def test_loss_decreases_on_a_fixed_batch(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_detector(tiny_cfg)
+    data = build_dataset(tiny_cfg, "train", train=False)
+    batch = collate([data[0], data[1]])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(12):
+        out = model(batch)
+        loss = model.loss(out, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resume_after_a_kill_ends_on_the_same_weights(tiny_cfg, tmp_path, monkeypatch):
+    straight = Trainer(tiny_cfg, tmp_path / "straight", tensorboard=False, progress=False)
+    straight.fit()
+    expected = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+
+    calls = {"n": 0}
+    real_step = Trainer._step
+
+    def dying_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the checkpoint of step 2 and one more step
+            raise KeyboardInterrupt("killed")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_cfg, tmp_path / "resumed", tensorboard=False, progress=False).fit()
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 2
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    Trainer(tiny_cfg, tmp_path / "resumed", tensorboard=False, progress=False).fit(resume=True)
+    got = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert got["step"] == 6
+    for name, value in expected.items():
+        assert torch.equal(got["model"][name], value), name
+    assert (tmp_path / "resumed" / "config.yaml").is_file()
+    assert (tmp_path / "resumed" / "results_val.json").is_file()

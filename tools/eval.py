@@ -8,6 +8,11 @@ File mode (predictions and ground truth as JSON, see v2xfuse/evaluation/files.py
     python tools/eval.py --pred preds.json --gt gt.json --range -140 -40 -3 140 40 1
     python tools/eval.py --pred preds.json --gt gt.json --mode dair --out results.json
 
+Checkpoint mode (run a trained model over a split, through the config's simulated channel)::
+
+    python tools/eval.py --checkpoint work_dirs/quickstart/last.pt --split val
+    python tools/eval.py --checkpoint last.pt --set channel.loss=0.3 --save-pred preds.json
+
 ``--mode dair`` is the DAIR-V2X official protocol (AP-3D and AP-BEV, ranges overall/0-30/30-50/
 50-100 m); its AP is not comparable with OpenCOOD-style AP.
 """
@@ -28,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("what to score (file mode)")
     src.add_argument("--pred", help="predictions JSON, one entry per frame")
     src.add_argument("--gt", help="ground-truth JSON, one entry per frame")
+    ck = p.add_argument_group("what to score (checkpoint mode)")
+    ck.add_argument("--checkpoint", help="a last.pt written by tools/train.py")
+    ck.add_argument("--config", help="experiment YAML (default: the config saved in the checkpoint)")
+    ck.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (e.g. channel.loss=0.5, model.fusion.top_k=200)")
+    ck.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ck.add_argument("--max-frames", type=int, default=0)
+    ck.add_argument("--save-pred", help="also write the predictions and ground truth as JSON "
+                                        "(PRED and PRED with .gt.json) for file mode")
     proto = p.add_argument_group("protocol")
     proto.add_argument("--mode", choices=EVAL_MODES, default="opencood")
     proto.add_argument("--order", choices=SORT_MODES, default=None,
@@ -41,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how a box counts as inside --range (default: all_corners_bev)")
     labels = p.add_argument_group("labels written into the results")
     labels.add_argument("--dataset", default="")
-    labels.add_argument("--split", default="")
+    labels.add_argument("--split", default="", help="(checkpoint mode: the split to run, "
+                                                     "default val)")
     labels.add_argument("--method", default="")
     p.add_argument("--out", help="write the results JSON here")
     return p
@@ -57,11 +72,63 @@ def report(results: list[EvalResult], out: str | None) -> None:
         print(f"wrote {out}")
 
 
+def evaluate_checkpoint(args) -> list[EvalResult]:
+    """Run the checkpoint's detector over ``args.split`` and score it (OpenCOOD protocol)."""
+    import torch
+
+    from v2xfuse.builder import build_dataset, build_detector
+    from v2xfuse.config import apply_overrides, load_config
+    from v2xfuse.engine.evaluate import evaluate_detector, predict_frames
+    from v2xfuse.engine.trainer import load_checkpoint
+
+    state = load_checkpoint(args.checkpoint, args.device)
+    cfg = load_config(args.config, args.overrides) if args.config else \
+        apply_overrides(state["config"], args.overrides)
+    if args.order:
+        cfg.setdefault("eval", {})["order"] = args.order
+    if args.iou_type:
+        cfg.setdefault("eval", {})["iou_type"] = args.iou_type
+    if args.eval_range:
+        cfg.setdefault("eval", {})["range"] = list(args.eval_range)
+    model = build_detector(cfg).to(args.device)
+    model.load_state_dict(state["model"])
+    split = args.split or "val"
+    dataset = build_dataset(cfg, split, train=False)
+    result, summary = evaluate_detector(model, dataset, cfg, device=args.device,
+                                        max_frames=args.max_frames or None, progress=True,
+                                        split=split)
+    result.extra["checkpoint"] = str(args.checkpoint)
+    result.extra["step"] = int(state.get("step", -1))
+    if args.save_pred:
+        from v2xfuse.evaluation.files import FrameBoxes, write_ground_truth, write_predictions
+
+        with torch.no_grad():
+            frames = list(predict_frames(model, dataset, args.device, args.max_frames or None))
+        write_predictions(args.save_pred, [FrameBoxes(f, b, s, None, dt * 1e3)
+                                           for f, b, s, _, dt, _ in frames])
+        gt_path = str(args.save_pred).removesuffix(".json") + ".gt.json"
+        write_ground_truth(gt_path, [FrameBoxes(f, g) for f, _, _, g, _, _ in frames])
+        print(f"wrote {args.save_pred} and {gt_path}")
+    print(f"{summary['method']}: AP@0.3 {summary['ap_30']:.4f}  AP@0.5 {summary['ap_50']:.4f}  "
+          f"AP@0.7 {summary['ap_70']:.4f}  bytes/frame {summary['bytes_per_frame']:.0f} "
+          f"(p95 {summary['bytes_per_frame_p95']:.0f})  latency {summary['latency_ms_median']:.0f} ms"
+          f"  [{summary['sort_mode']} sort, {summary['frames']} frames]")
+    return [result]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        if args.pred or args.gt:
+            parser.error("give either --checkpoint or --pred/--gt, not both")
+        if args.mode != "opencood":
+            parser.error("--checkpoint scores with the OpenCOOD protocol; use --save-pred and "
+                         "file mode for --mode dair")
+        report(evaluate_checkpoint(args), args.out)
+        return 0
     if not (args.pred and args.gt):
-        parser.error("give --pred FILE and --gt FILE")
+        parser.error("give --pred FILE and --gt FILE, or --checkpoint FILE")
     if args.mode == "dair":
         given = [flag for flag, v in (("--order", args.order), ("--iou", args.iou_type),
                                       ("--range", args.eval_range),

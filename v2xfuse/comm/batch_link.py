@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..fusion.base import FusionMethod, Received
+from ..utils.timing import null_timer
 from .channel import Channel
 from .codecs import Codec, make_codec
 from .message import Message
@@ -31,11 +32,15 @@ class BatchChannel:
         channel: the simulated channel; its ledger holds the byte counts.
         codec_options: codec name -> keyword arguments for :func:`make_codec`
             (e.g. ``{"codes": {"bits": 8}, "int8": {"axis": 0}}``).
+        timer: optional ``timer(stage) -> context manager`` (see v2xfuse.utils.timing); payload
+            codecs and message (de)serialisation are timed as stage "serialise".
     """
 
-    def __init__(self, channel: Channel, codec_options: dict[str, dict] | None = None):
+    def __init__(self, channel: Channel, codec_options: dict[str, dict] | None = None,
+                 timer=None):
         self.channel = channel
         self.codec_options = dict(codec_options or {})
+        self.timer = timer or null_timer
 
     @property
     def ledger(self):
@@ -67,13 +72,17 @@ class BatchChannel:
                 pose = batch.ego_from_agent[i].detach().cpu().double().numpy()
                 pose[3] = (0.0, 0.0, 0.0, 1.0)
                 entries: dict[str, np.ndarray] = {}
-                for name, tensor in p.items():
-                    entries.update(self._codec(fusion, name).encode(tensor))
+                with self.timer("serialise"):
+                    for name, tensor in p.items():
+                        entries.update(self._codec(fusion, name).encode(tensor))
                 ts = -int(round(float(batch.time_delay_s[i]) * 1e6))
                 msgs.append(Message(ids[i - ego_index[b]], fusion.message_kind, ts, pose, entries))
-            for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=method):
-                payload = {n: torch.from_numpy(np.ascontiguousarray(
-                    self._codec(fusion, n).decode(rx.payload))).to(device) for n in names[rx.sender]}
+            for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=method,
+                                            timer=self.timer):
+                with self.timer("serialise"):
+                    payload = {n: torch.from_numpy(np.ascontiguousarray(
+                        self._codec(fusion, n).decode(rx.payload))).to(device)
+                        for n in names[rx.sender]}
                 pose = torch.from_numpy(rx.world_from_lidar).to(device, batch.ego_from_agent.dtype)
                 out.append(Received(b, index_of[rx.sender], payload, pose, -rx.timestamp_us / 1e6))
         return out

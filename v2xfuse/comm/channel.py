@@ -31,6 +31,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
+from ..utils.timing import null_timer
 from .message import Message, decode, encode
 
 __all__ = ["LinkConfig", "Channel", "Ledger", "TxRecord", "perturb_pose"]
@@ -208,13 +209,16 @@ class Channel:
         self._last_frame.clear()
 
     def transmit(self, frame: Hashable, messages: Sequence[Message], receiver: str = "ego",
-                 method: str = "") -> list[Message]:
+                 method: str = "", timer=None) -> list[Message]:
         """Send ``messages`` (one per sender and kind) to ``receiver`` in frame ``frame``.
 
         Returns what the receiver gets this frame, decoded from bytes, in input order: for each
         message that arrives, the one its link carried ``delay`` ago, with noisy pose.
-        ``method`` labels the bytes in ``ledger.per_method()``.
+        ``method`` labels the bytes in ``ledger.per_method()``. ``timer``: optional
+        ``timer(stage)`` context (v2xfuse.utils.timing); encoding to bytes and decoding from
+        them are timed as stage "serialise".
         """
+        timer = timer or null_timer
         keys = [(m.sender, receiver, m.kind) for m in messages]
         for key in keys:
             if key[0] == receiver:
@@ -222,7 +226,8 @@ class Channel:
             if keys.count(key) > 1 or self._last_frame.get(key, _NEVER) == frame:
                 raise ValueError(f"two messages on link {key} in frame {frame!r}")
         self.ledger.begin_frame(frame)
-        blobs = [encode(m) for m in messages]
+        with timer("serialise"):
+            blobs = [encode(m) for m in messages]
         order = list(range(len(messages)))
         if self.budget_order == "smallest_first":
             order.sort(key=lambda i: len(blobs[i]))
@@ -253,7 +258,8 @@ class Channel:
                 continue
             if entry.data is None:
                 continue
-            rx = decode(entry.data)
+            with timer("serialise"):
+                rx = decode(entry.data)
             rx.world_from_lidar = perturb_pose(rx.world_from_lidar, noise[:2] * cfg.xy_std_m,
                                                math.radians(cfg.yaw_std_deg) * noise[2])
             self.ledger.delivered[frame] += 1

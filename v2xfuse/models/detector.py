@@ -13,6 +13,7 @@ from torch import nn
 from ..datasets.batch import CoopBatch
 from ..fusion.base import FusionMethod, FusionState, Received
 from ..structures.boxes import transform_boxes
+from ..utils.timing import null_timer
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
 
@@ -63,10 +64,34 @@ class CoopDetector(nn.Module):
     def bev(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
         return self.backbone(self.encoder(points, num_agents))
 
-    def forward(self, batch: CoopBatch, channel=None) -> DetectorOutput:
+    def forward(self, batch: CoopBatch, channel=None, timer=None) -> DetectorOutput:
         """``channel``: None (tensors pass straight through), or an object with
         ``transmit(fusion, batch, senders, payloads) -> list[Received]`` that serialises,
-        counts and perturbs the messages (see v2xfuse.comm)."""
+        counts and perturbs the messages (see v2xfuse.comm).
+
+        ``timer``: optional ``timer(stage) -> context manager`` (see v2xfuse.utils.timing) around
+        the stages "encode" (encoder, backbone, what senders compute for their messages),
+        "channel", "fuse" and "head"."""
+        fusion = self.fusion
+        stage = timer or null_timer
+        with stage("encode"):
+            state, senders, payloads = self._encode(batch)
+        with stage("channel"):
+            received = (channel.transmit(fusion, batch, senders, payloads) if channel is not None
+                        else self.direct(batch, senders, payloads))
+        with stage("fuse"):
+            fused = fusion.fuse(state, received)
+        if fusion.stage == "early":
+            with stage("encode"):
+                fused = self.bev(fused, batch.batch_size)
+        with stage("head"):
+            if fusion.stage == "late":  # the ego's own map; received boxes are merged in predict
+                return DetectorOutput(self.head(state.features[batch.ego_index()]), state,
+                                      received, late_boxes=fused)
+            return DetectorOutput(self.head(fused), state, received)
+
+    def _encode(self, batch: CoopBatch) -> tuple[FusionState, list[int], list[dict]]:
+        """Every agent's BEV features and what each sender puts in its message."""
         fusion = self.fusion
         if fusion.stage == "early":
             state = FusionState(batch, None, None)
@@ -85,15 +110,7 @@ class CoopDetector(nn.Module):
         if fusion.stage == "late" and senders and not self.training:
             state.extras["detections"] = self.detect_agents(state.features, senders)
         payloads = fusion.encode(state, senders) if senders else []
-        received = (channel.transmit(fusion, batch, senders, payloads) if channel is not None
-                    else self.direct(batch, senders, payloads))
-        fused = fusion.fuse(state, received)
-        if fusion.stage == "early":
-            fused = self.bev(fused, batch.batch_size)
-        if fusion.stage == "late":  # the ego's own map; received boxes are merged in predict
-            return DetectorOutput(self.head(state.features[batch.ego_index()]), state, received,
-                                  late_boxes=fused)
-        return DetectorOutput(self.head(fused), state, received)
+        return state, senders, payloads
 
     @torch.no_grad()
     def detect_agents(self, features: torch.Tensor, agents: list[int]) -> list[Detections]:
@@ -145,14 +162,18 @@ class CoopDetector(nn.Module):
         return self.head.loss(self.head(features), gts, ignore)
 
     @torch.no_grad()
-    def predict(self, out: DetectorOutput) -> list[Detections]:
-        """Final boxes per sample in the ego frame: decode, merge any late-fusion boxes, NMS."""
+    def predict(self, out: DetectorOutput, timer=None) -> list[Detections]:
+        """Final boxes per sample in the ego frame: decode, merge any late-fusion boxes, NMS.
+        ``timer``: as in :meth:`forward`, stages "head" (decoding) and "nms"."""
+        stage = timer or null_timer
         dets = []
         for b in range(out.head.cls.shape[0]):
-            boxes, scores = self.head.decode(out.head, b, self.score_threshold)
-            if out.late_boxes is not None and out.late_boxes[b] is not None:
-                extra_boxes, extra_scores = out.late_boxes[b]
-                boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])
-                scores = torch.cat([scores, extra_scores.to(scores.dtype)])
-            dets.append(self._nms(boxes, scores))
+            with stage("head"):
+                boxes, scores = self.head.decode(out.head, b, self.score_threshold)
+                if out.late_boxes is not None and out.late_boxes[b] is not None:
+                    extra_boxes, extra_scores = out.late_boxes[b]
+                    boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])
+                    scores = torch.cat([scores, extra_scores.to(scores.dtype)])
+            with stage("nms"):
+                dets.append(self._nms(boxes, scores))
         return dets

@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Per-frame latency of a cooperative detector, split by stage, for 1..N agents.
+
+    python tools/bench_latency.py --config configs/quickstart.yaml --checkpoint last.pt \\
+        --agents 1,2,3,4 --frames 20 --device cpu
+    python tools/bench_latency.py --config configs/quickstart.yaml \\
+        --set model.fusion.type=where2comm --frames 50 --device cuda --out work_dirs/latency
+
+Stages (see ``CoopDetector.forward``/``predict`` and ``BatchChannel``; each excludes the stages
+nested in it, so they add up to the frame):
+
+* ``encode``: encoder and backbone of every agent, and what senders compute for their messages
+  (confidence maps, late fusion's own detections, the method's selection);
+* ``serialise``: payload codecs and message encoding to / decoding from bytes;
+* ``channel``: the rest of the simulated link (byte accounting, loss, delay, pose noise);
+* ``fuse``: the receiver's fusion; ``head``: detection head and box decoding; ``nms``: rotated NMS;
+* ``other``: the remainder of the frame (moving tensors, bookkeeping); ``total``: the frame.
+
+For ``k`` agents each validation frame keeps its ego and its ``k - 1`` first collaborators
+(nearest first); a count no frame reaches is skipped. The first ``--warmup`` frames of each count
+are run and not measured. Medians and 95th percentiles in milliseconds are printed as a table and
+written to OUT/latency.csv and OUT/latency.json. On CUDA every stage boundary synchronises the
+device. Without ``--checkpoint`` the weights are random (a warning says so): selection-based
+methods then send an untypical amount, so use a trained model for numbers worth quoting.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench_latency")
+
+__all__ = ["STAGES", "select_agents", "measure", "main"]
+
+STAGES = ["encode", "serialise", "channel", "fuse", "head", "nms"]
+
+
+def select_agents(sample, count: int):
+    """The sample with its ego and its first ``count - 1`` collaborators only."""
+    def cut(x):
+        return x if x is None else x[:count]
+
+    return dataclasses.replace(
+        sample, points=sample.points[:count], ego_from_agent=cut(sample.ego_from_agent),
+        agent_ids=list(sample.agent_ids[:count]), agent_kinds=list(sample.agent_kinds[:count]),
+        time_delay_s=cut(sample.time_delay_s), cameras=sample.cameras[:count],
+        true_ego_from_agent=cut(sample.true_ego_from_agent))
+
+
+def measure(model, samples: list, cfg: dict, count: int, frames: int, warmup: int,
+            device) -> dict:
+    """Time ``warmup + frames`` frames with ``count`` agents; per-frame seconds per stage.
+
+    Returns:
+        {"agents": count, "agents_actual": mean agents per frame, "bytes_per_frame": mean,
+         "seconds": {stage: (frames,) array}} with stages :data:`STAGES`, "other", "total".
+    """
+    import torch
+
+    from v2xfuse.datasets import collate
+    from v2xfuse.engine.evaluate import build_channel
+    from v2xfuse.utils.timing import StageTimer
+
+    timer = StageTimer(device)
+    channel = build_channel(cfg)
+    channel.timer = timer
+    cuda = torch.device(device).type == "cuda"
+    seconds: dict[str, list[float]] = {s: [] for s in [*STAGES, "other", "total"]}
+    agents, sent = [], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(warmup + frames):
+            sample = select_agents(samples[i % len(samples)], count)
+            batch = collate([sample]).to(device)
+            bytes_before = sum(channel.ledger.bytes_per_frame())
+            if cuda:
+                torch.cuda.synchronize(device)
+            timer.pop()
+            start = time.perf_counter()
+            model.predict(model(batch, channel=channel, timer=timer), timer=timer)
+            if cuda:
+                torch.cuda.synchronize(device)
+            total = time.perf_counter() - start
+            stages = timer.pop()
+            if i < warmup:
+                continue
+            unknown = set(stages) - set(STAGES)
+            if unknown:
+                raise RuntimeError(f"stages {sorted(unknown)} are not in STAGES")
+            for s in STAGES:
+                seconds[s].append(stages.get(s, 0.0))
+            seconds["other"].append(max(total - sum(stages.values()), 0.0))
+            seconds["total"].append(total)
+            agents.append(len(sample.points))
+            sent.append(sum(channel.ledger.bytes_per_frame()) - bytes_before)
+    return {"agents": count, "agents_actual": float(np.mean(agents)),
+            "bytes_per_frame": float(np.mean(sent)),
+            "seconds": {s: np.asarray(v) for s, v in seconds.items()}}
+
+
+def summarise(measured: dict) -> dict:
+    """Milliseconds: median, p95 and mean per stage."""
+    return {s: {"median_ms": float(np.median(v) * 1e3), "p95_ms": float(np.percentile(v, 95) * 1e3),
+                "mean_ms": float(np.mean(v) * 1e3)} for s, v in measured["seconds"].items()}
+
+
+def print_table(results: list[dict]) -> None:
+    names = [*STAGES, "other", "total"]
+    head = f"{'stage':<10}" + "".join(f"{str(r['agents']) + ' agents (med/p95 ms)':>26}"
+                                      for r in results)
+    print(head)
+    print("-" * len(head))
+    for s in names:
+        print(f"{s:<10}" + "".join(
+            f"{r['stages'][s]['median_ms']:>16.2f} / {r['stages'][s]['p95_ms']:>7.2f}"
+            for r in results))
+    print(f"{'KB/frame':<10}" + "".join(f"{r['bytes_per_frame'] / 1000:>26.1f}" for r in results))
+
+
+def load_model(args):
+    """(config, model on ``args.device``, checkpoint step or None)."""
+    import torch
+
+    from v2xfuse.builder import build_detector
+    from v2xfuse.config import apply_overrides, load_config
+    from v2xfuse.engine.trainer import load_checkpoint
+
+    state = load_checkpoint(args.checkpoint, args.device) if args.checkpoint else None
+    if state is None and not args.config:
+        raise SystemExit("give --config, --checkpoint or both")
+    cfg = load_config(args.config) if args.config else state["config"]
+    if state is not None:  # the weights fix the model: its section comes from the checkpoint
+        cfg["model"] = state["config"]["model"]
+    cfg = apply_overrides(cfg, args.overrides)
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    else:
+        log.warning("no --checkpoint: timing randomly initialised weights")
+    return cfg, model.to(args.device), (int(state.get("step", -1)) if state else None)
+
+
+def write_outputs(out_dir: Path, meta: dict, results: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latency.json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
+    with open(out_dir / "latency.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "device", "agents", "agents_actual", "stage", "median_ms",
+                         "p95_ms", "mean_ms", "frames", "bytes_per_frame"])
+        for r in results:
+            for s, v in r["stages"].items():
+                writer.writerow([meta["method"], meta["device"], r["agents"],
+                                 f"{r['agents_actual']:.2f}", s, f"{v['median_ms']:.3f}",
+                                 f"{v['p95_ms']:.3f}", f"{v['mean_ms']:.3f}", meta["frames"],
+                                 f"{r['bytes_per_frame']:.1f}"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="experiment YAML for data and channel (default: the "
+                                    "checkpoint's config); the model section is the checkpoint's")
+    p.add_argument("--checkpoint", help="a last.pt written by tools/train.py")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--agents", default="1,2,3,4,5", help="comma-separated agent counts")
+    p.add_argument("--frames", type=int, default=20, help="measured frames per agent count")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured frames first")
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+    p.add_argument("--out", default="work_dirs/latency", help="folder for latency.csv/json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_latency: --device cuda but no CUDA device is available; skipped")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from v2xfuse.builder import build_dataset
+
+    cfg, model, step = load_model(args)
+    dataset = build_dataset(cfg, args.split, train=False)
+    if len(dataset) == 0:
+        raise SystemExit(f"split {args.split!r} is empty")
+    samples = [dataset[i] for i in range(min(len(dataset), args.warmup + args.frames))]
+    most = max(len(s.points) for s in samples)
+    results = []
+    for count in (int(a) for a in args.agents.split(",")):
+        if count > most:
+            print(f"{count} agents: skipped, no frame has more than {most} (dataset.max_agents "
+                  f"{cfg['dataset'].get('max_agents')})")
+            continue
+        measured = measure(model, samples, cfg, count, args.frames, args.warmup, args.device)
+        results.append({"agents": count, "agents_actual": measured["agents_actual"],
+                        "bytes_per_frame": measured["bytes_per_frame"],
+                        "stages": summarise(measured)})
+    meta = {"method": cfg["model"].get("fusion", {}).get("type", "none"),
+            "device": str(args.device) + ("" if args.device == "cpu"
+                                          else f" ({torch.cuda.get_device_name()})"),
+            "torch_threads": torch.get_num_threads(), "checkpoint": args.checkpoint,
+            "step": step, "split": args.split, "frames": args.frames, "warmup": args.warmup,
+            "stages": [*STAGES, "other", "total"]}
+    print(f"method {meta['method']} on {meta['device']}, {args.frames} frames after "
+          f"{args.warmup} warm-up frames")
+    if results:
+        print_table(results)
+    write_outputs(Path(args.out), meta, results)
+    print(f"wrote {Path(args.out) / 'latency.csv'} and {Path(args.out) / 'latency.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

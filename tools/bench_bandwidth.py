@@ -136,6 +136,20 @@ def make_row(method: str, point: SweepPoint, summary: dict, step: int) -> dict:
             "checkpoint_step": step}
 
 
+class LoadedFrames:
+    """The first ``count`` samples of ``dataset``, read once and kept in memory, so that every
+    point is scored on the same frames without reading them again."""
+
+    def __init__(self, dataset, count: int):
+        self.samples = [dataset[i] for i in range(min(count, len(dataset)))]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index]
+
+
 # ------------------------------------------------------------------------------------ models
 def method_config(cfg: dict, method: str) -> dict:
     """``cfg`` with fusion method ``method`` (its fusion section kept when it already names it)."""
@@ -244,6 +258,9 @@ def run(args) -> int:
             continue
         if dataset is None:
             dataset = build_dataset(cfg, "val", train=False)
+            count = min(args.frames or len(dataset), len(dataset))
+            if count <= args.cache_frames:
+                dataset = LoadedFrames(dataset, count)
         for point in tqdm(todo, desc=method, unit="point", disable=args.quiet,
                           dynamic_ncols=True):
             row = evaluate_point(method, point, cfg, state, dataset, args.device,
@@ -357,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps when a model is trained here (default: train.steps)")
     p.add_argument("--frames", type=int, default=0,
                    help="validation frames per point (default: the whole split)")
+    p.add_argument("--cache-frames", type=int, default=200,
+                   help="keep the evaluated frames in memory when there are at most this many")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

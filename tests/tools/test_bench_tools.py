@@ -1,0 +1,182 @@
+"""tools/bench_bandwidth.py, bench_latency.py and visualize.py on a tiny generated dataset."""
+import csv
+import importlib.util
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from v2xfuse.config import dump_config
+from v2xfuse.sim import SimConfig, generate_dataset
+from v2xfuse.utils.timing import StageTimer
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+METHODS = "none,max,where2comm"
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    """A config file for a 32 x 32 cell model on 2 scenes of 3 frames, 3 agents per frame."""
+    root = tmp_path_factory.mktemp("syn")
+    sim = SimConfig.from_dict({"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
+                               "rsu_lidar": {"azimuth_steps": 360, "beams": 16}})
+    sim.cameras = False
+    generate_dataset("opv2v", root, n_scenes=2, n_frames=3, seed=11, cfg=sim,
+                     splits={"train": 0.5, "validate": 0.5}, progress=False)
+    cfg = {
+        "dataset": {"type": "opv2v", "root": str(root), "max_agents": 3, "comm_range": 200.0,
+                    "splits": {"train": "train", "val": "validate"}},
+        "pipeline": {"lidar_range": [-25.6, -25.6, -5.0, 25.6, 25.6, 3.0], "flip_prob": 0.5,
+                     "rotate_deg": 0.0},
+        "model": {"encoder": {"type": "pointpillars", "voxel_size": [1.6, 1.6],
+                              "out_channels": 8, "max_points_per_pillar": 8},
+                  "backbone": {"layer_strides": [1], "layer_channels": [8], "layer_nums": [1],
+                               "upsample_channels": [8], "out_stride": 1},
+                  "fusion": {"type": "max"}, "post": {"score_threshold": 0.05}},
+        "train": {"seed": 0, "steps": 2, "batch_size": 1, "lr": 3e-3, "checkpoint_every": 2,
+                  "log_every": 1},
+        "channel": {"seed": 0},
+    }
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    dump_config(cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bandwidth_run(tiny_config, tmp_path_factory):
+    """One bench_bandwidth run (training the three models), shared by the tests below."""
+    out = tmp_path_factory.mktemp("bw")
+    rc = _tool("bench_bandwidth").main(["--config", str(tiny_config), "--methods", METHODS,
+                                        "--out", str(out), "--steps", "2", "--frames", "2",
+                                        "--quiet"])
+    assert rc == 0
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_bandwidth_writes_every_point_of_each_sweep(bandwidth_run):
+    bench = _tool("bench_bandwidth")
+    with open(bandwidth_run / "results.csv", newline="") as f:
+        assert next(csv.reader(f)) == bench.COLUMNS
+    rows = _rows(bandwidth_run / "results.csv")
+    want = [(m, p.knob, p.value) for m in METHODS.split(",") for p in bench.SWEEPS[m]]
+    assert [(r["method"], r["knob"], r["value"]) for r in rows] == want
+    assert all(r["frames"] == "2" and r["split"] == "val" for r in rows)
+    by_point = {(r["method"], r["knob"], r["value"]): r for r in rows}
+    assert float(by_point["none", "-", "-"]["bytes_per_frame"]) == 0
+    codec_bytes = [float(by_point["max", "codec", c]["bytes_per_frame"])
+                   for c in ("float32", "float16", "int8")]
+    assert codec_bytes[0] > codec_bytes[1] > codec_bytes[2] > 0  # halved, then about halved
+    top_k = [float(by_point["where2comm", "top_k", v]["bytes_per_frame"]) for v in ("64", "256")]
+    assert 0 < top_k[0] < top_k[1]
+    for r in rows:
+        for key in ("ap_30", "ap_50", "ap_70"):
+            assert 0.0 <= float(r[key]) <= 1.0
+    png = (bandwidth_run / "ap_vs_bytes.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    table = (bandwidth_run / "results.md").read_text()
+    assert table.count("\n| where2comm |") == len(bench.SWEEPS["where2comm"])
+    for m in METHODS.split(","):  # trained here, 2 steps each
+        assert (bandwidth_run / "ckpt" / m / "last.pt").is_file()
+
+
+def test_bench_bandwidth_rerun_evaluates_only_missing_points(bandwidth_run, tiny_config,
+                                                             monkeypatch, caplog):
+    bench = _tool("bench_bandwidth")
+    csv_path = bandwidth_run / "results.csv"
+    before = _rows(csv_path)
+    original = bench.evaluate_detector  # the wrapper must call this, never itself
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[2]["model"]["fusion"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate_detector", counting)
+
+    def train_again(*args, **kwargs):
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr("v2xfuse.engine.trainer.Trainer.fit", train_again)
+    argv = ["--config", str(tiny_config), "--methods", METHODS + ",nosuchmethod", "--out",
+            str(bandwidth_run), "--steps", "2", "--frames", "2", "--quiet"]
+    with caplog.at_level(logging.WARNING):
+        assert bench.main(argv) == 0
+    assert calls == []
+    assert _rows(csv_path) == before
+    assert any("nosuchmethod" in r.getMessage() and "skipped" in r.getMessage()
+               for r in caplog.records)
+
+    # Drop the last two where2comm rows, as if the run had been killed: only they come back.
+    with open(csv_path, newline="") as f:
+        lines = f.readlines()
+    csv_path.write_text("".join(lines[:-2]))
+    assert bench.main(argv) == 0
+    assert [c["top_k"] for c in calls] == [1024, 4096]
+    after = _rows(csv_path)
+    assert after[:-2] == before[:-2]
+    assert [(r["knob"], r["value"]) for r in after[-2:]] == [("top_k", "1024"), ("top_k", "4096")]
+
+
+def test_stage_timer_excludes_nested_stages():
+    timer = StageTimer()
+    with timer("outer"):
+        time.sleep(0.005)
+        with timer("inner"):
+            time.sleep(0.05)
+    with timer("inner"):
+        pass
+    seconds = timer.pop()
+    assert set(seconds) == {"outer", "inner"}
+    assert seconds["inner"] >= 0.05
+    assert 0.005 <= seconds["outer"] < seconds["inner"]
+    assert timer.pop() == {}
+
+
+def test_bench_latency_stages_add_up_to_the_frame(tiny_config, tmp_path):
+    bench = _tool("bench_latency")
+    rc = bench.main(["--config", str(tiny_config), "--set", "model.fusion.type=where2comm",
+                     "--agents", "1,3,5", "--frames", "4", "--warmup", "1", "--out",
+                     str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "latency.json").read_text())
+    assert [r["agents"] for r in report["results"]] == [1, 3]  # no frame has 5 agents
+    for r in report["results"]:
+        assert r["agents_actual"] == r["agents"]
+        stages = r["stages"]
+        total = stages["total"]["mean_ms"]
+        measured = sum(stages[s]["mean_ms"] for s in bench.STAGES)
+        assert 0.8 * total <= measured <= total + 1e-6
+        assert stages["total"]["median_ms"] <= stages["total"]["p95_ms"]
+    one, three = report["results"]
+    assert one["bytes_per_frame"] == 0 and three["bytes_per_frame"] > 0
+    assert three["stages"]["serialise"]["mean_ms"] > 0
+    rows = _rows(tmp_path / "latency.csv")
+    assert len(rows) == 2 * (len(bench.STAGES) + 2)
+    assert {r["stage"] for r in rows} == {*bench.STAGES, "other", "total"}
+
+
+@pytest.mark.parametrize("method", ["where2comm", "late"])
+def test_visualize_writes_a_png_of_the_requested_size(tiny_config, tmp_path, method):
+    out = tmp_path / f"{method}.png"
+    rc = _tool("visualize").main(["--config", str(tiny_config), "--set",
+                                  f"model.fusion.type={method}", "--split", "val", "--index",
+                                  "1", "--out", str(out), "--size", "480", "360"])
+    assert rc == 0
+    assert matplotlib.image.imread(out).shape[:2] == (360, 480)

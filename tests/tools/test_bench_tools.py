@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from v2xfuse.config import dump_config
 from v2xfuse.sim import SimConfig, generate_dataset
@@ -180,3 +181,28 @@ def test_visualize_writes_a_png_of_the_requested_size(tiny_config, tmp_path, met
                                   "1", "--out", str(out), "--size", "480", "360"])
     assert rc == 0
     assert matplotlib.image.imread(out).shape[:2] == (360, 480)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_bench_latency_on_cuda_without_a_gpu_skips_cleanly(tiny_config, tmp_path, capsys):
+    rc = _tool("bench_latency").main(["--config", str(tiny_config), "--device", "cuda",
+                                      "--out", str(tmp_path)])
+    assert rc == 0
+    assert "skipped" in capsys.readouterr().out
+    assert not (tmp_path / "latency.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_latency_on_cuda(tiny_config, tmp_path):
+    bench = _tool("bench_latency")
+    rc = bench.main(["--config", str(tiny_config), "--set", "model.fusion.type=max", "--agents",
+                     "1,3", "--frames", "3", "--warmup", "1", "--device", "cuda", "--out",
+                     str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "latency.json").read_text())
+    assert report["device"].startswith("cuda")
+    for r in report["results"]:
+        total = r["stages"]["total"]["mean_ms"]
+        measured = sum(r["stages"][s]["mean_ms"] for s in bench.STAGES)
+        assert 0.8 * total <= measured <= total + 1e-6

@@ -14,10 +14,12 @@ nested in it, so they add up to the frame):
 * ``serialise``: payload codecs and message encoding to / decoding from bytes;
 * ``channel``: the rest of the simulated link (byte accounting, loss, delay, pose noise);
 * ``fuse``: the receiver's fusion; ``head``: detection head and box decoding; ``nms``: rotated NMS;
-* ``other``: the remainder of the frame (moving tensors, bookkeeping); ``total``: the frame.
+* ``other``: the remainder of the frame (freeing the frame's tensors, bookkeeping);
+  ``total``: the frame.
 
 For ``k`` agents each validation frame keeps its ego and its ``k - 1`` first collaborators
-(nearest first); a count no frame reaches is skipped. The first ``--warmup`` frames of each count
+(nearest first); a count no frame reaches is skipped. With fewer frames in the split than
+``--warmup + --frames`` the frames are used again in order. The first ``--warmup`` frames of each count
 are run and not measured. Medians and 95th percentiles in milliseconds are printed as a table and
 written to OUT/latency.csv and OUT/latency.json. On CUDA every stage boundary synchronises the
 device. Without ``--checkpoint`` the weights are random (a warning says so): selection-based
@@ -78,6 +80,8 @@ def measure(model, samples: list, cfg: dict, count: int, frames: int, warmup: in
     model.eval()
     with torch.no_grad():
         for i in range(warmup + frames):
+            if i and i % len(samples) == 0:  # the same frames again: a link sends once a frame
+                channel.channel.reset()
             sample = select_agents(samples[i % len(samples)], count)
             batch = collate([sample]).to(device)
             bytes_before = sum(channel.ledger.bytes_per_frame())

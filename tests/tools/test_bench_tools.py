@@ -11,7 +11,8 @@ import matplotlib.image
 import pytest
 import torch
 
-from v2xfuse.config import dump_config
+from v2xfuse.builder import build_dataset, build_detector
+from v2xfuse.config import dump_config, load_config
 from v2xfuse.sim import SimConfig, generate_dataset
 from v2xfuse.utils.timing import StageTimer
 
@@ -171,6 +172,16 @@ def test_bench_latency_stages_add_up_to_the_frame(tiny_config, tmp_path):
     rows = _rows(tmp_path / "latency.csv")
     assert len(rows) == 2 * (len(bench.STAGES) + 2)
     assert {r["stage"] for r in rows} == {*bench.STAGES, "other", "total"}
+
+
+def test_bench_latency_can_time_one_frame_repeatedly(tiny_config):
+    """More frames than the split holds: the frames repeat and the channel is not confused."""
+    cfg = load_config(tiny_config, ["model.fusion.type=late"])
+    sample = build_dataset(cfg, "val", train=False)[0]
+    measured = _tool("bench_latency").measure(build_detector(cfg), [sample], cfg, 2, frames=3,
+                                              warmup=1, device="cpu")
+    assert len(measured["seconds"]["total"]) == 3
+    assert measured["bytes_per_frame"] > 0
 
 
 @pytest.mark.parametrize("method", ["where2comm", "late"])

@@ -88,7 +88,7 @@ DEFAULT_METHODS = "none,early,late,max,attfuse,where2comm,codefilling"
 
 COLUMNS = ["method", "knob", "value", "bytes_per_frame", "bytes_per_frame_p95", "log2_bytes",
            "ap_30", "ap_50", "ap_70", "latency_ms_median", "frames", "dataset", "split",
-           "sort_mode", "eval_range", "checkpoint_step"]
+           "sort_mode", "iou_type", "eval_range", "checkpoint_step"]
 
 
 def evaluate_detector(*args, **kwargs):
@@ -119,7 +119,7 @@ def append_row(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def make_row(method: str, point: SweepPoint, summary: dict, step: int) -> dict:
+def make_row(method: str, point: SweepPoint, summary: dict, iou_type: str, step: int) -> dict:
     def num(x, fmt):
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -131,7 +131,7 @@ def make_row(method: str, point: SweepPoint, summary: dict, step: int) -> dict:
             "ap_70": num(summary["ap_70"], ".4f"),
             "latency_ms_median": num(summary["latency_ms_median"], ".2f"),
             "frames": summary["frames"], "dataset": summary["dataset"], "split": summary["split"],
-            "sort_mode": summary["sort_mode"],
+            "sort_mode": summary["sort_mode"], "iou_type": iou_type,
             "eval_range": " ".join(f"{v:g}" for v in summary["range"]) if summary["range"] else "",
             "checkpoint_step": step}
 
@@ -217,7 +217,8 @@ def evaluate_point(method: str, point: SweepPoint, cfg: dict, state: dict, datas
         model.fusion.codecs = {**codecs, **dict(point.codecs)}  # instance attribute only
     _, summary = evaluate_detector(model, dataset, point_cfg, device=device, max_frames=frames,
                                    split="val")
-    return make_row(method, point, summary, int(state.get("step", -1)))
+    iou_type = (point_cfg.get("eval") or {}).get("iou_type", "bev")
+    return make_row(method, point, summary, iou_type, int(state.get("step", -1)))
 
 
 def run(args) -> int:
@@ -295,9 +296,10 @@ def write_markdown(rows: list[dict], path: Path) -> None:
                      f"{r['latency_ms_median']} |")
     first = rows[0]
     lines.append("")
-    lines.append(f"{first['dataset']} {first['split']} split, {first['frames']} frames, OpenCOOD AP "
-                 f"({first['sort_mode']} sort, BEV IoU, range {first['eval_range']}); bytes are "
-                 f"the serialised messages of all collaborators per frame.")
+    lines.append(f"{first['dataset']} {first['split']} split, {first['frames']} frames, "
+                 f"OpenCOOD AP ({first['sort_mode']} sort, {first['iou_type'].upper()} IoU, range "
+                 f"{first['eval_range']}); bytes are the serialised messages of all "
+                 f"collaborators per frame.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -351,7 +353,7 @@ def plot_ap_vs_bytes(rows: list[dict], path: Path) -> None:
     ax.set_ylim(-0.02, min(1.02, max(0.1, 1.15 * top)))
     ax.set_xlabel("communication volume: mean bytes per frame, all collaborators "
                   "(log\u2082 scale)")
-    ax.set_ylabel("AP@0.5 (BEV IoU)")
+    ax.set_ylabel(f"AP@0.5 ({rows[0]['iou_type'].upper()} IoU)")
     first = rows[0]
     ax.set_title(f"AP@0.5 vs bytes per frame \u2014 {first['dataset']} {first['split']} "
                  f"({first['frames']} frames, {first['sort_mode']} sort)")

@@ -19,8 +19,8 @@ nested in it, so they add up to the frame):
 
 For ``k`` agents each validation frame keeps its ego and its ``k - 1`` first collaborators
 (nearest first); a count no frame reaches is skipped. With fewer frames in the split than
-``--warmup + --frames`` the frames are used again in order. The first ``--warmup`` frames of each count
-are run and not measured. Medians and 95th percentiles in milliseconds are printed as a table and
+``--warmup + --frames`` the frames are used again in order. The first ``--warmup`` frames of
+each count are run and not measured. Medians and 95th percentiles in milliseconds are printed as a table and
 written to OUT/latency.csv and OUT/latency.json. On CUDA every stage boundary synchronises the
 device. Without ``--checkpoint`` the weights are random (a warning says so): selection-based
 methods then send an untypical amount, so use a trained model for numbers worth quoting.

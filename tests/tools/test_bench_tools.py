@@ -30,12 +30,12 @@ def _tool(name: str):
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
-    """A config file for a 32 x 32 cell model on 2 scenes of 3 frames, 3 agents per frame."""
+    """A config file for a 32 x 32 cell model on 2 scenes of 2 frames, 3 agents per frame."""
     root = tmp_path_factory.mktemp("syn")
     sim = SimConfig.from_dict({"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
                                "rsu_lidar": {"azimuth_steps": 360, "beams": 16}})
     sim.cameras = False
-    generate_dataset("opv2v", root, n_scenes=2, n_frames=3, seed=11, cfg=sim,
+    generate_dataset("opv2v", root, n_scenes=2, n_frames=2, seed=11, cfg=sim,
                      splits={"train": 0.5, "validate": 0.5}, progress=False)
     cfg = {
         "dataset": {"type": "opv2v", "root": str(root), "max_agents": 3, "comm_range": 200.0,

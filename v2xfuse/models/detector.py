@@ -16,7 +16,7 @@ from ..structures.boxes import transform_boxes
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
 
-__all__ = ["CoopDetector", "DetectorOutput", "Detections"]
+__all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake"]
 
 
 @dataclass
@@ -66,7 +66,8 @@ class CoopDetector(nn.Module):
     def forward(self, batch: CoopBatch, channel=None) -> DetectorOutput:
         """``channel``: None (tensors pass straight through), or an object with
         ``transmit(fusion, batch, senders, payloads) -> list[Received]`` that serialises,
-        counts and perturbs the messages (see v2xfuse.comm)."""
+        counts and perturbs the messages (see v2xfuse.comm); for a handshake method also
+        ``transmit(..., kind="report")`` and ``request`` (see :func:`run_handshake`)."""
         fusion = self.fusion
         if fusion.stage == "early":
             state = FusionState(batch, None, None)
@@ -84,6 +85,8 @@ class CoopDetector(nn.Module):
         senders = fusion.senders(batch)
         if fusion.stage == "late" and senders and not self.training:
             state.extras["detections"] = self.detect_agents(state.features, senders)
+        if fusion.handshake and senders:
+            run_handshake(fusion, state, senders, channel)
         payloads = fusion.encode(state, senders) if senders else []
         received = (channel.transmit(fusion, batch, senders, payloads) if channel is not None
                     else self.direct(batch, senders, payloads))
@@ -112,7 +115,7 @@ class CoopDetector(nn.Module):
         """Deliver payloads without serialisation (training): poses from the batch."""
         sample = batch.sample_of_agent()
         return [Received(int(sample[i]), i, p, batch.ego_from_agent[i], float(batch.time_delay_s[i]))
-                for i, p in zip(senders, payloads)]
+                for i, p in zip(senders, payloads) if p is not None]
 
     def loss(self, out: DetectorOutput, batch: CoopBatch) -> dict[str, torch.Tensor]:
         losses = self.head.loss(out.head, batch.gt_boxes)
@@ -156,3 +159,23 @@ class CoopDetector(nn.Module):
                 scores = torch.cat([scores, extra_scores.to(scores.dtype)])
             dets.append(self._nms(boxes, scores))
         return dets
+
+
+def run_handshake(fusion: FusionMethod, state: FusionState, senders: list[int],
+                  channel=None) -> None:
+    """The control rounds of a method with ``handshake`` (see v2xfuse.fusion.base): each sender's
+    report to its ego, then the ego's request to each sender; fills ``state.requests``.
+
+    With a channel both rounds are real messages (``channel.transmit(..., kind="report")``,
+    ``channel.request``), counted and perturbed like the payload; without one (training) the
+    tensors pass straight through.
+    """
+    batch = state.batch
+    reports = fusion.report(state, senders)
+    if channel is None:
+        asks = fusion.request(state, senders, CoopDetector.direct(batch, senders, reports))
+        state.requests = {i: a for i, a in zip(senders, asks) if a is not None}
+    else:
+        arrived = channel.transmit(fusion, batch, senders, reports, kind="report")
+        state.requests = channel.request(fusion, batch, senders,
+                                         fusion.request(state, senders, arrived))

@@ -165,7 +165,7 @@ class CodeFilling(FusionMethod):
 
     def _reported(self, payload: dict, like: torch.Tensor) -> torch.Tensor:
         """A report payload -> (H, W) confidence map (0 where not reported), checked."""
-        cells = self._checked_cells(payload["conf_cells"], like.shape, "report")
+        cells = self._checked_cells(payload["conf_cells"].to(like.device), like.shape, "report")
         levels = payload["conf_levels"].to(like.device).long()
         if levels.shape != (int(cells.sum()),) or (levels > self.conf_levels).any():
             raise MessageError(f"report: {tuple(levels.shape)} levels for {int(cells.sum())} "

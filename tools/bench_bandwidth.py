@@ -79,8 +79,8 @@ SWEEPS: dict[str, list[SweepPoint]] = {
     # The codebook size is learned with the model (another k is another model): only the
     # selection thresholds are swept at evaluation.
     "codefilling": (_values("fill_threshold", "model.fusion.fill_threshold",
-                            (0.0, 0.1, 0.3, 0.5, 0.7))
-                    + _values("confidence_threshold", "model.fusion.confidence_threshold",
+                            (0.3, 0.5, 0.7, 1.0))
+                    + _values("conf_threshold", "model.fusion.conf_threshold",
                               (0.01, 0.1, 0.3, 0.5))),
 }
 

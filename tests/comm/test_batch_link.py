@@ -61,3 +61,33 @@ def test_batch_channel_loss():
     payloads = [{"features": torch.ones(1, 2, 2), "sel": torch.ones(2, 2, dtype=torch.bool)}] * 3
     assert link.transmit(fusion, batch, [1, 2, 4], payloads) == []
     assert link.ledger.count("lost") == 3
+
+
+class Negotiating(FusionMethod):
+    message_kind = "codes"
+    codecs = {"codes": "codes", "ask": "cells"}
+    codec_kwargs = {"codes": {"bits": 3}}
+
+
+def test_batch_channel_requests_none_payloads_and_per_payload_codec_options():
+    batch, fusion = toy_batch(), Negotiating()
+    # the channel-wide default (8 bits) is overridden by the method's per-payload option (3 bits)
+    link = BatchChannel(Channel(0), codec_options={"codes": {"bits": 8}})
+    ask = torch.zeros(6, 6, dtype=torch.bool)
+    ask[1, 2] = True
+    got = link.request(fusion, batch, [1, 2, 4], [{"ask": ask}, None, {"ask": ask}])
+    assert sorted(got) == [1, 4] and torch.equal(got[1]["ask"], ask)
+    rec = link.ledger.records
+    assert [(r.sender, r.receiver, r.kind) for r in rec] == [("641", "650", "request"),
+                                                            ("a", "b", "request")]
+    sent = {"ask.shape": np.array([6, 6], np.uint32), "ask.idx": np.array([8], np.uint16)}
+    assert rec[0].num_bytes == len(encode(Message("641", "request", 0, np.eye(4), sent)))
+    codes = torch.arange(7) % 8
+    rx = link.transmit(fusion, batch, [1, 2, 4], [None, {"codes": codes}, None])
+    assert [(r.sample, r.sender) for r in rx] == [(0, 2)]
+    assert torch.equal(rx[0].payload["codes"].long(), codes)
+    assert rec[-1].kind == "codes" and len(rec) == 3
+    packed = {"codes.codes": np.zeros(3, np.uint8), "codes.shape": np.array([7], np.uint32)}
+    assert rec[-1].num_bytes == len(encode(Message("659", "codes", -200000, np.eye(4), packed)))
+    assert link.transmit(fusion, batch, [4], [{"codes": codes}], kind="report")[0].sender == 4
+    assert rec[-1].kind == "report"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from v2xfuse.comm import Message, decode, encode
-from v2xfuse.comm.codecs import (CODECS, CodesCodec, Float16Codec, Float32Codec, Int8Codec,
+from v2xfuse.comm.codecs import (CODECS, CellsCodec, CodesCodec, Float16Codec, Float32Codec, Int8Codec,
                                  MaskCodec, RawCodec, SparseCodec, make_codec, pack_bits,
                                  unpack_bits)
 from v2xfuse.comm.message import DTYPE_CODES
@@ -140,6 +140,30 @@ def test_sparse_index_dtype_and_default_mask():
     np.testing.assert_array_equal(hw.decode(hw.encode(x[1])), x[1])
 
 
+def test_cells_codec_picks_the_smaller_positions_and_checks_them():
+    from v2xfuse.comm import MessageError
+
+    c = CellsCodec("c")
+    sparse = np.zeros((20, 30), bool)
+    sparse[[0, 7, 19], [3, 0, 29]] = True  # 3 cells: 6 bytes of uint16 beat a 75-byte mask
+    dense = np.random.default_rng(7).random((20, 30)) < 0.2
+    for m, key in ((sparse, "c.idx"), (dense, "c.bits"), (np.zeros((4, 4), bool), "c.idx")):
+        p = c.encode(m)
+        assert key in p and sorted(p) == sorted([key, "c.shape"])
+        np.testing.assert_array_equal(c.decode(wire(p)), m)
+    assert c.encode(sparse)["c.idx"].tolist() == [3, 7 * 30, 19 * 30 + 29]
+    assert c.encode(np.zeros((300, 300), bool))["c.idx"].dtype == np.uint32
+    bad = c.encode(sparse)
+    for k, v in (("c.idx", np.array([7, 3], np.uint16)), ("c.idx", np.array([600], np.uint16)),
+                 ("c.shape", np.array([20, 30, 1], np.uint32))):
+        with pytest.raises(MessageError, match=k):
+            c.decode({**bad, k: v})
+    with pytest.raises(MessageError, match="exceeds"):
+        CellsCodec("c", max_cells=100).decode(bad)
+    with pytest.raises(ValueError, match="bool"):
+        c.encode(np.zeros((2, 2), np.uint8))
+
+
 def test_codecs_share_one_message():
     rng = np.random.default_rng(6)
     feat = rng.standard_normal((4, 6, 6)).astype(np.float32)
@@ -159,7 +183,8 @@ def test_codecs_share_one_message():
 
 
 def test_make_codec_by_name():
-    assert sorted(CODECS) == ["codes", "float16", "float32", "int8", "mask", "raw", "sparse"]
+    assert sorted(CODECS) == ["cells", "codes", "float16", "float32", "int8", "mask", "raw",
+                              "sparse"]
     assert isinstance(make_codec("int8", "f", axis=None), Int8Codec)
     assert make_codec("sparse", "s", values="float16").values.prefix == "s.v"
     with pytest.raises(KeyError, match="known"):

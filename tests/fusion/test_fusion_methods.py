@@ -1,5 +1,6 @@
 """Fusion methods through real bytes: loss degrades to ego-only, pose errors move features."""
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from v2xfuse.datasets import collate
 from v2xfuse.datasets.pipeline import Sample
 from v2xfuse.fusion.base import FusionState, Received
 from v2xfuse.models.bev import BevGrid
+from v2xfuse.models.detector import run_handshake
 from v2xfuse.registry import FUSION
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
 
-INTERMEDIATE = ["max", "attfuse", "where2comm"]
+INTERMEDIATE = ["max", "attfuse", "where2comm", "codefilling"]
 
 
 def _cfg(fusion: str) -> dict:
@@ -65,15 +67,19 @@ def test_full_packet_loss_gives_the_ego_only_result(method):
 def test_a_perturbed_sender_pose_moves_the_fused_features(method):
     torch.manual_seed(0)
     grid = BevGrid(-12.8, -12.8, 12.8, 12.8, 0.8)
-    fusion = FUSION.get(method)()
-    fusion.eval()
     channels = 4
+    cls = FUSION.get(method)
+    shapes = {"channels": channels, "grid": grid}  # what the builder injects
+    fusion = cls(**{k: v for k, v in shapes.items() if k in inspect.signature(cls).parameters})
+    fusion.eval()
     ego = torch.zeros(1, channels, grid.ny, grid.nx)
     collab = torch.zeros(1, channels, grid.ny, grid.nx)
     collab[0, :, 10:13, 14:16] = 1.0  # a blob in the collaborator's map
     batch = _batch(2)
     state = FusionState(batch, torch.cat([ego, collab]), grid,
                         {"confidence": torch.cat([ego[:, :1], collab[:, :1]])})
+    if fusion.handshake:  # report and request, straight through
+        run_handshake(fusion, state, [1])
     payload = fusion.encode(state, [1])[0]
     identity = torch.eye(4)
     shifted = identity.clone()

@@ -10,6 +10,10 @@ Poses in a batch are already relative to each sample's ego, so the message carri
 and yaw noise are the same in any world frame). Timestamps are ``-time_delay_s`` in
 microseconds, the ego's now being 0. Channel delays in frames need batches in time order of
 one sequence; with shuffled batches keep ``delay = 0`` and let the dataset age the senders.
+
+Handshake methods (``FusionMethod.handshake``) also send reports (``transmit(..., kind="report")``)
+and the ego's requests (:meth:`BatchChannel.request`, link ego -> sender, kind ``"request"``):
+real messages through the same codecs, counted in the same ledger.
 """
 from __future__ import annotations
 
@@ -48,17 +52,32 @@ class BatchChannel:
 
     def _codec(self, fusion: FusionMethod, name: str) -> Codec:
         codec_name = fusion.codecs.get(name, "raw")
-        return make_codec(codec_name, name, **self.codec_options.get(codec_name, {}))
+        kwargs = {**self.codec_options.get(codec_name, {}), **fusion.codec_kwargs.get(name, {})}
+        return make_codec(codec_name, name, **kwargs)
+
+    def _entries(self, fusion: FusionMethod, payload: dict[str, torch.Tensor]) -> dict:
+        entries: dict[str, np.ndarray] = {}
+        for name, tensor in payload.items():
+            entries.update(self._codec(fusion, name).encode(tensor))
+        return entries
+
+    def _decoded(self, fusion: FusionMethod, names, rx_payload, device) -> dict:
+        return {n: torch.from_numpy(np.ascontiguousarray(
+            self._codec(fusion, n).decode(rx_payload))).to(device) for n in names}
 
     def transmit(self, fusion: FusionMethod, batch, senders: list[int],
-                 payloads: list[dict[str, torch.Tensor]]) -> list[Received]:
-        """batch: a CoopBatch; senders: stacked agent indices; payloads: one dict per sender."""
+                 payloads: list[dict[str, torch.Tensor] | None],
+                 kind: str | None = None) -> list[Received]:
+        """batch: a CoopBatch; senders: stacked agent indices; payloads: one dict per sender
+        (None: that sender sends nothing); kind: of the messages (default
+        ``fusion.message_kind``)."""
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
         device = batch.ego_from_agent.device
         by_sample: dict[int, list[tuple[int, dict]]] = {}
         for i, p in zip(senders, payloads):
-            by_sample.setdefault(sample_of[i], []).append((i, p))
+            if p is not None:
+                by_sample.setdefault(sample_of[i], []).append((i, p))
         method = type(fusion).__name__
         out: list[Received] = []
         for b, items in sorted(by_sample.items()):
@@ -71,18 +90,46 @@ class BatchChannel:
             for i, p in items:
                 pose = batch.ego_from_agent[i].detach().cpu().double().numpy()
                 pose[3] = (0.0, 0.0, 0.0, 1.0)
-                entries: dict[str, np.ndarray] = {}
                 with self.timer("serialise"):
-                    for name, tensor in p.items():
-                        entries.update(self._codec(fusion, name).encode(tensor))
+                    entries = self._entries(fusion, p)
                 ts = -int(round(float(batch.time_delay_s[i]) * 1e6))
-                msgs.append(Message(ids[i - ego_index[b]], fusion.message_kind, ts, pose, entries))
+                msgs.append(Message(ids[i - ego_index[b]], kind or fusion.message_kind, ts, pose,
+                                    entries))
             for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=method,
                                             timer=self.timer):
                 with self.timer("serialise"):
-                    payload = {n: torch.from_numpy(np.ascontiguousarray(
-                        self._codec(fusion, n).decode(rx.payload))).to(device)
-                        for n in names[rx.sender]}
+                    payload = self._decoded(fusion, names[rx.sender], rx.payload, device)
                 pose = torch.from_numpy(rx.world_from_lidar).to(device, batch.ego_from_agent.dtype)
                 out.append(Received(b, index_of[rx.sender], payload, pose, -rx.timestamp_us / 1e6))
+        return out
+
+    def request(self, fusion: FusionMethod, batch, senders: list[int],
+                payloads: list[dict[str, torch.Tensor] | None],
+                ) -> dict[int, dict[str, torch.Tensor]]:
+        """Send each sender its ego's request (``FusionMethod.request``): one message of kind
+        ``"request"`` per non-None payload, from the sample's ego (its pose: the identity, its
+        timestamp: 0) to that sender, counted in the ledger like every other message.
+
+        Returns:
+            stacked sender index -> the request payload it decoded; absent when none was sent
+            or the channel lost it.
+        """
+        sample_of = batch.sample_of_agent().tolist()
+        ego_index = batch.ego_index().tolist()
+        device = batch.ego_from_agent.device
+        method = type(fusion).__name__
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for i, p in zip(senders, payloads):
+            if p is None:
+                continue
+            b = sample_of[i]
+            meta = batch.meta[b]
+            ids = [str(a) for a in meta["agent_ids"]]
+            frame = (meta["dataset"], meta["sequence"], meta["frame"])
+            with self.timer("serialise"):
+                msg = Message(ids[0], "request", 0, np.eye(4), self._entries(fusion, p))
+            for rx in self.channel.transmit(frame, [msg], receiver=ids[i - ego_index[b]],
+                                            method=method, timer=self.timer):
+                with self.timer("serialise"):
+                    out[i] = self._decoded(fusion, list(p), rx.payload, device)
         return out

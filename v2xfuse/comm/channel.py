@@ -95,7 +95,9 @@ class TxRecord:
 @dataclass
 class Ledger:
     """Byte counts of everything a channel sent. Bytes are ``len()`` of the serialised message,
-    counted in the frame it was sent, summed over the senders (never the ego itself).
+    counted in the frame it was sent, summed over every link: what collaborators send the ego
+    and, for methods that negotiate, the ego's requests to them (``per_kind`` separates them).
+    No agent sends to itself.
 
     Attributes:
         records: every message handed to the channel, in order.

@@ -14,7 +14,7 @@ A decode never allocates more than its input implies, except :class:`SparseCodec
 output is bounded by ``max_elements``.
 
 Codecs by name (``make_codec(name, prefix, **kwargs)``): ``raw``, ``float32``, ``float16``,
-``int8``, ``mask``, ``codes``, ``sparse``.
+``int8``, ``mask``, ``codes``, ``sparse``, ``cells``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import numpy as np
 from .message import MessageError, as_numpy
 
 __all__ = ["Codec", "RawCodec", "Float32Codec", "Float16Codec", "Int8Codec", "MaskCodec",
-           "CodesCodec", "SparseCodec", "pack_bits", "unpack_bits", "make_codec", "CODECS"]
+           "CodesCodec", "SparseCodec", "CellsCodec", "pack_bits", "unpack_bits", "make_codec",
+           "CODECS"]
 
 Payload = Mapping[str, np.ndarray]
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -362,8 +363,61 @@ class SparseCodec(Codec):
         return out.reshape(dense)
 
 
+class CellsCodec(Codec):
+    """A selection of BEV cells, (H, W) bool, in whichever position format is smaller.
+
+    Keys: ``prefix.shape`` uint32 (2,) [H, W], then either ``prefix.idx`` (K,) ascending flat
+    indices ``h * W + w`` (uint16 when H * W <= 65536, else uint32) or ``prefix.bits``, the
+    mask packed one bit per cell (ceil(H * W / 8) bytes, little bit order, zero pad bits). The
+    mask is used when its data is strictly smaller: ``ceil(H * W / 8) < K * itemsize``.
+    ``decode`` returns the (H, W) bool mask; ``H * W <= max_cells`` bounds what it allocates.
+    """
+
+    name = "cells"
+
+    def __init__(self, prefix: str, max_cells: int = 1 << 24):
+        super().__init__(prefix)
+        self.max_cells = int(max_cells)
+
+    def encode(self, x):
+        m = as_numpy(x)
+        if m.dtype != np.bool_ or m.ndim != 2:
+            raise ValueError(f"{self}: (H, W) bool mask expected, got {m.dtype} {m.shape}")
+        h, w = m.shape
+        idx = np.flatnonzero(m)
+        idx_dtype = np.uint16 if h * w <= 1 << 16 else np.uint32
+        out = {self.key("shape"): np.array([h, w], np.uint32)}
+        if -(-h * w // 8) < idx.size * np.dtype(idx_dtype).itemsize:
+            out[self.key("bits")] = np.packbits(m.ravel(), bitorder="little")
+        else:
+            out[self.key("idx")] = idx.astype(idx_dtype)
+        return out
+
+    def decode(self, payload):
+        shape = _shape_of(payload, self.key("shape"))
+        if len(shape) != 2:
+            raise MessageError(f"payload {self.key('shape')!r}: {len(shape)} dims, expected 2")
+        h, w = shape
+        if h * w > self.max_cells:
+            raise MessageError(f"payload {self.key('shape')!r}: {shape} exceeds "
+                               f"{self.max_cells} cells")
+        if self.key("idx") in payload:
+            idx = _get(payload, self.key("idx"), ndim=1)
+            if idx.dtype not in (np.uint16, np.uint32):
+                raise MessageError(f"payload {self.key('idx')!r}: dtype {idx.dtype}")
+            idx = idx.astype(np.int64)
+            if idx.size and (idx[-1] >= h * w or (np.diff(idx) <= 0).any()):
+                raise MessageError(f"payload {self.key('idx')!r}: not ascending in [0, {h * w})")
+            out = np.zeros(h * w, bool)
+            out[idx] = True
+            return out.reshape(h, w)
+        return MaskCodec(self.prefix).decode({self.key("bits"): _get(payload, self.key("bits")),
+                                              self.key("shape"): np.array(shape, np.uint32)})
+
+
 CODECS: dict[str, type[Codec]] = {cls.name: cls for cls in (
-    RawCodec, Float32Codec, Float16Codec, Int8Codec, MaskCodec, CodesCodec, SparseCodec)}
+    RawCodec, Float32Codec, Float16Codec, Int8Codec, MaskCodec, CodesCodec, SparseCodec,
+    CellsCodec)}
 
 
 def make_codec(name: str, prefix: str, **kwargs) -> Codec:

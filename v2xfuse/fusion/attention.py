@@ -15,7 +15,7 @@ from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
 from .basic import group_by_sample
 
-__all__ = ["AttFusion", "Where2comm", "cell_attention"]
+__all__ = ["AttFusion", "Where2comm", "cell_attention", "sparse_cell_attention"]
 
 
 def cell_attention(stack: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,6 +36,33 @@ def cell_attention(stack: torch.Tensor, valid: torch.Tensor | None = None) -> to
         scores[0] = torch.where(valid[0], scores[0], torch.zeros_like(scores[0]))
     weights = torch.softmax(scores, dim=0)
     return (weights * stack).sum(0)
+
+
+def sparse_cell_attention(ego: torch.Tensor, maps: torch.Tensor, sent: torch.Tensor,
+                          ego_from_sender: torch.Tensor, grid) -> torch.Tensor:
+    """Fuse sparse collaborator maps with the ego's, Where2comm style, at two scales.
+
+    Args:
+        ego: (C, H, W) the ego's map.
+        maps: (L, C, H, W) collaborators' maps in their own frames, zero off the cells sent.
+        sent: (L, 1, H, W) 1 where a collaborator sent the cell, else 0.
+        ego_from_sender: (L, 4, 4).
+        grid: the grid of every map.
+    Returns:
+        (C, H, W): per-cell attention over the ego and the collaborators that sent the cell,
+        at full resolution plus the same at 2x average pooling (upsampled, nearest).
+    """
+    height, width = ego.shape[-2:]
+    warped = warp_to_ego(maps, ego_from_sender, grid)
+    valid = warp_to_ego(sent, ego_from_sender, grid) > 0.5
+    stack = torch.cat([ego[None], warped])
+    valid = torch.cat([torch.ones_like(valid[:1]), valid])
+    fine = cell_attention(stack, valid)
+    pooled = F.avg_pool2d(stack, 2, ceil_mode=True)
+    pooled_valid = F.max_pool2d(valid.to(stack.dtype), 2, ceil_mode=True) > 0
+    coarse = F.interpolate(cell_attention(pooled, pooled_valid)[None], size=(height, width),
+                           mode="nearest")[0]
+    return fine + coarse
 
 
 @FUSION.register("attfuse")
@@ -137,14 +164,6 @@ class Where2comm(FusionMethod):
                 dense.append(canvas.view(channels, height, width))
                 sent.append(mask.view(1, height, width))
             poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
-            warped = warp_to_ego(torch.stack(dense), poses, state.grid)
-            valid = warp_to_ego(torch.stack(sent), poses, state.grid) > 0.5
-            stack = torch.cat([ego[b:b + 1], warped])
-            valid = torch.cat([torch.ones_like(valid[:1]), valid])
-            fine = cell_attention(stack, valid)
-            pooled = F.avg_pool2d(stack, 2, ceil_mode=True)
-            pooled_valid = F.max_pool2d(valid.to(stack.dtype), 2, ceil_mode=True) > 0
-            coarse = F.interpolate(cell_attention(pooled, pooled_valid)[None], size=(height, width),
-                                   mode="nearest")[0]
-            out.append(fine + coarse)
+            out.append(sparse_cell_attention(ego[b], torch.stack(dense), torch.stack(sent), poses,
+                                             state.grid))
         return torch.stack(out)

@@ -10,6 +10,17 @@ A method has a sender side and a receiver side::
 serialised bytes and what is fused is what the receiver decoded. Without a channel (training)
 the tensors pass straight through, keeping gradients.
 
+A method that negotiates what to send (``handshake = True``, e.g. CodeFilling's
+information-filling selection) runs two control rounds before ``encode``, each a real message
+when a channel is attached (so its bytes are counted like the payload's)::
+
+    reports  = method.report(state, senders)             # each sender -> its ego (kind "report")
+    requests = method.request(state, senders, arrived)   # the ego -> each sender (kind "request")
+    state.requests = {sender: what that sender received}
+    payloads = method.encode(state, senders)             # may read state.requests
+
+``None`` in place of a payload, report or request means "nothing sent" (no message, no bytes).
+
 ``stage`` tells the detector where the method sits:
 * ``"none"``: no communication, the ego's own features go to the head;
 * ``"early"``: raw points are sent and the ego encodes the union (``fuse`` returns points);
@@ -60,12 +71,15 @@ class FusionState:
         grid: the grid of ``features``.
         extras: method-specific per-agent maps the detector computed (e.g. ``"confidence"``:
             (N, 1, H, W) from a per-agent head).
+        requests: handshake methods only: stacked sender index -> the request payload that
+            sender received from its ego (absent: no request arrived).
     """
 
     batch: CoopBatch
     features: torch.Tensor | None
     grid: BevGrid | None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    requests: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class FusionMethod(nn.Module):
@@ -73,15 +87,33 @@ class FusionMethod(nn.Module):
     message_kind = "features"
     #: payload name -> codec name (see v2xfuse.comm.codecs); the detector serialises with these.
     codecs: dict[str, str] = {}
+    #: payload name -> keyword arguments of its codec, over the channel's per-codec defaults
+    #: (e.g. ``{"codes": {"bits": 6}}`` for a 64-entry codebook)
+    codec_kwargs: dict[str, dict] = {}
     #: whether the detector must compute per-agent detection confidences (FusionState.extras)
     needs_confidence = False
+    #: whether the detector runs the report/request rounds before ``encode`` (module docstring)
+    handshake = False
 
     def senders(self, batch: CoopBatch) -> list[int]:
         """Stacked indices of the agents that send (every non-ego agent by default)."""
         ego = set(batch.ego_index().tolist())
         return [i for i in range(batch.num_agents) if i not in ego]
 
-    def encode(self, state: FusionState, senders: list[int]) -> list[dict[str, torch.Tensor]]:
+    def report(self, state: FusionState,
+               senders: list[int]) -> list[dict[str, torch.Tensor] | None]:
+        """Handshake round 1: what each sender tells its ego before the ego asks (aligned with
+        ``senders``; None: nothing)."""
+        return [None] * len(senders)
+
+    def request(self, state: FusionState, senders: list[int],
+                reports: list[Received]) -> list[dict[str, torch.Tensor] | None]:
+        """Handshake round 2, on the ego's side: what the ego asks of each sender, given the
+        reports that arrived (aligned with ``senders``; None: nothing asked)."""
+        return [None] * len(senders)
+
+    def encode(self, state: FusionState,
+               senders: list[int]) -> list[dict[str, torch.Tensor] | None]:
         raise NotImplementedError
 
     def fuse(self, state: FusionState, received: list[Received]):

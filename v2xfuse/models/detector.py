@@ -17,7 +17,7 @@ from ..utils.timing import null_timer
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
 
-__all__ = ["CoopDetector", "DetectorOutput", "Detections"]
+__all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake"]
 
 
 @dataclass
@@ -67,7 +67,8 @@ class CoopDetector(nn.Module):
     def forward(self, batch: CoopBatch, channel=None, timer=None) -> DetectorOutput:
         """``channel``: None (tensors pass straight through), or an object with
         ``transmit(fusion, batch, senders, payloads) -> list[Received]`` that serialises,
-        counts and perturbs the messages (see v2xfuse.comm).
+        counts and perturbs the messages (see v2xfuse.comm); for a handshake method also
+        ``transmit(..., kind="report")`` and ``request`` (see :func:`run_handshake`).
 
         ``timer``: optional ``timer(stage) -> context manager`` (see v2xfuse.utils.timing) around
         the stages "encode" (encoder, backbone, what senders compute for their messages),
@@ -75,7 +76,7 @@ class CoopDetector(nn.Module):
         fusion = self.fusion
         stage = timer or null_timer
         with stage("encode"):
-            state, senders, payloads = self._encode(batch)
+            state, senders, payloads = self._encode(batch, channel)
         with stage("channel"):
             received = (channel.transmit(fusion, batch, senders, payloads) if channel is not None
                         else self.direct(batch, senders, payloads))
@@ -90,8 +91,9 @@ class CoopDetector(nn.Module):
                                       received, late_boxes=fused)
             return DetectorOutput(self.head(fused), state, received)
 
-    def _encode(self, batch: CoopBatch) -> tuple[FusionState, list[int], list[dict]]:
-        """Every agent's BEV features and what each sender puts in its message."""
+    def _encode(self, batch: CoopBatch, channel=None) -> tuple[FusionState, list[int], list[dict]]:
+        """Every agent's BEV features and what each sender puts in its message (after the
+        handshake rounds of a method that has them)."""
         fusion = self.fusion
         if fusion.stage == "early":
             state = FusionState(batch, None, None)
@@ -109,6 +111,8 @@ class CoopDetector(nn.Module):
         senders = fusion.senders(batch)
         if fusion.stage == "late" and senders and not self.training:
             state.extras["detections"] = self.detect_agents(state.features, senders)
+        if fusion.handshake and senders:
+            run_handshake(fusion, state, senders, channel)
         payloads = fusion.encode(state, senders) if senders else []
         return state, senders, payloads
 
@@ -129,7 +133,7 @@ class CoopDetector(nn.Module):
         """Deliver payloads without serialisation (training): poses from the batch."""
         sample = batch.sample_of_agent()
         return [Received(int(sample[i]), i, p, batch.ego_from_agent[i], float(batch.time_delay_s[i]))
-                for i, p in zip(senders, payloads)]
+                for i, p in zip(senders, payloads) if p is not None]
 
     def loss(self, out: DetectorOutput, batch: CoopBatch) -> dict[str, torch.Tensor]:
         losses = self.head.loss(out.head, batch.gt_boxes)
@@ -177,3 +181,23 @@ class CoopDetector(nn.Module):
             with stage("nms"):
                 dets.append(self._nms(boxes, scores))
         return dets
+
+
+def run_handshake(fusion: FusionMethod, state: FusionState, senders: list[int],
+                  channel=None) -> None:
+    """The control rounds of a method with ``handshake`` (see v2xfuse.fusion.base): each sender's
+    report to its ego, then the ego's request to each sender; fills ``state.requests``.
+
+    With a channel both rounds are real messages (``channel.transmit(..., kind="report")``,
+    ``channel.request``), counted and perturbed like the payload; without one (training) the
+    tensors pass straight through.
+    """
+    batch = state.batch
+    reports = fusion.report(state, senders)
+    if channel is None:
+        asks = fusion.request(state, senders, CoopDetector.direct(batch, senders, reports))
+        state.requests = {i: a for i, a in zip(senders, asks) if a is not None}
+    else:
+        arrived = channel.transmit(fusion, batch, senders, reports, kind="report")
+        state.requests = channel.request(fusion, batch, senders,
+                                         fusion.request(state, senders, arrived))

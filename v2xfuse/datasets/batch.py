@@ -26,7 +26,9 @@ class CoopBatch:
         agent_kind: (N,) int64, 0 vehicle, 1 infrastructure.
         time_delay_s: (N,) float32 age of each agent's observation.
         gt_boxes: B tensors (M_b, 7) in the ego frame; gt_ids: B tensors (M_b,) int64.
-        meta: per sample, dict with dataset, sequence, frame and agent ids.
+        meta: per sample, dict with dataset, sequence, frame and agent ids, and (None when the
+            sample lacks them) ``world_from_agent`` (L, 4, 4) and ``timestamp_us`` (L,): each
+            agent's own pose and sensor time, numpy.
         true_ego_from_agent: (N, 4, 4) float32 without localisation noise (for supervision
             in each agent's frame; never used by fusion).
     """
@@ -84,7 +86,8 @@ def collate(samples: list[Sample]) -> CoopBatch:
         kinds += [KIND_CODES[k] for k in s.agent_kinds]
         delays.append(s.time_delay_s)
         meta.append({"dataset": s.frame[0], "sequence": s.frame[1], "frame": s.frame[2],
-                     "agent_ids": list(s.agent_ids)})
+                     "agent_ids": list(s.agent_ids), "world_from_agent": s.world_from_agent,
+                     "timestamp_us": s.timestamp_us})
     return CoopBatch(
         points=torch.from_numpy(np.concatenate(points).astype(np.float32)) if points
         else torch.zeros((0, 5)),

@@ -67,6 +67,11 @@ class Sample:
         time_delay_s: (L,) how old each agent's observation is relative to the ego's.
         frame: the source frame's (dataset, sequence_id, frame_id).
         cameras: per agent, the list of CameraObs (images only when the adapter loads them).
+        true_ego_from_agent: (L, 4, 4) the true transforms (before localisation noise).
+        world_from_agent: (L, 4, 4) each agent's own pose in the dataset's world frame, as that
+            agent knows it (its own localisation; the noise the ego sees is not on it).
+        timestamp_us: (L,) int64 each agent's sensor time. Methods with memory across frames
+            (time-compensated late fusion) use these two on the sender side.
     """
 
     points: list[np.ndarray]
@@ -79,6 +84,8 @@ class Sample:
     frame: tuple[str, str, str]
     cameras: list = field(default_factory=list)
     true_ego_from_agent: np.ndarray | None = None
+    world_from_agent: np.ndarray | None = None
+    timestamp_us: np.ndarray | None = None
 
 
 def augmentation_matrix(flip: bool, rotate_rad: float, scale: float) -> np.ndarray:
@@ -177,7 +184,9 @@ class CoopSampler:
         return Sample(points, ego_from_agent, gt, gt_ids, [a.agent_id for a in frame.agents],
                       [a.kind for a in frame.agents], delay_s,
                       (frame.dataset, frame.sequence_id, frame.frame_id),
-                      [a.cameras for a in frame.agents], true_ego_from_agent)
+                      [a.cameras for a in frame.agents], true_ego_from_agent,
+                      np.stack([a.world_from_lidar for a in frame.agents]),
+                      np.array([a.timestamp_us for a in frame.agents], dtype=np.int64))
 
 
 def _transform_xyz(a: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -175,9 +175,13 @@ class CoopDetector(nn.Module):
             with stage("head"):
                 boxes, scores = self.head.decode(out.head, b, self.score_threshold)
                 if out.late_boxes is not None and out.late_boxes[b] is not None:
-                    extra_boxes, extra_scores = out.late_boxes[b]
-                    boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])
-                    scores = torch.cat([scores, extra_scores.to(scores.dtype)])
+                    merge = getattr(self.fusion, "merge", None)
+                    if merge is not None:  # the method's own rule (e.g. TCLF's matching)
+                        boxes, scores = merge(boxes, scores, out.late_boxes[b])
+                    else:
+                        extra_boxes, extra_scores = out.late_boxes[b]
+                        boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])
+                        scores = torch.cat([scores, extra_scores.to(scores.dtype)])
             with stage("nms"):
                 dets.append(self._nms(boxes, scores))
         return dets

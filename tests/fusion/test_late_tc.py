@@ -1,0 +1,100 @@
+"""Time-compensated late fusion (TCLF): velocity from the sender's memory, boxes moved to the
+ego's time, the reference's matching rule, and the extra payload counted as bytes."""
+import math
+
+import numpy as np
+import torch
+
+from v2xfuse.comm.batch_link import BatchChannel
+from v2xfuse.comm.channel import Channel
+from v2xfuse.datasets import collate
+from v2xfuse.datasets.pipeline import Sample
+from v2xfuse.fusion.base import FusionState
+from v2xfuse.fusion.late_tc import TimeCompensatedLateFusion, fuse_matched, match_centres
+from v2xfuse.models.detector import CoopDetector, Detections
+from v2xfuse.structures.transforms import invert_transform, pose_from_xyz_rpy
+
+WORLD_FROM_EGO = pose_from_xyz_rpy(5.0, -3.0, 0.0, 0.0, 0.0, 0.2)
+WORLD_FROM_SENDER = pose_from_xyz_rpy(30.0, 10.0, 0.0, 0.0, 0.0, math.pi / 2)
+
+
+def _batch(sequence: str, sender_time_us: int, delay_s: float):
+    """Ego + one collaborator whose observation is ``delay_s`` old."""
+    ego_from_sender = invert_transform(WORLD_FROM_EGO) @ WORLD_FROM_SENDER
+    poses = np.stack([np.eye(4), ego_from_sender])
+    empty = np.zeros((0, 4), np.float32)
+    sample = Sample([empty, empty], poses, np.zeros((0, 7)), np.zeros(0, np.int64),
+                    ["ego", "rsu"], ["vehicle", "infrastructure"], np.array([0.0, delay_s]),
+                    ("dair_v2x_c", sequence, str(sender_time_us)),
+                    world_from_agent=np.stack([WORLD_FROM_EGO, WORLD_FROM_SENDER]),
+                    timestamp_us=np.array([sender_time_us + int(delay_s * 1e6), sender_time_us]))
+    return collate([sample])
+
+
+def _send(method, batch, boxes, channel=None):
+    """The collaborator (stacked index 1) detected ``boxes`` (its frame): encode, transmit, fuse."""
+    state = FusionState(batch, None, None)
+    state.extras["detections"] = [Detections(torch.tensor(boxes, dtype=torch.float32),
+                                             torch.full((len(boxes),), 0.9))]
+    payloads = method.encode(state, [1])
+    received = (channel.transmit(method, batch, [1], payloads) if channel is not None
+                else CoopDetector.direct(batch, [1], payloads))
+    return payloads, method.fuse(state, received)[0]
+
+
+def test_a_moving_object_is_moved_to_the_egos_time():
+    method = TimeCompensatedLateFusion().eval()
+    car = [10.0, 0.0, -1.0, 4.5, 1.8, 1.5, 0.0]
+    # t = 0: seen at x = 10 in the sender's frame; t = 0.1 s: at x = 11 (10 m/s along its x).
+    first, _ = _send(method, _batch("seq0", 0, 0.3), [car])
+    assert "prev_boxes" not in first[0]  # nothing remembered yet
+    moved = list(car)
+    moved[0] = 11.0
+    payloads, (boxes, _) = _send(method, _batch("seq0", 100_000, 0.3), [moved])
+    assert payloads[0]["prev_dt"].item() == np.float32(0.1)
+    # 0.3 s after the sender saw it, the car is at x = 14 in the sender's frame.
+    ego_from_sender = invert_transform(WORLD_FROM_EGO) @ WORLD_FROM_SENDER
+    want = ego_from_sender @ np.array([14.0, 0.0, -1.0, 1.0])
+    np.testing.assert_allclose(boxes[0, :3].numpy(), want[:3], atol=1e-4)
+
+
+def test_without_delay_or_memory_the_boxes_are_not_moved():
+    method = TimeCompensatedLateFusion().eval()
+    car = [10.0, 0.0, -1.0, 4.5, 1.8, 1.5, 0.0]
+    ego_from_sender = invert_transform(WORLD_FROM_EGO) @ WORLD_FROM_SENDER
+    want = (ego_from_sender @ np.array([10.0, 0.0, -1.0, 1.0]))[:3]
+    _, (boxes, _) = _send(method, _batch("seq0", 0, 0.3), [car])       # no memory yet
+    np.testing.assert_allclose(boxes[0, :3].numpy(), want, atol=1e-4)
+    _, (boxes, _) = _send(method, _batch("seq1", 100_000, 0.3), [car])  # another sequence
+    np.testing.assert_allclose(boxes[0, :3].numpy(), want, atol=1e-4)
+    method.reset()
+    payloads, _ = _send(method, _batch("seq1", 200_000, 0.3), [car])
+    assert "prev_boxes" not in payloads[0]
+
+
+def test_the_previous_boxes_are_counted_as_bytes():
+    method = TimeCompensatedLateFusion().eval()
+    link = BatchChannel(Channel(0))
+    car = [10.0, 0.0, -1.0, 4.5, 1.8, 1.5, 0.0]
+    _send(method, _batch("seq0", 0, 0.0), [car], link)
+    _send(method, _batch("seq0", 100_000, 0.0), [car, car], link)
+    first, second = link.ledger.bytes_per_frame()
+    # the second message carries 1 box + 1 score more (7 * 4 + 4 bytes), and two more arrays,
+    # each with its header: the 1 previous box (7 * 4 bytes) and its dt (4 bytes).
+    array_header = lambda name, ndim: 3 + 4 * ndim + len(name)  # noqa: E731
+    extra = (7 * 4 + 4 + 7 * 4 + array_header("prev_boxes.data", 2)
+             + 4 + array_header("prev_dt.data", 1))
+    assert second - first == extra
+
+
+def test_the_reference_matching_rule():
+    ego = torch.tensor([[0.0, 0.0, 0, 4.5, 1.8, 1.5, 0.0], [30.0, 0.0, 0, 4.5, 1.8, 1.5, 0.0]])
+    other = torch.tensor([[0.8, 0.3, 0, 4.5, 1.8, 1.5, 0.1],     # the ego's first car
+                          [-20.0, 5.0, 0, 4.5, 1.8, 1.5, 0.0],   # only the collaborator saw it
+                          [30.0, 2.5, 0, 4.5, 1.8, 1.5, 0.0]])   # beyond the y gate of car 2
+    rows, cols = match_centres(ego, other)
+    assert rows.tolist() == [0] and cols.tolist() == [0]
+    boxes, scores = fuse_matched(ego, torch.tensor([0.9, 0.8]), other,
+                                 torch.tensor([0.5, 0.5, 0.7]))
+    torch.testing.assert_close(boxes, torch.cat([ego, other[1:]]))
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.2, 0.28]))

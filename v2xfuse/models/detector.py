@@ -176,8 +176,9 @@ class CoopDetector(nn.Module):
                 boxes, scores = self.head.decode(out.head, b, self.score_threshold)
                 if out.late_boxes is not None and out.late_boxes[b] is not None:
                     merge = getattr(self.fusion, "merge", None)
-                    if merge is not None:  # the method's own rule (e.g. TCLF's matching)
-                        boxes, scores = merge(boxes, scores, out.late_boxes[b])
+                    if merge is not None:  # the method's own rule (e.g. TCLF's matching),
+                        own = self._nms(boxes, scores)  # on the ego's final detections
+                        boxes, scores = merge(own.boxes, own.scores, out.late_boxes[b])
                     else:
                         extra_boxes, extra_scores = out.late_boxes[b]
                         boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])

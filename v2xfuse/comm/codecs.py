@@ -345,12 +345,7 @@ class SparseCodec(Codec):
         if c * h * w > self.max_elements:
             raise MessageError(f"payload {self.key('shape')!r}: {dense} exceeds {self.max_elements} elements")
         if self.key("idx") in payload:
-            idx = _get(payload, self.key("idx"), ndim=1)
-            if idx.dtype not in (np.uint16, np.uint32):
-                raise MessageError(f"payload {self.key('idx')!r}: dtype {idx.dtype}")
-            idx = idx.astype(np.int64)
-            if idx.size and (idx[-1] >= h * w or (np.diff(idx) <= 0).any()):
-                raise MessageError(f"payload {self.key('idx')!r}: not ascending in [0, {h * w})")
+            idx = _flat_indices(payload, self.key("idx"), h * w)
         else:
             m = self._mask.decode({**payload, self._mask.key("shape"): np.array([h, w], np.uint32)})
             idx = np.flatnonzero(m)
@@ -362,6 +357,18 @@ class SparseCodec(Codec):
         out[:, idx] = vals
         return out.reshape(dense)
 
+
+
+def _flat_indices(payload: Payload, key: str, n_cells: int) -> np.ndarray:
+    """The (K,) int64 flat cell indices at ``key``: uint16/uint32, strictly ascending, each in
+    [0, n_cells); anything else raises :class:`MessageError` naming the key."""
+    idx = _get(payload, key, ndim=1)
+    if idx.dtype not in (np.uint16, np.uint32):
+        raise MessageError(f"payload {key!r}: dtype {idx.dtype}")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx[-1] >= n_cells or (np.diff(idx) <= 0).any()):
+        raise MessageError(f"payload {key!r}: not ascending in [0, {n_cells})")
+    return idx
 
 class CellsCodec(Codec):
     """A selection of BEV cells, (H, W) bool, in whichever position format is smaller.
@@ -402,12 +409,7 @@ class CellsCodec(Codec):
             raise MessageError(f"payload {self.key('shape')!r}: {shape} exceeds "
                                f"{self.max_cells} cells")
         if self.key("idx") in payload:
-            idx = _get(payload, self.key("idx"), ndim=1)
-            if idx.dtype not in (np.uint16, np.uint32):
-                raise MessageError(f"payload {self.key('idx')!r}: dtype {idx.dtype}")
-            idx = idx.astype(np.int64)
-            if idx.size and (idx[-1] >= h * w or (np.diff(idx) <= 0).any()):
-                raise MessageError(f"payload {self.key('idx')!r}: not ascending in [0, {h * w})")
+            idx = _flat_indices(payload, self.key("idx"), h * w)
             out = np.zeros(h * w, bool)
             out[idx] = True
             return out.reshape(h, w)

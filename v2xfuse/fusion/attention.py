@@ -15,7 +15,7 @@ from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
 from .basic import group_by_sample
 
-__all__ = ["AttFusion", "Where2comm", "cell_attention", "sparse_cell_attention"]
+__all__ = ["AttFusion", "Where2comm", "cell_attention", "scatter_cells", "sparse_cell_attention"]
 
 
 def cell_attention(stack: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,6 +36,24 @@ def cell_attention(stack: torch.Tensor, valid: torch.Tensor | None = None) -> to
         scores[0] = torch.where(valid[0], scores[0], torch.zeros_like(scores[0]))
     weights = torch.softmax(scores, dim=0)
     return (weights * stack).sum(0)
+
+
+def scatter_cells(values: torch.Tensor, cells: torch.Tensor, like: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse message back on its sender's grid.
+
+    Args:
+        values: (C, K) the sent cells' features.
+        cells: (K,) long flat indices ``h * W + w``.
+        like: (C, H, W) a map of the grid's shape, dtype and device (the ego's).
+    Returns:
+        ((C, H, W) the values in their cells, zeros elsewhere; (1, H, W) 1 where sent).
+    """
+    channels, height, width = like.shape
+    canvas = like.new_zeros(channels, height * width).index_copy(1, cells, values.to(like.dtype))
+    mask = like.new_zeros(1, height * width)
+    mask[:, cells] = 1.0
+    return canvas.view(channels, height, width), mask.view(1, height, width)
 
 
 def sparse_cell_attention(ego: torch.Tensor, maps: torch.Tensor, sent: torch.Tensor,
@@ -146,7 +164,6 @@ class Where2comm(FusionMethod):
 
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
         ego = state.features[state.batch.ego_index()]
-        _, channels, height, width = ego.shape
         groups = group_by_sample(received)
         out = []
         for b in range(len(ego)):
@@ -156,13 +173,10 @@ class Where2comm(FusionMethod):
                 continue
             dense, sent = [], []
             for m in msgs:
-                cells = m.payload["cells"].long()
-                canvas = ego.new_zeros(channels, height * width)
-                canvas = canvas.index_copy(1, cells, m.payload["features"].to(ego.dtype))
-                mask = ego.new_zeros(1, height * width)
-                mask[:, cells] = 1.0
-                dense.append(canvas.view(channels, height, width))
-                sent.append(mask.view(1, height, width))
+                canvas, mask = scatter_cells(m.payload["features"], m.payload["cells"].long(),
+                                             ego[b])
+                dense.append(canvas)
+                sent.append(mask)
             poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
             out.append(sparse_cell_attention(ego[b], torch.stack(dense), torch.stack(sent), poses,
                                              state.grid))

@@ -31,7 +31,7 @@ import torch
 from ..comm.message import MessageError
 from ..models.bev import warp_to_ego
 from ..registry import FUSION
-from .attention import sparse_cell_attention
+from .attention import scatter_cells, sparse_cell_attention
 from .base import FusionMethod, FusionState, Received
 from .basic import group_by_sample
 from .codebook import ResidualCodebook
@@ -252,7 +252,7 @@ class CodeFilling(FusionMethod):
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
         features = state.features
         ego = features[state.batch.ego_index()]
-        _, channels, height, width = ego.shape
+        height, width = ego.shape[-2:]
         straight_through = torch.is_grad_enabled() and features.requires_grad
         groups = group_by_sample(received)
         out = []
@@ -267,12 +267,9 @@ class CodeFilling(FusionMethod):
                 if straight_through:  # value: the codes; gradient: to the sender's features
                     x = features[m.sender].flatten(1)[:, flat].T
                     values = x + (values.to(x.dtype) - x).detach()
-                canvas = ego.new_zeros(channels, height * width)
-                dense.append(canvas.index_copy(1, flat, values.T.to(ego.dtype))
-                             .view(channels, height, width))
-                mask = ego.new_zeros(height * width)
-                mask[flat] = 1.0
-                sent.append(mask.view(1, height, width))
+                canvas, mask = scatter_cells(values.T, flat, ego[b])
+                dense.append(canvas)
+                sent.append(mask)
             poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
             out.append(sparse_cell_attention(ego[b], torch.stack(dense), torch.stack(sent), poses,
                                              state.grid))

@@ -1,4 +1,5 @@
 """Encoders: spconv's CPU backward (fixed at import) against a dense conv; BEV map shapes."""
+import pytest
 import torch
 
 from v2xfuse.models.encoders.pointpillars import PointPillars
@@ -6,29 +7,45 @@ from v2xfuse.models.encoders.second import Second
 from v2xfuse.utils.spconv_compat import spconv_pytorch
 
 
-def test_sparse_conv_forward_and_backward_match_dense_conv():
-    sp = spconv_pytorch()
+def _dense_and_sparse(sp, sparse_cls, active, **conv_kwargs):
+    """A dense Conv3d and a spconv layer with the same weights, on inputs zero where inactive."""
     torch.manual_seed(0)
-    dense_in = torch.randn(1, 3, 4, 5, 6)  # (B, C, D, H, W), every site active
-    conv = torch.nn.Conv3d(3, 2, 3, padding=1, bias=False)
-    sparse = sp.SparseConv3d(3, 2, 3, padding=1, bias=False)
+    dense_in = torch.randn(1, 3, 4, 5, 6) * active  # (B, C, D, H, W)
+    conv = torch.nn.Conv3d(3, 2, 3, bias=False, **conv_kwargs)
+    sparse = sparse_cls(3, 2, 3, bias=False, **conv_kwargs)
     with torch.no_grad():  # spconv 2 weights are (out, kD, kH, kW, in)
         sparse.weight.copy_(conv.weight.permute(0, 2, 3, 4, 1))
-    x_dense = dense_in.clone().requires_grad_(True)
-    y_dense = conv(x_dense)
-    x_sparse_feats = dense_in.clone().permute(0, 2, 3, 4, 1).reshape(-1, 3).requires_grad_(True)
-    d, h, w = torch.meshgrid(torch.arange(4), torch.arange(5), torch.arange(6), indexing="ij")
-    coords = torch.stack([torch.zeros_like(d), d, h, w], -1).reshape(-1, 4).int()
-    y_sparse = sparse(sp.SparseConvTensor(x_sparse_feats, coords, [4, 5, 6], 1)).dense()
-    torch.testing.assert_close(y_sparse, y_dense, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(y_dense)
-    (y_dense * grad).sum().backward()
-    (y_sparse * grad).sum().backward()
-    torch.testing.assert_close(x_sparse_feats.grad,
-                               x_dense.grad.permute(0, 2, 3, 4, 1).reshape(-1, 3),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sparse.weight.grad, conv.weight.grad.permute(0, 2, 3, 4, 1),
-                               atol=1e-4, rtol=1e-5)
+    coords = active[0, 0].nonzero()
+    coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1).int()  # (batch, d, h, w)
+    feats = dense_in[0].permute(1, 2, 3, 0)[active[0, 0]]
+    return conv, sparse, dense_in, feats, coords
+
+
+@pytest.mark.parametrize("kind", ["sparse", "sparse_strided", "subm"])
+def test_sparse_conv_forward_and_backward_match_dense_conv(kind):
+    """Repeated at torch's default thread count: spconv's own CPU kernels race there."""
+    sp = spconv_pytorch()
+    torch.manual_seed(1)
+    active = torch.ones(1, 1, 4, 5, 6, dtype=torch.bool) if kind != "subm" else \
+        torch.rand(1, 1, 4, 5, 6) < 0.4
+    cls = sp.SubMConv3d if kind == "subm" else sp.SparseConv3d
+    kwargs = {"padding": 1, "stride": 2 if kind == "sparse_strided" else 1}
+    for _ in range(10):
+        conv, sparse, dense_in, feats, coords = _dense_and_sparse(sp, cls, active, **kwargs)
+        x_dense = dense_in.clone().requires_grad_(True)
+        y_dense = conv(x_dense)
+        x_sparse = feats.clone().requires_grad_(True)
+        y_sparse = sparse(sp.SparseConvTensor(x_sparse, coords, [4, 5, 6], 1)).dense()
+        grad = torch.randn_like(y_dense)
+        if kind == "subm":  # a submanifold conv only produces outputs at the active input sites
+            y_dense = y_dense * active
+        torch.testing.assert_close(y_sparse, y_dense, atol=1e-5, rtol=1e-5)
+        (y_dense * grad).sum().backward()
+        (y_sparse * grad).sum().backward()
+        torch.testing.assert_close(x_sparse.grad, x_dense.grad[0].permute(1, 2, 3, 0)[active[0, 0]],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sparse.weight.grad, conv.weight.grad.permute(0, 2, 3, 4, 1),
+                                   atol=1e-4, rtol=1e-5)
 
 
 def _points(num_agents=2, n=3000):

@@ -112,6 +112,7 @@ def build_detector(cfg: dict) -> CoopDetector:
     post = model.get("post", {})
     return CoopDetector(encoder, backbone, fusion, head,
                         agent_loss_weight=float(model.get("agent_loss_weight", 0.0)),
+                        sender_frame=str(model.get("sender_frame", "own")),
                         **kwargs_for(CoopDetector, post, "model.post",
                                      skip=("encoder", "backbone", "fusion", "head",
-                                           "agent_loss_weight")))
+                                           "agent_loss_weight", "sender_frame")))

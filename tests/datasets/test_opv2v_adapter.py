@@ -85,6 +85,29 @@ def test_augmentation_is_consistent_across_agents(opv2v):
     assert batch.record_len.tolist() == [len(plain.points), len(aug.points)]
 
 
+def test_crop_keeps_heights_relative_to_the_ego_lidar(opv2v):
+    """A roadside LiDAR mounted high sees the ground far below itself; the z crop is applied at
+    the ego's height reference, so its ground and the cars on it survive the crop."""
+    out, _ = opv2v
+    adapter = Opv2vAdapter(out, "train", max_agents=8, comm_range=1e3)
+    lr = (-30.0, -30.0, -3.0, 30.0, 30.0, 1.0)
+    sample = CoopSampler(adapter, PipelineConfig(lidar_range=lr), train=False)[0]
+    frame = adapter.load(0)
+    rsu = [i for i, k in enumerate(sample.agent_kinds) if k == "infrastructure"]
+    assert rsu, "the synthetic scene has a roadside unit"
+    for i in range(len(sample.points)):
+        dz = sample.ego_from_agent[i][2, 3]
+        z = sample.points[i][:, 2] + dz
+        assert len(z) > 0 and z.min() >= lr[2] and z.max() < lr[5]
+        raw = frame.agents[i].points
+        inside = (np.abs(raw[:, 0]) < 30) & (np.abs(raw[:, 1]) < 30) & \
+            (raw[:, 2] + dz >= lr[2]) & (raw[:, 2] + dz < lr[5])
+        assert len(z) == int(inside.sum())
+    i = rsu[0]
+    assert sample.ego_from_agent[i][2, 3] > 3.0  # mounted well above the ego's LiDAR
+    assert (sample.points[i][:, 2] < lr[2]).mean() > 0.5  # most kept points: below -3 m in its frame
+
+
 def test_bad_files_name_the_file_and_skip_bad_frames_continues(opv2v, tmp_path):
     import shutil
     out, _ = opv2v

@@ -104,11 +104,12 @@ class BatchChannel:
         return out
 
     def request(self, fusion: FusionMethod, batch, senders: list[int],
-                payloads: list[dict[str, torch.Tensor] | None],
+                payloads: list[dict[str, torch.Tensor] | None], kind: str = "request",
                 ) -> dict[int, dict[str, torch.Tensor]]:
-        """Send each sender its ego's request (``FusionMethod.request``): one message of kind
-        ``"request"`` per non-None payload, from the sample's ego (its pose: the identity, its
-        timestamp: 0) to that sender, counted in the ledger like every other message.
+        """Send each sender its ego's request (``FusionMethod.request``): one message of ``kind``
+        per non-None payload, from the sample's ego (its pose: the identity, its timestamp: 0) to
+        that sender, counted in the ledger like every other message. An empty payload sends the
+        header alone: the ego's pose (kind ``"pose"``, for senders that work in the ego's axes).
 
         Returns:
             stacked sender index -> the request payload it decoded; absent when none was sent
@@ -127,7 +128,7 @@ class BatchChannel:
             ids = [str(a) for a in meta["agent_ids"]]
             frame = (meta["dataset"], meta["sequence"], meta["frame"])
             with self.timer("serialise"):
-                msg = Message(ids[0], "request", 0, np.eye(4), self._entries(fusion, p))
+                msg = Message(ids[0], kind, 0, np.eye(4), self._entries(fusion, p))
             for rx in self.channel.transmit(frame, [msg], receiver=ids[i - ego_index[b]],
                                             method=method, timer=self.timer):
                 with self.timer("serialise"):

@@ -173,10 +173,14 @@ class CoopSampler:
             ego_from_agent = np.einsum("ab,nbc,cd->nad", a, ego_from_agent, a_inv)
             true_ego_from_agent = np.einsum("ab,nbc,cd->nad", a, true_ego_from_agent, a_inv)
             gt = _apply_similarity_to_boxes(a, gt, flip, scale)
-        # (4) crop: points in each agent's own frame, boxes by centre in the ego frame.
+        # (4) crop: points by x, y in each agent's own frame and by height above the ego's LiDAR
+        # (z plus the agent's height in the ego frame: a roadside LiDAR 6 m up sees the ground at
+        # -6 m, which a crop in its own frame would cut off with the cars on it); boxes by centre
+        # in the ego frame.
         lr = cfg.lidar_range
         points = [p[(p[:, 0] >= lr[0]) & (p[:, 0] < lr[3]) & (p[:, 1] >= lr[1]) & (p[:, 1] < lr[4])
-                    & (p[:, 2] >= lr[2]) & (p[:, 2] < lr[5])] for p in points]
+                    & (p[:, 2] + dz >= lr[2]) & (p[:, 2] + dz < lr[5])]
+                  for p, dz in zip(points, ego_from_agent[:, 2, 3].astype(np.float32))]
         gr = cfg.gt_range or lr
         keep = (gt[:, 0] >= gr[0]) & (gt[:, 0] < gr[3]) & (gt[:, 1] >= gr[1]) & (gt[:, 1] < gr[4])
         gt, gt_ids = gt[keep], frame.gt_ids[keep]

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -17,7 +17,10 @@ from ..utils.timing import null_timer
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
 
-__all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake"]
+__all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
+           "SENDER_FRAMES"]
+
+SENDER_FRAMES = ("own", "ego_aligned")
 
 
 @dataclass
@@ -50,15 +53,26 @@ class CoopDetector(nn.Module):
             (anchors whose centre falls outside the ego's ground-truth range are ignored, since
             the labels there are incomplete). It gives the shared encoder every agent's view
             as supervision each step; 0 disables it. Ignored for early fusion.
+        sender_frame: the frame a sender of intermediate features encodes its points in.
+            ``"own"``: its LiDAR frame (OpenCOOD's ``proj_first: false``); the ego rotates and
+            shifts the map it receives. ``"ego_aligned"``: the ego's axes and LiDAR height,
+            centred on the sender's own position snapped to the feature grid (see
+            :func:`ego_aligned_frames`), so the ego only shifts the map by whole cells: the same
+            features wherever a collaborator faces, and no resampling blur. The sender needs the
+            ego's pose for it; the ego sends it as a header-only message of kind ``"pose"``
+            (counted), and a sender whose pose message is lost falls back to its own frame.
     """
 
     def __init__(self, encoder: nn.Module, backbone: nn.Module, fusion: FusionMethod, head: AnchorHead,
                  nms_iou: float = 0.15, score_threshold: float = 0.1, max_detections: int = 100,
-                 agent_loss_weight: float = 0.0):
+                 agent_loss_weight: float = 0.0, sender_frame: str = "own"):
         super().__init__()
+        if sender_frame not in SENDER_FRAMES:
+            raise ValueError(f"model.sender_frame: {sender_frame!r} is not one of {SENDER_FRAMES}")
         self.encoder, self.backbone, self.fusion, self.head = encoder, backbone, fusion, head
         self.nms_iou, self.score_threshold, self.max_detections = nms_iou, score_threshold, max_detections
         self.agent_loss_weight = float(agent_loss_weight)
+        self.sender_frame = sender_frame
         self.feature_grid: BevGrid = encoder.grid.scaled(backbone.out_stride)
 
     def bev(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
@@ -75,6 +89,9 @@ class CoopDetector(nn.Module):
         "channel", "fuse" and "head"."""
         fusion = self.fusion
         stage = timer or null_timer
+        if self.sender_frame == "ego_aligned" and fusion.stage == "intermediate":
+            with stage("channel"):
+                batch = self._ego_aligned(batch, channel)
         with stage("encode"):
             state, senders, payloads = self._encode(batch, channel)
         with stage("channel"):
@@ -90,6 +107,14 @@ class CoopDetector(nn.Module):
                 return DetectorOutput(self.head(state.features[batch.ego_index()]), state,
                                       received, late_boxes=fused)
             return DetectorOutput(self.head(fused), state, received)
+
+    def _ego_aligned(self, batch: CoopBatch, channel=None) -> CoopBatch:
+        """The batch with every sender that knows the ego's pose in its ego-aligned frame."""
+        senders = self.fusion.senders(batch)
+        if channel is not None and senders:  # the ego's pose must reach each sender first
+            arrived = channel.request(self.fusion, batch, senders, [{}] * len(senders), kind="pose")
+            senders = [i for i in senders if i in arrived]
+        return ego_aligned_frames(batch, senders, self.feature_grid.cell)
 
     def _encode(self, batch: CoopBatch, channel=None) -> tuple[FusionState, list[int], list[dict]]:
         """Every agent's BEV features and what each sender puts in its message (after the
@@ -138,7 +163,7 @@ class CoopDetector(nn.Module):
     def loss(self, out: DetectorOutput, batch: CoopBatch) -> dict[str, torch.Tensor]:
         losses = self.head.loss(out.head, batch.gt_boxes)
         if self.agent_loss_weight > 0 and out.state.features is not None:
-            agent = self.agent_loss(out.state.features, batch)
+            agent = self.agent_loss(out.state.features, out.state.batch)
             losses["loss"] = losses["loss"] + self.agent_loss_weight * agent["loss"]
             losses["loss_agent"] = agent["loss"].detach()
         for k, v in self.fusion.aux_loss(out.state).items():
@@ -206,3 +231,38 @@ def run_handshake(fusion: FusionMethod, state: FusionState, senders: list[int],
         arrived = channel.transmit(fusion, batch, senders, reports, kind="report")
         state.requests = channel.request(fusion, batch, senders,
                                          fusion.request(state, senders, arrived))
+
+
+def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> CoopBatch:
+    """Re-express the listed agents' points in frames with the ego's axes.
+
+    Agent ``i``'s new frame has the ego's orientation and its origin at the agent's own position
+    with x and y rounded to multiples of ``cell`` and z at the ego's LiDAR height, so
+    ``ego_from_new`` is a pure shift by whole cells: ``points' = A p`` with
+    ``A = [R | t - s]`` for ``ego_from_agent = [R | t]`` and the snapped shift ``s``, and every
+    pose (received and true) becomes ``pose @ inv(A)``. Works with whichever pose the ego sent
+    and the sender believes (``ego_from_agent``, noisy or not); the true poses follow the same
+    ``A`` so supervision stays exact.
+    """
+    if not agents:
+        return batch
+    pose = batch.ego_from_agent
+    dtype = pose.dtype
+    a = torch.eye(4, dtype=torch.float64, device=pose.device).repeat(len(pose), 1, 1)
+    idx = torch.as_tensor(agents, dtype=torch.long, device=pose.device)
+    p = pose[idx].to(torch.float64)
+    shift = p[:, :3, 3].clone()
+    shift[:, :2] = torch.round(shift[:, :2] / cell) * cell
+    shift[:, 2] = 0.0
+    a[idx, :3, :3] = p[:, :3, :3]
+    a[idx, :3, 3] = p[:, :3, 3] - shift
+    a_inv = torch.linalg.inv(a)
+    pts = batch.points
+    per_point = a[pts[:, 0].long()].to(pts.dtype)
+    xyz = torch.einsum("pij,pj->pi", per_point[:, :3, :3], pts[:, 1:4]) + per_point[:, :3, 3]
+    points = torch.cat([pts[:, :1], xyz, pts[:, 4:]], 1)
+    true_pose = batch.true_ego_from_agent
+    if true_pose is not None:
+        true_pose = (true_pose.to(torch.float64) @ a_inv).to(true_pose.dtype)
+    return replace(batch, points=points, ego_from_agent=(pose.to(torch.float64) @ a_inv).to(dtype),
+                   true_ego_from_agent=true_pose)

@@ -82,7 +82,8 @@ class CoopDetector(nn.Module):
         """``channel``: None (tensors pass straight through), or an object with
         ``transmit(fusion, batch, senders, payloads) -> list[Received]`` that serialises,
         counts and perturbs the messages (see v2xfuse.comm); for a handshake method also
-        ``transmit(..., kind="report")`` and ``request`` (see :func:`run_handshake`).
+        ``transmit(..., kind="report")`` and ``request`` (see :func:`run_handshake`), and with
+        ``sender_frame="ego_aligned"`` ``request(..., kind="pose")`` for the ego's pose.
 
         ``timer``: optional ``timer(stage) -> context manager`` (see v2xfuse.utils.timing) around
         the stages "encode" (encoder, backbone, what senders compute for their messages),
@@ -90,8 +91,7 @@ class CoopDetector(nn.Module):
         fusion = self.fusion
         stage = timer or null_timer
         if self.sender_frame == "ego_aligned" and fusion.stage == "intermediate":
-            with stage("channel"):
-                batch = self._ego_aligned(batch, channel)
+            batch = self._ego_aligned(batch, channel, stage)
         with stage("encode"):
             state, senders, payloads = self._encode(batch, channel)
         with stage("channel"):
@@ -108,13 +108,17 @@ class CoopDetector(nn.Module):
                                       received, late_boxes=fused)
             return DetectorOutput(self.head(fused), state, received)
 
-    def _ego_aligned(self, batch: CoopBatch, channel=None) -> CoopBatch:
-        """The batch with every sender that knows the ego's pose in its ego-aligned frame."""
+    def _ego_aligned(self, batch: CoopBatch, channel, stage) -> CoopBatch:
+        """The batch with every sender that knows the ego's pose in its ego-aligned frame; the
+        ego's pose message is timed as "channel", the senders' point transform as "encode"."""
         senders = self.fusion.senders(batch)
         if channel is not None and senders:  # the ego's pose must reach each sender first
-            arrived = channel.request(self.fusion, batch, senders, [{}] * len(senders), kind="pose")
+            with stage("channel"):
+                arrived = channel.request(self.fusion, batch, senders, [{}] * len(senders),
+                                          kind="pose")
             senders = [i for i in senders if i in arrived]
-        return ego_aligned_frames(batch, senders, self.feature_grid.cell)
+        with stage("encode"):
+            return ego_aligned_frames(batch, senders, self.feature_grid.cell)
 
     def _encode(self, batch: CoopBatch, channel=None) -> tuple[FusionState, list[int], list[dict]]:
         """Every agent's BEV features and what each sender puts in its message (after the

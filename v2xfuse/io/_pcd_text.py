@@ -111,9 +111,11 @@ def format_ascii_rows(records: np.ndarray) -> str:
         values = np.asarray(records[name]).reshape(n, -1)
         fmt = _FLOAT_FORMAT[field.base.itemsize] if field.base.kind == "f" else "%d"
         for c in range(values.shape[1]):
-            column = values[:, c]
-            columns.append((column.astype(np.float64) if field.base.kind == "f"
-                            else column.astype(object)).tolist())
+            columns.append(values[:, c].astype(np.float64 if field.base.kind == "f" else object))
             formats.append(fmt)
-    line = " ".join(formats)
-    return "\n".join(line % row for row in zip(*columns)) + "\n"
+    # One %-format over the whole body: the per-value work stays in C (a join of per-row
+    # strings spent a third of its time in Python).
+    grid = np.empty((n, len(columns)), dtype=object)
+    for c, column in enumerate(columns):
+        grid[:, c] = column
+    return ((" ".join(formats) + "\n") * n) % tuple(grid.ravel().tolist())

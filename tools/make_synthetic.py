@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-cameras", action="store_true", help="LiDAR only (about 20x faster)")
     p.add_argument("--config", help="YAML file of SimConfig overrides (see v2xfuse/sim/config.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes writing OPV2V scenes in parallel (default: all CPUs; the output "
+                        "does not depend on it)")
     args = p.parse_args(argv)
 
     overrides = {}
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
     if args.no_cameras:
         cfg.cameras = False
     stats, _ = generate_dataset(args.format, args.out, args.scenes, args.frames, args.seed, cfg,
-                                splits=args.splits, progress=not args.quiet)
+                                splits=args.splits, progress=not args.quiet,
+                                workers=args.workers)
     print(f"wrote {args.format} dataset to {args.out}")
     print(f"  scenes {stats['scenes']}  frames {stats['frames']}  agents/frame {stats['agents_per_frame']:.1f}"
           f"  agent-frames {stats['agent_frames']}  splits {stats['splits']}")
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
     print(f"  objects within {stats['eval_range_m']} m of the ego seen by some agent: "
           f"{stats['objects_near_ego_seen']}; seen only by a collaborator: "
           f"{100 * stats['collaborator_only_fraction']:.1f}%")
-    print(f"  {stats['seconds']:.1f} s, {stats['seconds_per_agent_frame']:.3f} s per agent-frame")
+    print(f"  {stats['seconds']:.1f} s, {stats['seconds_per_agent_frame']:.3f} s per agent-frame"
+          f" ({stats['workers']} worker{'s' if stats['workers'] > 1 else ''})")
     return 0
 
 

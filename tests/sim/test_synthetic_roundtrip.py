@@ -207,6 +207,19 @@ def test_generation_is_deterministic(tmp_path, fmt):
     assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
 
 
+def test_parallel_generation_writes_the_same_files(tmp_path):
+    cfg = small_config(cameras=False)
+    serial, _ = generate_dataset("opv2v", tmp_path / "serial", 2, 1, seed=5, cfg=cfg, progress=False,
+                                 workers=1)
+    parallel, _ = generate_dataset("opv2v", tmp_path / "parallel", 2, 1, seed=5, cfg=cfg,
+                                   progress=False, workers=2)
+    assert parallel["workers"] == 2
+    assert _tree_digest(tmp_path / "serial") == _tree_digest(tmp_path / "parallel")
+    same = ("frames", "agent_frames", "objects", "box_labels", "objects_near_ego_seen",
+            "collaborator_only_fraction")
+    assert {k: serial[k] for k in same} == {k: parallel[k] for k in same}
+
+
 def test_cooperation_matters(opv2v_data):
     _, stats, kept = opv2v_data
     (scene, frames, _), = kept

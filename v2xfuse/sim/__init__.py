@@ -7,7 +7,9 @@ evaluation all run without downloading anything.
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,8 @@ def split_of_scenes(n_scenes: int, fractions: dict[str, float]) -> list[str]:
 
 def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, seed: int,
                      cfg: SimConfig | None = None, splits: dict[str, float] | None = None,
-                     progress: bool = True, keep_frames: bool = False, eval_range: float = 51.2):
+                     progress: bool = True, keep_frames: bool = False, eval_range: float = 51.2,
+                     workers: int | None = None):
     """Generate and write a synthetic dataset.
 
     Args:
@@ -56,18 +59,18 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
             (V2X-Seq SPD: the same pair, one sequence per scene, track ids).
         out: dataset root to write.
         n_scenes, n_frames: scenes and 10 Hz frames per scene.
-        seed: everything is a deterministic function of the seed and the arguments.
+        seed: everything is a deterministic function of the seed and the arguments (not of
+            ``workers``: every scene has its own generator and its own folder).
         cfg: world and sensor settings.
         splits: fraction of scenes per split, in order.
         keep_frames: also return the :class:`SimFrame` truth records (tests only: they are big).
+        workers: processes that simulate and write OPV2V scenes in parallel (default: the CPUs
+            this process may use). The pair formats write one shared index, so they run in
+            this process; so does ``keep_frames``.
     Returns:
         (stats dict, list of (scene, frames, write info) if ``keep_frames`` else None).
     """
     from tqdm import tqdm
-
-    from .write_dair import DairWriter
-    from .write_v2xseq import V2XSeqWriter
-    from .write_opv2v import Opv2vWriter, opv2v_scenario_name
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
@@ -82,59 +85,45 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
     agents_per_scene = 2 if fmt in PAIR_FORMATS else cfg.scene.n_cavs + cfg.scene.n_rsus
     bar = tqdm(total=n_scenes * n_frames * agents_per_scene, desc=f"synthetic {fmt}", unit="agent-frame",
                disable=not progress)
-    pair_writer = {"dair": DairWriter, "v2xseq": V2XSeqWriter}.get(fmt)
-    dair = pair_writer(out, np.random.default_rng([seed, 1])) if pair_writer else None
+    if fmt in PAIR_FORMATS or keep_frames:
+        workers = 1
+    elif workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(int(workers or 1), n_scenes))
+    jobs = [(fmt, out, i, rng, split, n_frames, seed, cfg, eval_range)
+            for i, (rng, split) in enumerate(zip(rngs, scene_split))]
+    tally = _Tally()
     kept = [] if keep_frames else None
-    seen_total = seen_ego_total = labels = 0
-    object_ids: set[tuple[int, int]] = set()
-    agents_total = frames_total = 0
     started = time.perf_counter()
-    for i, (rng, split) in enumerate(zip(rngs, scene_split)):
-        scene = build_scene(rng, cfg, f"scene_{i:03d}", n_frames / cfg.frame_rate_hz)
-        start_us = EPOCH_US + i * 600_000_000
-        agent_offsets, camera_offsets = {}, {}
+    if workers == 1:
+        shared = None
         if fmt in PAIR_FORMATS:
-            rsu = next(a for a in scene.agents if a.kind == "infrastructure")
-            scene.agents = [scene.agents[0], rsu]
-            agent_offsets[rsu.agent_id] = int(rng.integers(-45_000, 45_000))
-            camera_offsets = {scene.agents[0].agent_id: int(rng.integers(20_000, 60_000)),
-                              rsu.agent_id: int(rng.integers(20_000, 110_000))}
-            dair.begin_batch(scene, start_us, n_frames, "val" if split == "validate" else split)
-            writer = dair
-        else:
-            writer = Opv2vWriter(out, split, opv2v_scenario_name(rng), scene, start_us,
-                                 first_key=2 * int(rng.integers(30, 200)), rng=rng,
-                                 protocol={"world": {"generator": "v2xfuse.sim", "seed": seed,
-                                                     "scene": i, "road_yaw": scene.meta["road_yaw"]},
-                                           "sensors": cfg.to_dict()})
-        scene_frames = []
-        for frame in simulate_scene(scene, cfg, n_frames, rng, start_us, agent_offsets, camera_offsets,
-                                    progress=bar):
-            info = writer.write_frame(frame)
-            st = visibility_stats([frame], eval_range)
-            seen_total += st["objects_seen"]
-            seen_ego_total += st["objects_seen_by_ego"]
-            for a in frame.agents:
-                labels += len(a.seen_ids())
-                object_ids.update((i, oid) for oid in a.seen_ids())
-            agents_total += len(frame.agents)
-            frames_total += 1
-            if keep_frames:
-                scene_frames.append((frame, info))
-        if keep_frames:
-            kept.append((scene, scene_frames, getattr(writer, "dir", None)))
-    if dair is not None:
-        dair.close()
+            from .write_dair import DairWriter
+            from .write_v2xseq import V2XSeqWriter
+            shared = {"dair": DairWriter, "v2xseq": V2XSeqWriter}[fmt](out, np.random.default_rng([seed, 1]))
+        for job in jobs:
+            tally.add(_generate_scene(*job, shared_writer=shared, progress=bar, kept=kept))
+        if shared is not None:
+            shared.close()
+    else:
+        # Spawned, not forked: the caller may hold torch's thread pools, which do not survive fork.
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for scene_tally in pool.imap(_generate_scene_job, jobs):
+                tally.add(scene_tally)
+                bar.update(n_frames * agents_per_scene)
     bar.close()
     elapsed = time.perf_counter() - started
     stats = {
-        "format": fmt, "scenes": n_scenes, "frames": frames_total, "agent_frames": agents_total,
-        "agents_per_frame": agents_total / max(frames_total, 1),
-        "objects": len(object_ids), "box_labels": labels,
-        "objects_near_ego_seen": seen_total,
-        "collaborator_only_fraction": 1.0 - seen_ego_total / seen_total if seen_total else 0.0,
+        "format": fmt, "scenes": n_scenes, "frames": tally.frames, "agent_frames": tally.agents,
+        "agents_per_frame": tally.agents / max(tally.frames, 1),
+        "objects": len(tally.object_ids), "box_labels": tally.labels,
+        "objects_near_ego_seen": tally.seen,
+        "collaborator_only_fraction": 1.0 - tally.seen_ego / tally.seen if tally.seen else 0.0,
         "eval_range_m": eval_range,
-        "seconds": elapsed, "seconds_per_agent_frame": elapsed / max(agents_total, 1),
+        "seconds": elapsed, "seconds_per_agent_frame": elapsed / max(tally.agents, 1),
+        "workers": workers,
         "splits": {s: scene_split.count(s) for s in splits},
     }
     manifest = {"format": fmt, "scenes": n_scenes, "frames": n_frames, "seed": seed,
@@ -142,3 +131,71 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
     with open(out / MANIFEST_NAME, "w") as f:
         json.dump(manifest, f, indent=1)
     return stats, kept
+
+
+@dataclass
+class _Tally:
+    """What the statistics need of the scenes written so far."""
+
+    seen: int = 0
+    seen_ego: int = 0
+    labels: int = 0
+    agents: int = 0
+    frames: int = 0
+    object_ids: set = field(default_factory=set)
+
+    def add(self, other: "_Tally") -> None:
+        self.seen += other.seen
+        self.seen_ego += other.seen_ego
+        self.labels += other.labels
+        self.agents += other.agents
+        self.frames += other.frames
+        self.object_ids |= other.object_ids
+
+
+def _generate_scene_job(job: tuple) -> _Tally:
+    return _generate_scene(*job)
+
+
+def _generate_scene(fmt: str, out: Path, i: int, rng: np.random.Generator, split: str, n_frames: int,
+                    seed: int, cfg: SimConfig, eval_range: float, shared_writer=None, progress=None,
+                    kept: list | None = None) -> _Tally:
+    """Simulate scene ``i`` and write it: into its own OPV2V scenario folder, or through the
+    pair formats' ``shared_writer``."""
+    from .write_opv2v import Opv2vWriter, opv2v_scenario_name
+
+    scene = build_scene(rng, cfg, f"scene_{i:03d}", n_frames / cfg.frame_rate_hz)
+    start_us = EPOCH_US + i * 600_000_000
+    agent_offsets, camera_offsets = {}, {}
+    if fmt in PAIR_FORMATS:
+        rsu = next(a for a in scene.agents if a.kind == "infrastructure")
+        scene.agents = [scene.agents[0], rsu]
+        agent_offsets[rsu.agent_id] = int(rng.integers(-45_000, 45_000))
+        camera_offsets = {scene.agents[0].agent_id: int(rng.integers(20_000, 60_000)),
+                          rsu.agent_id: int(rng.integers(20_000, 110_000))}
+        shared_writer.begin_batch(scene, start_us, n_frames, "val" if split == "validate" else split)
+        writer = shared_writer
+    else:
+        writer = Opv2vWriter(out, split, opv2v_scenario_name(rng), scene, start_us,
+                             first_key=2 * int(rng.integers(30, 200)), rng=rng,
+                             protocol={"world": {"generator": "v2xfuse.sim", "seed": seed,
+                                                 "scene": i, "road_yaw": scene.meta["road_yaw"]},
+                                       "sensors": cfg.to_dict()})
+    tally = _Tally()
+    scene_frames = []
+    for frame in simulate_scene(scene, cfg, n_frames, rng, start_us, agent_offsets, camera_offsets,
+                                progress=progress):
+        info = writer.write_frame(frame)
+        st = visibility_stats([frame], eval_range)
+        tally.seen += st["objects_seen"]
+        tally.seen_ego += st["objects_seen_by_ego"]
+        for a in frame.agents:
+            tally.labels += len(a.seen_ids())
+            tally.object_ids.update((i, oid) for oid in a.seen_ids())
+        tally.agents += len(frame.agents)
+        tally.frames += 1
+        if kept is not None:
+            scene_frames.append((frame, info))
+    if kept is not None:
+        kept.append((scene, scene_frames, getattr(writer, "dir", None)))
+    return tally

@@ -74,3 +74,25 @@ def test_resume_after_a_kill_ends_on_the_same_weights(tiny_cfg, tmp_path, monkey
         assert torch.equal(got["model"][name], value), name
     assert (tmp_path / "resumed" / "config.yaml").is_file()
     assert (tmp_path / "resumed" / "results_val.json").is_file()
+
+
+def test_a_persistent_loader_worker_trains_the_same_weights(tiny_cfg, tmp_path):
+    # 3 training frames, batch 2: every step is a new epoch, so a worker that kept the first
+    # epoch's augmentation (the epoch held as dataset state) would train other weights.
+    in_process = Trainer(tiny_cfg, tmp_path / "main", tensorboard=False, progress=False)
+    in_process.fit()
+    cfg = {**tiny_cfg, "train": {**tiny_cfg["train"], "num_workers": 1}}
+    Trainer(cfg, tmp_path / "worker", tensorboard=False, progress=False).fit()
+    expected = load_checkpoint(tmp_path / "main" / "last.pt")["model"]
+    got = load_checkpoint(tmp_path / "worker" / "last.pt")["model"]
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_the_epoch_in_the_key_changes_the_augmentation(tiny_cfg):
+    data = build_dataset(tiny_cfg, "train", train=True, seed=3)
+    first = [data[(0, 0)].points[0] for _ in range(2)]
+    assert all(p.shape == first[0].shape and (p == first[0]).all() for p in first)
+    assert data[0].points[0].shape == first[0].shape and (data[0].points[0] == first[0]).all()
+    later = [data[(e, 0)].points[0] for e in range(1, 6)]
+    assert any(p.shape != first[0].shape or not (p == first[0]).all() for p in later)

@@ -120,25 +120,26 @@ class CoopSampler:
         self.cfg = cfg
         self.train = train
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.adapter)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def rng(self, idx: int, epoch: int = 0) -> np.random.Generator:
+        """The draws of sample ``idx`` in ``epoch`` (delays, pose noise, augmentation)."""
+        return np.random.default_rng([self.seed, epoch if self.train else 0, idx])
 
-    def rng(self, idx: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch if self.train else 0, idx])
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        """``key``: a sample index (epoch 0), or an ``(epoch, index)`` pair. The epoch travels
+        with the key, not as state, so a DataLoader worker that outlives an epoch still draws
+        the right augmentation."""
+        epoch, idx = key if isinstance(key, tuple) else (0, key)
+        return self.process(self.load(idx, epoch), self.rng(idx, epoch))
 
-    def __getitem__(self, idx: int) -> Sample:
-        return self.process(self.load(idx), self.rng(idx))
-
-    def load(self, idx: int) -> CoopFrame:
+    def load(self, idx: int, epoch: int = 0) -> CoopFrame:
         cfg = self.cfg
         delays = None
         if cfg.delay_frames > 0:
-            rng = self.rng(idx)
+            rng = self.rng(idx, epoch)
             ids = self.adapter.agent_ids(idx)
             if cfg.delay_mode == "fixed":
                 delays = {a: cfg.delay_frames for a in ids[1:]}

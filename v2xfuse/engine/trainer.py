@@ -56,14 +56,16 @@ class TrainConfig:
 
 
 class EpochSampler(Sampler):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``, starting at ``start``."""
+    """``(epoch, index)`` keys: a permutation of ``range(n)`` drawn from ``(seed, epoch)``,
+    starting at position ``start``. ``epoch`` and ``start`` may be changed between passes."""
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+    def __init__(self, n: int, seed: int, epoch: int = 0, start: int = 0):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen)[self.start:].tolist())
+        order = torch.randperm(self.n, generator=gen)[self.start:].tolist()
+        return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
         return self.n - self.start
@@ -125,12 +127,16 @@ class Trainer:
                 "batch_in_epoch": batch_in_epoch, "torch_rng": torch.get_rng_state(),
                 "config": self.cfg}
 
-    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
-        self.train_set.set_epoch(epoch)
-        sampler = EpochSampler(len(self.train_set), self.tc.seed, epoch,
-                               start_batch * self.tc.batch_size)
-        return DataLoader(self.train_set, batch_size=self.tc.batch_size, sampler=sampler,
-                          collate_fn=collate, num_workers=self.tc.num_workers, drop_last=True)
+    def _loader(self) -> tuple[DataLoader, EpochSampler]:
+        """One loader for the whole run: with ``num_workers`` > 0 its workers persist, so what
+        they have decoded (the adapter's point cache) serves every epoch, and the first epoch's
+        decoding overlaps training."""
+        sampler = EpochSampler(len(self.train_set), self.tc.seed)
+        workers = self.tc.num_workers
+        loader = DataLoader(self.train_set, batch_size=self.tc.batch_size, sampler=sampler,
+                            collate_fn=collate, num_workers=workers, drop_last=True,
+                            persistent_workers=workers > 0)
+        return loader, sampler
 
     def fit(self, resume: bool = False) -> dict:
         """Train for ``train.steps`` steps (continuing ``last.pt`` when ``resume``), validate,
@@ -160,8 +166,10 @@ class Trainer:
         started = time.perf_counter()
         results: dict = {}
         self.model.train()
+        loader, sampler = self._loader()
         while step < tc.steps:
-            for batch in self._loader(epoch, batch_in_epoch):
+            sampler.epoch, sampler.start = epoch, batch_in_epoch * tc.batch_size
+            for batch in loader:
                 losses = self._step(batch.to(self.device))
                 step += 1
                 batch_in_epoch += 1

@@ -2,15 +2,12 @@
 import copy
 import inspect
 
-import numpy as np
 import pytest
 import torch
 
 from v2xfuse.builder import build_detector
 from v2xfuse.comm.batch_link import BatchChannel
 from v2xfuse.comm.channel import Channel, LinkConfig
-from v2xfuse.datasets import collate
-from v2xfuse.datasets.pipeline import Sample
 from v2xfuse.fusion.base import FusionState, Received
 from v2xfuse.models.bev import BevGrid
 from v2xfuse.models.detector import run_handshake
@@ -20,36 +17,17 @@ from v2xfuse.structures.transforms import pose_from_xyz_rpy
 INTERMEDIATE = ["max", "attfuse", "where2comm", "codefilling"]
 
 
-def _cfg(fusion: str) -> dict:
-    return {"dataset": {"type": "opv2v"},
-            "pipeline": {"lidar_range": [-12.8, -12.8, -4.0, 12.8, 12.8, 2.0]},
-            "model": {"encoder": {"type": "pointpillars", "voxel_size": [0.8, 0.8],
-                                  "out_channels": 8},
-                      "backbone": {"layer_strides": [1], "layer_channels": [8],
-                                   "layer_nums": [1], "upsample_channels": [8], "out_stride": 1},
-                      "fusion": {"type": fusion},
-                      "post": {"score_threshold": 0.0}}}
-
-
-def _batch(n_agents=3, seed=0):
-    rng = np.random.default_rng(seed)
-    points = [np.c_[rng.uniform(-12, 12, (800, 2)), rng.uniform(-3, 1, (800, 1)),
-                    rng.uniform(0, 1, (800, 1))].astype(np.float32) for _ in range(n_agents)]
-    poses = np.stack([pose_from_xyz_rpy(3.0 * i, -2.0 * i, 0.0, 0.0, 0.0, 0.3 * i)
-                      for i in range(n_agents)])
-    sample = Sample(points, poses, np.zeros((0, 7)), np.zeros(0, np.int64),
-                    [str(i) for i in range(n_agents)], ["vehicle"] * n_agents,
-                    np.zeros(n_agents), ("synthetic", "s0", "000000"))
-    return collate([sample])
+def _poses(n_agents=3):
+    return [pose_from_xyz_rpy(3.0 * i, -2.0 * i, 0.0, 0.0, 0.0, 0.3 * i) for i in range(n_agents)]
 
 
 @pytest.mark.parametrize("method", INTERMEDIATE + ["late", "late_tc"])
-def test_full_packet_loss_gives_the_ego_only_result(method):
+def test_full_packet_loss_gives_the_ego_only_result(method, tiny_detector_cfg, random_points_batch):
     torch.manual_seed(0)
-    model = build_detector(_cfg(method)).eval()
+    model = build_detector(tiny_detector_cfg(method)).eval()
     ego_only = copy.deepcopy(model)
     ego_only.fusion = FUSION.get("none")()
-    batch = _batch()
+    batch = random_points_batch(_poses())
     lossy = BatchChannel(Channel(0, LinkConfig(loss=1.0)))
     with torch.no_grad():
         got = model.predict(model(batch, channel=lossy))[0]
@@ -64,7 +42,8 @@ def test_full_packet_loss_gives_the_ego_only_result(method):
 
 
 @pytest.mark.parametrize("method", INTERMEDIATE)
-def test_a_perturbed_sender_pose_moves_the_fused_features(method):
+def test_a_perturbed_sender_pose_moves_the_fused_features(method, tiny_detector_cfg,
+                                                         random_points_batch):
     torch.manual_seed(0)
     grid = BevGrid(-12.8, -12.8, 12.8, 12.8, 0.8)
     channels = 4
@@ -75,7 +54,7 @@ def test_a_perturbed_sender_pose_moves_the_fused_features(method):
     ego = torch.zeros(1, channels, grid.ny, grid.nx)
     collab = torch.zeros(1, channels, grid.ny, grid.nx)
     collab[0, :, 10:13, 14:16] = 1.0  # a blob in the collaborator's map
-    batch = _batch(2)
+    batch = random_points_batch(_poses(2))
     state = FusionState(batch, torch.cat([ego, collab]), grid,
                         {"confidence": torch.cat([ego[:, :1], collab[:, :1]])})
     if fusion.handshake:  # report and request, straight through
@@ -91,12 +70,12 @@ def test_a_perturbed_sender_pose_moves_the_fused_features(method):
     assert not torch.allclose(moved, base)
 
 
-def test_reported_bytes_are_the_serialised_lengths():
+def test_reported_bytes_are_the_serialised_lengths(tiny_detector_cfg, random_points_batch):
     torch.manual_seed(0)
-    model = build_detector(_cfg("max")).eval()
+    model = build_detector(tiny_detector_cfg("max")).eval()
     channel = BatchChannel(Channel(0))
     with torch.no_grad():
-        model(_batch(), channel=channel)
+        model(random_points_batch(_poses()), channel=channel)
     records = channel.ledger.records if hasattr(channel.ledger, "records") else None
     total = sum(channel.ledger.bytes_per_frame())
     # two collaborators each send one (C, H, W) float32 map plus the message header

@@ -7,35 +7,10 @@ import torch
 from v2xfuse.builder import build_detector
 from v2xfuse.comm.batch_link import BatchChannel
 from v2xfuse.comm.channel import Channel, LinkConfig
-from v2xfuse.datasets import collate
-from v2xfuse.datasets.pipeline import Sample
 from v2xfuse.models.detector import ego_aligned_frames
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
 
-CELL = 0.8
-
-
-def _cfg(sender_frame: str, fusion: str = "max") -> dict:
-    return {"dataset": {"type": "opv2v"},
-            "pipeline": {"lidar_range": [-12.8, -12.8, -4.0, 12.8, 12.8, 2.0]},
-            "model": {"encoder": {"type": "pointpillars", "voxel_size": [CELL, CELL],
-                                  "out_channels": 8},
-                      "backbone": {"layer_strides": [1], "layer_channels": [8],
-                                   "layer_nums": [1], "upsample_channels": [8], "out_stride": 1},
-                      "fusion": {"type": fusion}, "sender_frame": sender_frame,
-                      "post": {"score_threshold": 0.0}}}
-
-
-def _batch(poses, points=None, seed=0, true_poses=None):
-    rng = np.random.default_rng(seed)
-    n = len(poses)
-    if points is None:
-        points = [np.c_[rng.uniform(-12, 12, (800, 2)), rng.uniform(-3, 1, (800, 1)),
-                        rng.uniform(0, 1, (800, 1))].astype(np.float32) for _ in range(n)]
-    sample = Sample(points, np.stack(poses), np.zeros((0, 7)), np.zeros(0, np.int64),
-                    [str(i) for i in range(n)], ["vehicle"] * n, np.zeros(n),
-                    ("synthetic", "s0", "000000"), true_ego_from_agent=true_poses)
-    return collate([sample])
+CELL = 0.8  # the voxel size of the tiny_detector_cfg fixture (tests/conftest.py)
 
 
 def _in_ego(batch, poses, agent):
@@ -44,12 +19,12 @@ def _in_ego(batch, poses, agent):
     return pts @ t[:3, :3].T + t[:3, 3]
 
 
-def test_aligned_frames_keep_every_point_in_place_and_leave_whole_cell_shifts():
+def test_aligned_frames_keep_every_point_in_place_and_leave_whole_cell_shifts(random_points_batch):
     poses = [pose_from_xyz_rpy(0, 0, 0, 0, 0, 0),
              pose_from_xyz_rpy(7.3, -2.9, 4.1, 0.0, 0.0, 2.2),    # a roadside unit 4.1 m higher
              pose_from_xyz_rpy(-5.05, 11.61, 0.2, 0.02, -0.03, -1.1)]
     true = [p @ pose_from_xyz_rpy(0.3, -0.2, 0, 0, 0, 0.05) for p in poses]  # noisy vs true
-    batch = _batch(poses, true_poses=np.stack(true))
+    batch = random_points_batch(poses, true_poses=np.stack(true))
     out = ego_aligned_frames(batch, [1, 2], CELL)
     for i in range(3):
         torch.testing.assert_close(_in_ego(out, out.ego_from_agent, i),
@@ -71,11 +46,12 @@ def test_aligned_frames_keep_every_point_in_place_and_leave_whole_cell_shifts():
     assert torch.equal(only2.ego_from_agent[1], batch.ego_from_agent[1])
 
 
-def test_a_sender_s_features_do_not_depend_on_which_way_it_faces():
+def test_a_sender_s_features_do_not_depend_on_which_way_it_faces(tiny_detector_cfg,
+                                                                random_points_batch):
     """The same world points seen by a collaborator at the same place facing 0 or 90 degrees:
     in its own frame the maps differ, in the ego-aligned frame they are the same map."""
     torch.manual_seed(0)
-    model = build_detector(_cfg("ego_aligned"))
+    model = build_detector(tiny_detector_cfg(sender_frame="ego_aligned"))
     rng = np.random.default_rng(1)
     world = np.c_[rng.uniform(-6, 14, (600, 2)), rng.uniform(-3, 1, (600, 1)),
                   rng.uniform(0, 1, (600, 1))].astype(np.float32)
@@ -85,7 +61,7 @@ def test_a_sender_s_features_do_not_depend_on_which_way_it_faces():
         pose = pose_from_xyz_rpy(4.0, 0.0, 0.0, 0.0, 0.0, yaw)
         own = world.copy()
         own[:, :3] = (world[:, :3] - pose[:3, 3]) @ pose[:3, :3]  # agent_from_ego applied
-        batch = _batch([pose_from_xyz_rpy(0, 0, 0, 0, 0, 0), pose], [ego_pts, own])
+        batch = random_points_batch([pose_from_xyz_rpy(0, 0, 0, 0, 0, 0), pose], [ego_pts, own])
         aligned = ego_aligned_frames(batch, [1], CELL)
         with torch.no_grad():
             maps[yaw, "own"] = model.encoder(batch.points, 2)[1]
@@ -95,12 +71,13 @@ def test_a_sender_s_features_do_not_depend_on_which_way_it_faces():
                                rtol=1e-4)
 
 
-def test_the_ego_s_pose_message_is_counted_and_its_loss_falls_back_to_the_own_frame():
+def test_the_ego_s_pose_message_is_counted_and_its_loss_falls_back_to_the_own_frame(
+        tiny_detector_cfg, random_points_batch):
     torch.manual_seed(0)
     poses = [pose_from_xyz_rpy(3.0 * i, -2.0 * i, 0.0, 0.0, 0.0, 0.3 * i) for i in range(3)]
-    batch = _batch(poses)
-    own = build_detector(_cfg("own")).eval()
-    aligned = build_detector(_cfg("ego_aligned")).eval()
+    batch = random_points_batch(poses)
+    own = build_detector(tiny_detector_cfg(sender_frame="own")).eval()
+    aligned = build_detector(tiny_detector_cfg(sender_frame="ego_aligned")).eval()
     aligned.load_state_dict(own.state_dict())
     links = {name: BatchChannel(Channel(0)) for name in ("own", "aligned")}
     with torch.no_grad():
@@ -121,10 +98,11 @@ def test_the_ego_s_pose_message_is_counted_and_its_loss_falls_back_to_the_own_fr
 
 
 @pytest.mark.parametrize("fusion", ["none", "late", "early"])
-def test_methods_without_feature_messages_ignore_the_sender_frame(fusion):
+def test_methods_without_feature_messages_ignore_the_sender_frame(fusion, tiny_detector_cfg,
+                                                                  random_points_batch):
     poses = [pose_from_xyz_rpy(3.0 * i, -2.0 * i, 0.0, 0.0, 0.0, 0.3 * i) for i in range(2)]
-    batch = _batch(poses)
-    model = build_detector(_cfg("ego_aligned", fusion)).eval()
+    batch = random_points_batch(poses)
+    model = build_detector(tiny_detector_cfg(fusion, sender_frame="ego_aligned")).eval()
     link = BatchChannel(Channel(0))
     with torch.no_grad():
         out = model(batch, channel=link)

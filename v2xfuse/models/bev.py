@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BevGrid", "warp_to_ego", "ego_to_agent_theta"]
+__all__ = ["BevGrid", "warp_to_ego", "ego_to_agent_theta", "whole_cell_shifts"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,42 @@ def warp_to_ego(features: torch.Tensor, ego_from_agent: torch.Tensor, grid: BevG
     Returns:
         (N, C, ny, nx) in the ego frame; cells the agent does not cover are zero.
     """
+    shifts, is_shift = whole_cell_shifts(ego_from_agent, grid)
+    if not bool(is_shift.any()):
+        return _resample(features, ego_from_agent, grid, mode)
+    # Senders in the ego's axes (model.sender_frame: ego_aligned) arrive shifted by whole
+    # cells: move them by slicing, exact and without building a sampling grid.
+    resampled = iter(_resample(features[~is_shift], ego_from_agent[~is_shift], grid, mode)
+                     if not bool(is_shift.all()) else ())
+    return torch.stack([_shift(f, *shift.tolist()) if ok else next(resampled)
+                        for f, shift, ok in zip(features, shifts, is_shift.tolist())])
+
+
+def whole_cell_shifts(ego_from_agent: torch.Tensor, grid: BevGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which transforms only move a map by whole cells: (N, 2) the columns and rows each map
+    moves by, and (N,) whether its transform is such a shift (no rotation in x-y, a translation
+    within 1e-4 cells of whole cells)."""
+    t = ego_from_agent.detach().to(torch.float64)
+    cells = t[:, :2, 3] / grid.cell
+    rounded = cells.round()
+    eye = torch.eye(2, dtype=t.dtype, device=t.device)
+    is_shift = (((t[:, :2, :2] - eye).abs().amax(dim=(1, 2)) < 1e-6)
+                & ((cells - rounded).abs().amax(dim=1) < 1e-4))
+    return rounded.long(), is_shift
+
+
+def _shift(feature: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(C, ny, nx) map moved by ``dx`` columns and ``dy`` rows, zeros where nothing moved in."""
+    out = torch.zeros_like(feature)
+    ny, nx = feature.shape[-2:]
+    if abs(dx) < nx and abs(dy) < ny:
+        out[:, max(dy, 0):ny + min(dy, 0), max(dx, 0):nx + min(dx, 0)] = \
+            feature[:, max(-dy, 0):ny + min(-dy, 0), max(-dx, 0):nx + min(-dx, 0)]
+    return out
+
+
+def _resample(features: torch.Tensor, ego_from_agent: torch.Tensor, grid: BevGrid,
+              mode: str) -> torch.Tensor:
     theta = ego_to_agent_theta(ego_from_agent, grid).to(features.dtype)
     sampling = F.affine_grid(theta, list(features.shape), align_corners=False)
     return F.grid_sample(features, sampling, mode=mode, padding_mode="zeros", align_corners=False)

@@ -65,3 +65,34 @@ def test_second_and_pointpillars_give_per_agent_bev_maps_and_gradients():
         out.sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all()
                    for p in enc.parameters() if p.requires_grad)
+
+
+def test_pillar_net_inference_max_equals_normalising_every_point():
+    from v2xfuse.models.encoders.pointpillars import PillarFeatureNet
+    from v2xfuse.models.voxelize import Voxels
+
+    torch.manual_seed(0)
+    net = PillarFeatureNet(16, (0.8, 0.8), (-12.8, -12.8, -4.0, 12.8, 12.8, 2.0))
+    with torch.no_grad():  # running statistics and an affine map with negative scales
+        net.norm.running_mean.normal_()
+        net.norm.running_var.uniform_(0.2, 3.0)
+        net.norm.weight.normal_()
+        net.norm.bias.normal_()
+    assert (net.norm.weight < 0).any() and (net.norm.weight > 0).any()
+    v, t = 50, 8
+    num = torch.randint(1, t + 1, (v,), dtype=torch.int32)
+    num[:3] = torch.tensor([1, t, 0], dtype=torch.int32)
+    coords = torch.stack([torch.zeros(v, dtype=torch.int32), torch.zeros(v, dtype=torch.int32),
+                          torch.randint(0, 32, (v,), dtype=torch.int32),
+                          torch.randint(0, 32, (v,), dtype=torch.int32)], dim=1)
+    pts = torch.randn(v, t, 4) * 3
+    pts *= (torch.arange(t)[None] < num[:, None])[..., None]
+    voxels = Voxels(pts, num, coords)
+    net.eval()
+    got = net(voxels)
+    # The reference: normalise and rectify every valid point, then take the max.
+    net.train()
+    net.norm.eval()  # running statistics, as at inference
+    want = net(voxels)
+    torch.testing.assert_close(got[num > 0], want[num > 0], atol=1e-5, rtol=1e-5)
+    assert (got[num == 0] == 0).all()

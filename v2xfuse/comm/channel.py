@@ -17,7 +17,15 @@ Per message handed to :meth:`Channel.transmit` in frame ``t`` on link sender -> 
    (``"not_ready"``, e.g. the first frames of a sequence);
 5. the decoded pose gets localisation noise: Gaussian x, y offsets (``xy_std_m``) and a
    rotation about the world z axis through the sensor (``yaw_std_deg``), as OpenCOOD perturbs
-   ``[x, y, yaw]``.
+   ``[x, y, yaw]``;
+6. the receiver checks what arrived (:mod:`v2xfuse.comm.checks`): bytes that do not decode, a
+   sender id other than the link's, another kind, a pose that is not rigid or too far, an
+   observation too old (when the caller gives the receiver's clock) and a timestamp already
+   accepted on that link are dropped and counted by reason in ``ledger.rejected``.
+
+With ``attack`` (:mod:`v2xfuse.comm.attack`) the channel also plays hostile collaborators: the
+bytes of their messages are tampered after serialisation, before step 2, so the bytes counted are
+the tampered ones and the receiver's checks are what stands between them and fusion.
 
 All randomness comes from the Generator given to the channel; every message consumes the same
 number of draws whatever happens to it, so one seed gives one outcome.
@@ -32,7 +40,9 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from ..utils.timing import null_timer
-from .message import Message, decode, encode
+from .attack import AttackConfig, Attacker
+from .checks import ReceiveChecks, Rejected, RejectionLog, check_rigid_pose
+from .message import Message, MessageError, decode, encode
 
 __all__ = ["LinkConfig", "Channel", "Ledger", "TxRecord", "perturb_pose"]
 
@@ -104,12 +114,15 @@ class Ledger:
         frames: frame keys in the order first seen (frames where nothing was sent included).
         delivered: frame key -> number of messages the receivers got in that frame.
         not_ready: frame key -> messages with no old-enough history entry to deliver.
+        rejected: messages that arrived and were dropped by the receiver's checks, by reason
+            (``delivered`` counts them as arrived).
     """
 
     records: list[TxRecord] = field(default_factory=list)
     frames: list[Hashable] = field(default_factory=list)
     delivered: dict[Hashable, int] = field(default_factory=dict)
     not_ready: dict[Hashable, int] = field(default_factory=dict)
+    rejected: RejectionLog = field(default_factory=RejectionLog)
 
     def begin_frame(self, frame: Hashable) -> None:
         if frame not in self.delivered:
@@ -163,13 +176,15 @@ class Ledger:
                 "mean_kb": mean / KB, "log2_mean_bytes": math.log2(mean) if mean > 0 else float("-inf"),
                 "sent": self.count("sent"), "lost": self.count("lost"), "budget": self.count("budget"),
                 "delivered": int(sum(self.delivered.values())),
-                "not_ready": int(sum(self.not_ready.values()))}
+                "not_ready": int(sum(self.not_ready.values())),
+                "rejected": self.rejected.total(),
+                "rejected_messages": self.rejected.as_dict()}
 
 
 @dataclass
 class _Entry:
     timestamp_us: int
-    data: bytes | None  # None: lost on the way
+    data: list[bytes] | None  # what went on air (several copies if duplicated); None: lost
 
 
 class Channel:
@@ -182,12 +197,15 @@ class Channel:
         budget_bytes_per_frame: bytes all links together may carry per frame key, or None.
         budget_order: ``"given"`` or ``"smallest_first"``.
         history: entries kept per link (bounds memory; must exceed the largest delay in frames).
+        checks: what the receiver holds every arrival to (default :class:`ReceiveChecks`).
+        attack: hostile collaborators to play (default none).
     """
 
     def __init__(self, rng: np.random.Generator | int, link: LinkConfig = LinkConfig(),
                  per_link: dict[tuple[str, str], LinkConfig] | None = None,
                  budget_bytes_per_frame: int | None = None, budget_order: str = "given",
-                 history: int = 64):
+                 history: int = 64, checks: ReceiveChecks | None = None,
+                 attack: AttackConfig | None = None):
         if not isinstance(rng, np.random.Generator):
             rng = np.random.default_rng(rng)
         if budget_order not in ("given", "smallest_first"):
@@ -198,27 +216,41 @@ class Channel:
             if cfg.delay_unit == "frames" and cfg.delay_range()[1] >= history:
                 raise ValueError(f"history {history} too short for delay {cfg.delay} frames")
         self.ledger = Ledger()
+        self.checks = checks or ReceiveChecks()
+        self.attacker = Attacker(attack) if attack is not None and attack.type else None
         self._links: dict[tuple[str, str, str], deque[_Entry]] = {}
         self._last_frame: dict[tuple[str, str, str], Hashable] = {}
         self._spent: dict[Hashable, int] = {}
+        # (sequence scope, sender, receiver, kind) -> timestamps accepted on that link
+        self._accepted: dict[tuple, deque[int]] = {}
 
     def config(self, sender: str, receiver: str) -> LinkConfig:
         return self.per_link.get((sender, receiver), self.link)
 
     def reset(self) -> None:
-        """Forget link histories (call between sequences); the ledger is kept."""
+        """Forget link histories and accepted timestamps (call between sequences, or before
+        the same frames are sent again); the ledger is kept."""
         self._links.clear()
         self._last_frame.clear()
+        self._accepted.clear()
+        if self.attacker is not None:
+            self.attacker.reset()
 
     def transmit(self, frame: Hashable, messages: Sequence[Message], receiver: str = "ego",
-                 method: str = "", timer=None) -> list[Message]:
+                 method: str = "", timer=None, now_us: int | None = None,
+                 receiver_xyz=None, attackable: bool = True) -> list[Message]:
         """Send ``messages`` (one per sender and kind) to ``receiver`` in frame ``frame``.
 
-        Returns what the receiver gets this frame, decoded from bytes, in input order: for each
-        message that arrives, the one its link carried ``delay`` ago, with noisy pose.
-        ``method`` labels the bytes in ``ledger.per_method()``. ``timer``: optional
-        ``timer(stage)`` context (v2xfuse.utils.timing); encoding to bytes and decoding from
-        them are timed as stage "serialise".
+        Returns what the receiver gets this frame and accepts, decoded from bytes, in input
+        order: for each message that arrives, the one its link carried ``delay`` ago, with noisy
+        pose, if it passes the receiver's checks. ``method`` labels the bytes in
+        ``ledger.per_method()``. ``timer``: optional ``timer(stage)`` context
+        (v2xfuse.utils.timing); encoding to bytes and decoding from them are timed as stage
+        "serialise". ``now_us``: the receiver's clock, for the age check (None: no age check).
+        ``receiver_xyz``: (3,) the receiver's position in the poses' world, for the range check
+        (None: no range check).
+        ``attackable``: whether the channel's attacker may tamper these messages (False for
+        what a receiver's own ego sends).
         """
         timer = timer or null_timer
         keys = [(m.sender, receiver, m.kind) for m in messages]
@@ -229,18 +261,21 @@ class Channel:
                 raise ValueError(f"two messages on link {key} in frame {frame!r}")
         self.ledger.begin_frame(frame)
         with timer("serialise"):
-            blobs = [encode(m) for m in messages]
+            wires = [[encode(m)] for m in messages]
+        if self.attacker is not None and attackable:
+            wires = [self.attacker.tamper(frame, m, w[0], receiver) for m, w in zip(messages, wires)]
+        sizes = [sum(len(b) for b in w) for w in wires]
         order = list(range(len(messages)))
         if self.budget_order == "smallest_first":
-            order.sort(key=lambda i: len(blobs[i]))
+            order.sort(key=lambda i: sizes[i])
         admitted = [False] * len(messages)
         for i in order:
             spent = self._spent.get(frame, 0)
-            if self.budget is None or spent + len(blobs[i]) <= self.budget:
-                self._spent[frame] = spent + len(blobs[i])
+            if self.budget is None or spent + sizes[i] <= self.budget:
+                self._spent[frame] = spent + sizes[i]
                 admitted[i] = True
         out = []
-        for msg, key, blob, ok in zip(messages, keys, blobs, admitted):
+        for msg, key, wire, size, ok in zip(messages, keys, wires, sizes, admitted):
             self._last_frame[key] = frame
             cfg = self.config(msg.sender, receiver)
             # fixed number of draws per message whatever its fate: one seed, one outcome.
@@ -251,22 +286,57 @@ class Channel:
             lost = u_loss < cfg.loss
             status = "budget" if not ok else ("lost" if lost else "sent")
             self.ledger.records.append(TxRecord(frame, msg.sender, receiver, msg.kind, method,
-                                                len(blob), status))
+                                                size, status))
             hist = self._links.setdefault(key, deque(maxlen=self.history))
-            hist.append(_Entry(msg.timestamp_us, blob if status == "sent" else None))
+            hist.append(_Entry(msg.timestamp_us, wire if status == "sent" else None))
             entry = self._pick(hist, delay, cfg.delay_unit)
             if entry is None:
                 self.ledger.not_ready[frame] += 1
                 continue
             if entry.data is None:
                 continue
-            with timer("serialise"):
-                rx = decode(entry.data)
-            rx.world_from_lidar = perturb_pose(rx.world_from_lidar, noise[:2] * cfg.xy_std_m,
-                                               math.radians(cfg.yaw_std_deg) * noise[2])
-            self.ledger.delivered[frame] += 1
-            out.append(rx)
+            for blob in entry.data:
+                self.ledger.delivered[frame] += 1
+                try:
+                    with timer("serialise"):
+                        rx = self._receive(blob, key, frame, now_us, receiver_xyz)
+                except Rejected as err:
+                    self.ledger.rejected.add(err, key[0], key[2])
+                    continue
+                rx.world_from_lidar = perturb_pose(rx.world_from_lidar,
+                                                   noise[:2] * cfg.xy_std_m,
+                                                   math.radians(cfg.yaw_std_deg) * noise[2])
+                out.append(rx)
         return out
+
+    def _receive(self, blob: bytes, link: tuple[str, str, str], frame: Hashable,
+                 now_us: int | None, receiver_xyz) -> Message:
+        """Decode ``blob`` as the receiver of ``link`` (sender, receiver, kind) and check it
+        (module docstring, step 6); raises :class:`Rejected`."""
+        try:
+            rx = decode(blob)
+        except MessageError as err:
+            raise Rejected("malformed", str(err)) from None
+        sender, _, kind = link
+        if rx.sender != sender:
+            raise Rejected("sender", f"message says sender {rx.sender!r} on the link of {sender!r}")
+        if rx.kind != kind:
+            raise Rejected("kind", f"{rx.kind!r} on a {kind!r} link")
+        check_rigid_pose(rx.world_from_lidar, self.checks, receiver_xyz)
+        if now_us is not None:
+            age = now_us - rx.timestamp_us
+            if age > self.checks.max_age_us or -age > self.checks.max_future_us:
+                raise Rejected("stale", f"timestamp {rx.timestamp_us} us is {age} us old "
+                                        f"(accepted: -{self.checks.max_future_us}.."
+                                        f"{self.checks.max_age_us})")
+        scope = frame[:-1] if isinstance(frame, tuple) and len(frame) >= 2 else None
+        seen = self._accepted.setdefault((scope, *link),
+                                         deque(maxlen=self.checks.duplicate_window))
+        if rx.timestamp_us in seen:
+            raise Rejected("duplicate", f"timestamp {rx.timestamp_us} us already accepted from "
+                                        f"{sender!r}")
+        seen.append(rx.timestamp_us)
+        return rx
 
     @staticmethod
     def _pick(hist: deque, delay: int, unit: str) -> _Entry | None:

@@ -119,7 +119,7 @@ def test_bytes_are_the_formula_and_the_serialised_length(num_cells, codewords):
     link = BatchChannel(Channel(0))
     run_handshake(fusion, state, [1], link)
     payloads = fusion.encode(state, [1])
-    rx = link.transmit(fusion, state.batch, [1], payloads)
+    rx = link.transmit(fusion, state.batch, [1], payloads, state=state)
     assert int(payloads[0]["cells"].sum()) == num_cells  # everything it offered was asked for
 
     # codes: cells x m x r x ceil(log2 k) bits, the positions, the header

@@ -7,9 +7,18 @@ in ``FusionMethod.codecs`` (``"raw"`` when it names none), the bytes are counted
 
 Poses in a batch are already relative to each sample's ego, so the message carries
 ``ego_from_agent`` as its ``world_from_lidar`` (the ego frame is the sample's world; isotropic xy
-and yaw noise are the same in any world frame). Timestamps are ``-time_delay_s`` in
-microseconds, the ego's now being 0. Channel delays in frames need batches in time order of
-one sequence; with shuffled batches keep ``delay = 0`` and let the dataset age the senders.
+and yaw noise are the same in any world frame), and the receiver's range check measures from
+the origin. Timestamps are each agent's sensor time (``meta["timestamp_us"]``), the ego's being
+the receiver's clock, so the channel can refuse stale and replayed messages; a sample without
+sensor times uses ``-time_delay_s`` with the ego's now at 0, and then replays cannot be told
+apart. Channel delays in frames need batches in time order of one sequence; with shuffled
+batches keep ``delay = 0`` and let the dataset age the senders.
+
+Everything that arrives is checked before the fusion method sees it: by the channel
+(:mod:`v2xfuse.comm.checks`), then the payload codecs (a codec that refuses its entries drops
+the message as ``malformed``), then every float value finite and within
+``checks.max_abs``, then the method's own ``check_payload``. A message that fails is dropped and
+counted in ``ledger.rejected``; the ego fuses what remains.
 
 Handshake methods (``FusionMethod.handshake``) also send reports (``transmit(..., kind="report")``)
 and the ego's requests (:meth:`BatchChannel.request`, link ego -> sender, kind ``"request"``):
@@ -20,11 +29,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..fusion.base import FusionMethod, Received
+from ..fusion.base import FusionMethod, FusionState, Received
 from ..utils.timing import null_timer
 from .channel import Channel
+from .checks import Rejected
 from .codecs import Codec, make_codec
-from .message import Message
+from .message import Message, MessageError
 
 __all__ = ["BatchChannel"]
 
@@ -61,16 +71,46 @@ class BatchChannel:
             entries.update(self._codec(fusion, name).encode(tensor))
         return entries
 
-    def _decoded(self, fusion: FusionMethod, names, rx_payload, device) -> dict:
-        return {n: torch.from_numpy(np.ascontiguousarray(
-            self._codec(fusion, n).decode(rx_payload))).to(device) for n in names}
+    def _accepted(self, fusion: FusionMethod, rx: Message, state: FusionState | None,
+                  device) -> dict[str, torch.Tensor] | None:
+        """The payload of ``rx`` decoded through the method's codecs and checked (module
+        docstring), or None when it was rejected (counted in the ledger)."""
+        try:
+            try:
+                names = {k.split(".", 1)[0] for k in rx.payload}
+                payload = {n: torch.from_numpy(np.ascontiguousarray(
+                    self._codec(fusion, n).decode(rx.payload))).to(device) for n in names}
+            except MessageError as err:
+                raise Rejected("malformed", str(err)) from None
+            limit = self.channel.checks.max_abs
+            for name, t in payload.items():
+                if t.is_floating_point() and t.numel():
+                    if not bool(torch.isfinite(t).all()):
+                        raise Rejected("nonfinite", f"payload {name!r}: NaN or infinite values")
+                    if float(t.abs().max()) > limit:
+                        raise Rejected("bounds", f"payload {name!r}: |value| above {limit:g}")
+            return fusion.check_payload(rx.kind, payload, state)
+        except Rejected as err:
+            self.ledger.rejected.add(err, rx.sender, rx.kind)
+            return None
+
+    @staticmethod
+    def _clock(meta: dict, local: int, delay_s: float) -> int:
+        """Sensor time of the sample's agent ``local`` in microseconds (module docstring)."""
+        stamps = meta.get("timestamp_us")
+        if stamps is None:
+            return -int(round(delay_s * 1e6))
+        return int(stamps[local])
 
     def transmit(self, fusion: FusionMethod, batch, senders: list[int],
                  payloads: list[dict[str, torch.Tensor] | None],
-                 kind: str | None = None) -> list[Received]:
+                 kind: str | None = None, state: FusionState | None = None) -> list[Received]:
         """batch: a CoopBatch; senders: stacked agent indices; payloads: one dict per sender
         (None: that sender sends nothing); kind: of the messages (default
-        ``fusion.message_kind``)."""
+        ``fusion.message_kind``); state: the receiving ego's, for the method's checks.
+
+        Returns what arrived and passed every check; each ``Received.delay_s`` is the ego's
+        clock minus the message's timestamp."""
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
         device = batch.ego_from_agent.device
@@ -85,35 +125,39 @@ class BatchChannel:
             ids = [str(a) for a in meta["agent_ids"]]
             frame = (meta["dataset"], meta["sequence"], meta["frame"])
             index_of = {ids[i - ego_index[b]]: i for i, _ in items}
-            names = {ids[i - ego_index[b]]: list(p) for i, p in items}
+            now = self._clock(meta, 0, 0.0)
             msgs = []
             for i, p in items:
+                local = i - ego_index[b]
                 pose = batch.ego_from_agent[i].detach().cpu().double().numpy()
                 pose[3] = (0.0, 0.0, 0.0, 1.0)
                 with self.timer("serialise"):
                     entries = self._entries(fusion, p)
-                ts = -int(round(float(batch.time_delay_s[i]) * 1e6))
-                msgs.append(Message(ids[i - ego_index[b]], kind or fusion.message_kind, ts, pose,
-                                    entries))
+                ts = self._clock(meta, local, float(batch.time_delay_s[i]))
+                msgs.append(Message(ids[local], kind or fusion.message_kind, ts, pose, entries))
             for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=method,
-                                            timer=self.timer):
+                                            timer=self.timer, now_us=now,
+                                            receiver_xyz=np.zeros(3)):
                 with self.timer("serialise"):
-                    payload = self._decoded(fusion, names[rx.sender], rx.payload, device)
+                    payload = self._accepted(fusion, rx, state, device)
+                if payload is None:
+                    continue
                 pose = torch.from_numpy(rx.world_from_lidar).to(device, batch.ego_from_agent.dtype)
-                out.append(Received(b, index_of[rx.sender], payload, pose, -rx.timestamp_us / 1e6))
+                out.append(Received(b, index_of[rx.sender], payload, pose,
+                                    (now - rx.timestamp_us) / 1e6))
         return out
 
     def request(self, fusion: FusionMethod, batch, senders: list[int],
                 payloads: list[dict[str, torch.Tensor] | None], kind: str = "request",
-                ) -> dict[int, dict[str, torch.Tensor]]:
+                state: FusionState | None = None) -> dict[int, dict[str, torch.Tensor]]:
         """Send each sender its ego's request (``FusionMethod.request``): one message of ``kind``
         per non-None payload, from the sample's ego (its pose: the identity, its timestamp: 0) to
         that sender, counted in the ledger like every other message. An empty payload sends the
         header alone: the ego's pose (kind ``"pose"``, for senders that work in the ego's axes).
 
         Returns:
-            stacked sender index -> the request payload it decoded; absent when none was sent
-            or the channel lost it.
+            stacked sender index -> the request payload it decoded and accepted; absent when
+            none was sent, or the channel lost it, or it failed the sender's checks.
         """
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
@@ -127,10 +171,18 @@ class BatchChannel:
             meta = batch.meta[b]
             ids = [str(a) for a in meta["agent_ids"]]
             frame = (meta["dataset"], meta["sequence"], meta["frame"])
+            local = i - ego_index[b]
+            now = self._clock(meta, 0, 0.0)
             with self.timer("serialise"):
-                msg = Message(ids[0], kind, 0, np.eye(4), self._entries(fusion, p))
-            for rx in self.channel.transmit(frame, [msg], receiver=ids[i - ego_index[b]],
-                                            method=method, timer=self.timer):
+                msg = Message(ids[0], kind, now, np.eye(4), self._entries(fusion, p))
+            # The sender checks the ego's message as the ego checks its: at the same (synchronised)
+            # clock, from its own position.
+            receiver_xyz = batch.ego_from_agent[i, :3, 3].detach().cpu().double().numpy()
+            for rx in self.channel.transmit(frame, [msg], receiver=ids[local], method=method,
+                                            timer=self.timer, attackable=False, now_us=now,
+                                            receiver_xyz=receiver_xyz):
                 with self.timer("serialise"):
-                    out[i] = self._decoded(fusion, list(p), rx.payload, device)
+                    payload = self._accepted(fusion, rx, state, device)
+                if payload is not None:
+                    out[i] = payload
         return out

@@ -49,18 +49,25 @@ def predict_frames(model, dataset, device="cpu", max_frames: int | None = None,
 
 
 def build_channel(cfg: dict):
-    """The simulated channel of the config's ``channel`` section (defaults: ideal link), as the
-    detector's batch-level adapter. Every evaluated message goes through it as bytes."""
+    """The simulated channel of the config's ``channel`` section (defaults: ideal link, the
+    default receive checks, no attack), as the detector's batch-level adapter. Every evaluated
+    message goes through it as bytes. ``channel.checks``: :class:`~v2xfuse.comm.checks.
+    ReceiveChecks` fields; ``channel.attack``: :class:`~v2xfuse.comm.attack.AttackConfig`
+    fields (``type: nan`` ...)."""
+    from ..comm.attack import AttackConfig
     from ..comm.batch_link import BatchChannel
     from ..comm.channel import Channel, LinkConfig
+    from ..comm.checks import ReceiveChecks
 
     section = dict(cfg.get("channel") or {})
     seed = int(section.pop("seed", 0))
     budget = section.pop("budget_bytes_per_frame", None)
     codec_options = section.pop("codec_options", None)
+    checks = ReceiveChecks.from_dict(section.pop("checks", None))
+    attack = AttackConfig.from_dict(section.pop("attack", None))
     link = LinkConfig(**section)
-    return BatchChannel(Channel(np.random.default_rng(seed), link,
-                                budget_bytes_per_frame=budget), codec_options)
+    return BatchChannel(Channel(np.random.default_rng(seed), link, budget_bytes_per_frame=budget,
+                                checks=checks, attack=attack), codec_options)
 
 
 def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int | None = None,
@@ -102,7 +109,11 @@ def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int |
         "log2_bytes": float(np.log2(np.mean(sent))) if sent and np.mean(sent) > 0 else None,
         "latency_ms_median": float(np.median(seconds) * 1e3) if seconds else None,
         "latency_ms_p95": float(np.percentile(seconds, 95) * 1e3) if seconds else None,
+        # messages that arrived and failed the receiver's checks, by reason (v2xfuse.comm.checks)
+        "rejected_messages": channel.ledger.rejected.as_dict() if channel is not None else {},
+        "attack": (cfg.get("channel") or {}).get("attack"),
     }
     result.extra.update({k: summary[k] for k in ("bytes_per_frame_p95", "latency_ms_median",
-                                                  "latency_ms_p95")})
+                                                  "latency_ms_p95", "rejected_messages",
+                                                  "attack")})
     return result, summary

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from ..models.bev import warp_to_ego
 from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
-from .basic import group_by_sample
+from .basic import DenseMapFusion, group_by_sample
+from .payload_checks import FeatureRange, expect, expect_finite, expect_indices
 
 __all__ = ["AttFusion", "Where2comm", "cell_attention", "scatter_cells", "sparse_cell_attention"]
 
@@ -84,11 +85,9 @@ def sparse_cell_attention(ego: torch.Tensor, maps: torch.Tensor, sent: torch.Ten
 
 
 @FUSION.register("attfuse")
-class AttFusion(FusionMethod):
+class AttFusion(DenseMapFusion):
     """AttFuse (Xu et al., OPV2V, ICRA 2022): per-cell self-attention over the ego's and the
     warped collaborators' full BEV maps. Payload ``features``: (C, H, W) float32."""
-
-    codecs = {"features": "float32"}
 
     def encode(self, state: FusionState, senders: list[int]):
         maps = state.features.unbind(0)
@@ -129,19 +128,38 @@ class Where2comm(FusionMethod):
     the ego frame, and fused with the ego's map by per-cell attention over the agents that
     sent the cell, at full resolution and 2x pooled; the two results are summed.
 
+    The receiver accepts cells inside its grid and feature values within the range its
+    senders produced in training, clamped to it (as :class:`DenseMapFusion`).
+
     Args:
         threshold: confidence above which a cell is sent at inference.
         top_k: if > 0, send exactly the ``top_k`` most confident cells instead.
+        channels: C (injected by the builder); None: no feature range is kept.
     """
 
     needs_confidence = True
     message_kind = "sparse_features"
     codecs = {"features": "float32", "cells": "raw"}
 
-    def __init__(self, threshold: float = 0.01, top_k: int = 0):
+    def __init__(self, threshold: float = 0.01, top_k: int = 0, channels: int | None = None):
         super().__init__()
         self.threshold = float(threshold)
         self.top_k = int(top_k)
+        self.feature_range = FeatureRange(channels) if channels else None
+
+    def observe(self, senders, payloads):
+        if self.feature_range is not None:
+            self.feature_range.observe_payloads(payloads)
+
+    def check_fields(self, kind, payload, state):
+        channels, height, width = state.features.shape[1:]
+        cells = expect(payload, "cells", (None,), kind="int")
+        cells = expect_indices("cells", cells, height * width)
+        feats = expect(payload, "features", (channels, len(cells)))
+        expect_finite("features", feats)
+        if self.feature_range is not None:
+            feats = self.feature_range.sanitise("features", feats)
+        return {"features": feats, "cells": cells}
 
     def select(self, confidence: torch.Tensor) -> torch.Tensor:
         """(H, W) confidence -> (K,) flat indices of the cells to send."""

@@ -21,6 +21,13 @@ when a channel is attached (so its bytes are counted like the payload's)::
 
 ``None`` in place of a payload, report or request means "nothing sent" (no message, no bytes).
 
+Every payload that arrives through a channel is first checked by the channel (bytes, sender,
+pose, age, duplicates, finite values; see :mod:`v2xfuse.comm.checks`), then by the method's own
+``check_payload`` (shapes on its grid and codebook, index ranges, value ranges its training
+saw), which may also sanitise it (clamp features to the trained range). A payload that fails is
+dropped and counted; ``fuse`` only ever sees payloads that passed. In training the detector
+shows each method what its senders sent (``observe``), so it learns those ranges.
+
 ``stage`` tells the detector where the method sits:
 * ``"none"``: no communication, the ego's own features go to the head;
 * ``"early"``: raw points are sent and the ego encodes the union (``fuse`` returns points);
@@ -34,8 +41,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..comm.checks import Rejected
 from ..datasets.batch import CoopBatch
 from ..models.bev import BevGrid
+from .payload_checks import expect_finite
 
 __all__ = ["Received", "FusionState", "FusionMethod"]
 
@@ -118,6 +127,37 @@ class FusionMethod(nn.Module):
 
     def fuse(self, state: FusionState, received: list[Received]):
         raise NotImplementedError
+
+    def check_payload(self, kind: str, payload: dict[str, torch.Tensor],
+                      state: FusionState | None) -> dict[str, torch.Tensor]:
+        """Receiver side, before ``fuse`` (or before a sender reads a request): raise
+        :class:`~v2xfuse.comm.checks.Rejected` for a ``kind`` message whose decoded ``payload``
+        must not be used; return the payload to use (possibly sanitised). ``state``: the
+        receiver's state for this batch (None for the ego's pose message, which must be
+        empty). Arrays the method does not name in ``codecs`` are refused; the method's own
+        ``check_fields`` does the rest."""
+        if kind == "pose":
+            if payload:
+                raise Rejected("shape", f"a pose message carries no payload, got {sorted(payload)}")
+            return payload
+        unexpected = sorted(set(payload) - set(self.codecs))
+        if unexpected:
+            raise Rejected("shape", f"payload arrays {unexpected} are not among {sorted(self.codecs)}")
+        for name, t in payload.items():
+            expect_finite(name, t)
+        return self.check_fields(kind, payload, state)
+
+    def check_fields(self, kind: str, payload: dict[str, torch.Tensor],
+                     state: FusionState) -> dict[str, torch.Tensor]:
+        """What ``check_payload`` adds for this method: the arrays it expects, their shapes on
+        its grid and codebook, index and value ranges (helpers in
+        :mod:`v2xfuse.fusion.payload_checks`). Default: accept."""
+        return payload
+
+    def observe(self, senders: list[int], payloads: list[dict[str, torch.Tensor] | None]
+                ) -> None:
+        """Training: what the senders put in their messages this step, for the ranges that
+        ``check_payload`` holds received payloads to. Default: nothing kept."""
 
     def aux_loss(self, state: FusionState) -> dict[str, torch.Tensor]:
         """Extra training losses of the method (e.g. a codebook's reconstruction loss)."""

@@ -8,8 +8,10 @@ import torch
 from ..models.bev import warp_to_ego
 from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
+from .payload_checks import FeatureRange, expect, expect_finite, expect_within
 
-__all__ = ["NoFusion", "EarlyFusion", "MaxFusion", "group_by_sample"]
+__all__ = ["NoFusion", "EarlyFusion", "MaxFusion", "DenseMapFusion", "LateFusion",
+           "group_by_sample", "check_boxes"]
 
 
 def group_by_sample(received: list[Received]) -> dict[int, list[Received]]:
@@ -40,11 +42,28 @@ class EarlyFusion(FusionMethod):
     """Cooper-style early fusion: collaborators send their raw points; the ego encodes the union.
 
     Payload ``points``: (M, 4) float32 [x, y, z, intensity] in the sender's LiDAR frame.
+
+    Received points must be finite and within ``max_point_range_m`` of the sender; a sender
+    that sends more than ``max_points`` has its cloud thinned to that many by a uniform stride
+    (the ego's encoder would otherwise pay for whatever a collaborator chose to send).
     """
 
     stage = "early"
     message_kind = "points"
     codecs = {"points": "raw"}
+
+    def __init__(self, max_points: int = 300_000, max_point_range_m: float = 300.0):
+        super().__init__()
+        self.max_points, self.max_point_range_m = int(max_points), float(max_point_range_m)
+
+    def check_fields(self, kind, payload, state):
+        pts = expect(payload, "points", (None, 4))
+        expect_finite("points", pts)
+        expect_within("points", pts[:, :3], -self.max_point_range_m, self.max_point_range_m)
+        if len(pts) > self.max_points:
+            stride = -(-len(pts) // self.max_points)
+            pts = pts[::stride]
+        return {"points": pts}
 
     def encode(self, state: FusionState, senders: list[int]):
         pts = state.batch.points
@@ -68,12 +87,39 @@ class EarlyFusion(FusionMethod):
         return torch.cat(out, 0)
 
 
-@FUSION.register("max")
-class MaxFusion(FusionMethod):
-    """F-Cooper (Chen et al., 2019): element-wise max of the ego's and the warped collaborators'
-    BEV feature maps. Payload ``features``: (C, H, W) float32, the whole map."""
+class DenseMapFusion(FusionMethod):
+    """A method whose senders send their whole BEV map, payload ``features`` (C, H, W).
+
+    The receiver accepts a map of its own grid's shape whose values lie within what its
+    senders produced in training (:class:`FeatureRange`), clamped to that range.
+
+    Args:
+        channels: C (injected by the builder); None: no range is kept.
+    """
 
     codecs = {"features": "float32"}
+
+    def __init__(self, channels: int | None = None):
+        super().__init__()
+        self.feature_range = FeatureRange(channels) if channels else None
+
+    def observe(self, senders, payloads):
+        if self.feature_range is not None:
+            self.feature_range.observe_payloads(payloads)
+
+    def check_fields(self, kind, payload, state):
+        shape = tuple(state.features.shape[1:]) if state.features is not None else (None,) * 3
+        feats = expect(payload, "features", shape)
+        expect_finite("features", feats)
+        if self.feature_range is not None:
+            feats = self.feature_range.sanitise("features", feats)
+        return {"features": feats}
+
+
+@FUSION.register("max")
+class MaxFusion(DenseMapFusion):
+    """F-Cooper (Chen et al., 2019): element-wise max of the ego's and the warped collaborators'
+    BEV feature maps. Payload ``features``: (C, H, W) float32, the whole map."""
 
     def encode(self, state: FusionState, senders: list[int]):
         # unbind, not indexing: one backward node instead of a full-size zero gradient per sender.
@@ -105,11 +151,29 @@ class LateFusion(FusionMethod):
 
     Payload ``boxes``: (K, 7) float32 in the sender's LiDAR frame; ``scores``: (K,) float32.
     Training is single-agent (the ego's head on its own map); boxes are exchanged at inference.
+
+    The receiver accepts at most ``max_boxes`` boxes per message, each finite, with sizes in
+    (0, ``max_box_size_m``] and centres within ``max_point_range_m`` of the sender, and scores
+    in [0, 1] (what a sigmoid head gives): a sender cannot outvote the ego with scores of 1e30
+    or hide NaN in what reaches NMS.
     """
 
     stage = "late"
     message_kind = "boxes"
     codecs = {"boxes": "raw", "scores": "raw"}
+
+    def __init__(self, max_boxes: int = 500, max_box_size_m: float = 30.0,
+                 max_point_range_m: float = 300.0):
+        super().__init__()
+        self.max_boxes, self.max_box_size_m = int(max_boxes), float(max_box_size_m)
+        self.max_point_range_m = float(max_point_range_m)
+
+    def check_fields(self, kind, payload, state):
+        boxes = check_boxes(payload, "boxes", self.max_boxes, self.max_box_size_m,
+                            self.max_point_range_m)
+        scores = expect(payload, "scores", (len(boxes),))
+        expect_within("scores", scores, 0.0, 1.0)
+        return dict(payload)
 
     def encode(self, state: FusionState, senders: list[int]):
         dets = state.extras.get("detections")
@@ -128,3 +192,19 @@ class LateFusion(FusionMethod):
             scores = [m.payload["scores"].float() for m in msgs]
             out[b] = (torch.cat(boxes), torch.cat(scores))
         return out
+
+
+def check_boxes(payload: dict[str, torch.Tensor], name: str, max_boxes: int, max_size_m: float,
+                max_range_m: float) -> torch.Tensor:
+    """``payload[name]`` checked as at most ``max_boxes`` finite (K, 7) boxes with sizes in
+    (0, ``max_size_m``] and centres within ``max_range_m``; raises Rejected."""
+    from ..comm.checks import Rejected
+
+    boxes = expect(payload, name, (None, 7))
+    if len(boxes) > max_boxes:
+        raise Rejected("bounds", f"payload {name!r}: {len(boxes)} boxes, at most {max_boxes}")
+    expect_finite(name, boxes)
+    expect_within(name, boxes[:, :3], -max_range_m, max_range_m)
+    if len(boxes) and not bool(((boxes[:, 3:6] > 0) & (boxes[:, 3:6] <= max_size_m)).all()):
+        raise Rejected("bounds", f"payload {name!r}: box sizes outside (0, {max_size_m}] m")
+    return boxes

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.message import MessageError
+from ..comm.checks import Rejected
 from ..models.bev import warp_to_ego
 from ..registry import FUSION
 from .attention import scatter_cells, sparse_cell_attention
 from .base import FusionMethod, FusionState, Received
 from .basic import group_by_sample
 from .codebook import ResidualCodebook
+from .payload_checks import expect
 
 __all__ = ["CodeFilling", "fill_selection"]
 
@@ -164,22 +165,33 @@ class CodeFilling(FusionMethod):
         return out
 
     def _reported(self, payload: dict, like: torch.Tensor) -> torch.Tensor:
-        """A report payload -> (H, W) confidence map (0 where not reported), checked."""
-        cells = self._checked_cells(payload["conf_cells"].to(like.device), like.shape, "report")
-        levels = payload["conf_levels"].to(like.device).long()
-        if levels.shape != (int(cells.sum()),) or (levels > self.conf_levels).any():
-            raise MessageError(f"report: {tuple(levels.shape)} levels for {int(cells.sum())} "
-                               f"cells, at most {self.conf_levels} each")
+        """A checked report payload -> (H, W) confidence map (0 where not reported)."""
+        cells = payload["conf_cells"].to(like.device)
+        levels = payload["conf_levels"].to(like.device)
         out = torch.zeros_like(like)
         out[cells] = levels.to(like.dtype) / self.conf_levels
         return out
 
-    @staticmethod
-    def _checked_cells(cells: torch.Tensor, shape, what: str) -> torch.Tensor:
-        if cells.dtype != torch.bool or tuple(cells.shape) != tuple(shape):
-            raise MessageError(f"{what}: cells {cells.dtype} {tuple(cells.shape)}, "
-                               f"expected bool {tuple(shape)}")
-        return cells
+    def check_fields(self, kind, payload, state):
+        """Reports: a (H, W) cell mask of the grid and one level in 1..2**conf_bits - 1 per
+        cell; requests: a (H, W) mask; codes: a (H, W) mask and, per cell, stages x groups
+        codes below k."""
+        grid = tuple(state.features.shape[-2:])
+        if kind == "request":
+            return {"request": expect(payload, "request", grid, kind="bool")}
+        if kind == "report":
+            cells = expect(payload, "conf_cells", grid, kind="bool")
+            levels = expect(payload, "conf_levels", (int(cells.sum()),), kind="int").long()
+            if levels.numel() and (int(levels.min()) < 1 or int(levels.max()) > self.conf_levels):
+                raise Rejected("index", f"payload 'conf_levels': outside 1..{self.conf_levels}")
+            return {"conf_cells": cells, "conf_levels": levels}
+        cb = self.codebook
+        cells = expect(payload, "cells", grid, kind="bool")
+        codes = expect(payload, "codes", (int(cells.sum()), cb.stages, cb.groups), kind="int")
+        codes = codes.long()
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= cb.codewords):
+            raise Rejected("index", f"payload 'codes': outside [0, {cb.codewords})")
+        return {"cells": cells, "codes": codes}
 
     # -- round 2, ego: request ---------------------------------------------------------------
     @torch.no_grad()
@@ -225,8 +237,7 @@ class CodeFilling(FusionMethod):
             if ask is None:  # nothing asked (or the request was lost): nothing sent
                 out.append(None)
                 continue
-            wanted = self._checked_cells(ask["request"].to(conf.device), conf.shape[1:], "request")
-            cells = wanted & (conf[i] > self.conf_threshold)
+            cells = ask["request"].to(conf.device) & (conf[i] > self.conf_threshold)
             if not cells.any():
                 out.append(None)
                 continue
@@ -235,24 +246,16 @@ class CodeFilling(FusionMethod):
             out.append({"cells": cells, "codes": codes})
         return out
 
-    def _dequantised(self, payload: dict, shape) -> tuple[torch.Tensor, torch.Tensor]:
-        """A codes payload -> (K,) flat cell indices and (K, C) dequantised features."""
+    def _dequantised(self, payload: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A checked codes payload -> (K,) flat cell indices and (K, C) dequantised features."""
         device = self.codebook.codebooks.device
-        cells = self._checked_cells(payload["cells"].to(device), shape, "codes")
-        flat = torch.nonzero(cells.flatten()).squeeze(1)
-        codes = payload["codes"].to(device).long()
-        cb = self.codebook
-        if codes.shape != (len(flat), cb.stages, cb.groups) or (codes >= cb.codewords).any():
-            raise MessageError(f"codes: shape {tuple(codes.shape)} or values do not fit "
-                               f"{len(flat)} cells x {cb.stages} stages x {cb.groups} groups "
-                               f"of {cb.codewords} codewords")
-        return flat, cb.decode(codes)
+        flat = torch.nonzero(payload["cells"].to(device).flatten()).squeeze(1)
+        return flat, self.codebook.decode(payload["codes"].to(device).long())
 
     # -- receiver ----------------------------------------------------------------------------
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
         features = state.features
         ego = features[state.batch.ego_index()]
-        height, width = ego.shape[-2:]
         straight_through = torch.is_grad_enabled() and features.requires_grad
         groups = group_by_sample(received)
         out = []
@@ -263,7 +266,7 @@ class CodeFilling(FusionMethod):
                 continue
             dense, sent = [], []
             for m in msgs:
-                flat, values = self._dequantised(m.payload, (height, width))
+                flat, values = self._dequantised(m.payload)
                 if straight_through:  # value: the codes; gradient: to the sender's features
                     x = features[m.sender].flatten(1)[:, flat].T
                     values = x + (values.to(x.dtype) - x).detach()

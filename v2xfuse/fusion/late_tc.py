@@ -34,7 +34,8 @@ from scipy.optimize import linear_sum_assignment
 from ..registry import FUSION
 from ..structures.boxes import transform_boxes
 from ..structures.transforms import invert_transform
-from .basic import LateFusion, group_by_sample
+from .basic import LateFusion, check_boxes, group_by_sample
+from .payload_checks import expect, expect_within
 
 __all__ = ["TimeCompensatedLateFusion", "match_centres", "estimate_velocity", "fuse_matched"]
 
@@ -94,16 +95,27 @@ class TimeCompensatedLateFusion(LateFusion):
     Args:
         unmatched_score_scale: score factor of collaborator boxes no ego box matched.
         max_history_s: previous observations older than this are forgotten (no velocity).
+        checks: :class:`LateFusion`'s limits on received boxes (``prev_boxes`` are held to
+            them too, ``prev_dt`` to (0, ``max_history_s``]).
     """
 
     codecs = {"boxes": "raw", "scores": "raw", "prev_boxes": "raw", "prev_dt": "raw"}
 
-    def __init__(self, unmatched_score_scale: float = 0.4, max_history_s: float = 1.0):
-        super().__init__()
+    def __init__(self, unmatched_score_scale: float = 0.4, max_history_s: float = 1.0, **checks):
+        super().__init__(**checks)
         self.unmatched_score_scale = float(unmatched_score_scale)
         self.max_history_s = float(max_history_s)
         # (dataset, sequence, agent id) -> (timestamp_us, (K, 7) boxes in the sender's world)
         self._memory: dict[tuple[str, str, str], tuple[int, torch.Tensor]] = {}
+
+    def check_fields(self, kind, payload, state):
+        out = super().check_fields(kind, payload, state)
+        if "prev_boxes" in payload or "prev_dt" in payload:
+            check_boxes(payload, "prev_boxes", self.max_boxes, self.max_box_size_m,
+                        self.max_point_range_m)
+            dt = expect(payload, "prev_dt", (1,))
+            expect_within("prev_dt", dt, 1e-6, self.max_history_s)
+        return out
 
     def reset(self) -> None:
         """Forget every sender's previous detections."""

@@ -95,8 +95,8 @@ class CoopDetector(nn.Module):
         with stage("encode"):
             state, senders, payloads = self._encode(batch, channel)
         with stage("channel"):
-            received = (channel.transmit(fusion, batch, senders, payloads) if channel is not None
-                        else self.direct(batch, senders, payloads))
+            received = (channel.transmit(fusion, batch, senders, payloads, state=state)
+                        if channel is not None else self.direct(batch, senders, payloads))
         with stage("fuse"):
             fused = fusion.fuse(state, received)
         if fusion.stage == "early":
@@ -143,6 +143,8 @@ class CoopDetector(nn.Module):
         if fusion.handshake and senders:
             run_handshake(fusion, state, senders, channel)
         payloads = fusion.encode(state, senders) if senders else []
+        if self.training and senders:
+            fusion.observe(senders, payloads)
         return state, senders, payloads
 
     @torch.no_grad()
@@ -232,9 +234,9 @@ def run_handshake(fusion: FusionMethod, state: FusionState, senders: list[int],
         asks = fusion.request(state, senders, CoopDetector.direct(batch, senders, reports))
         state.requests = {i: a for i, a in zip(senders, asks) if a is not None}
     else:
-        arrived = channel.transmit(fusion, batch, senders, reports, kind="report")
+        arrived = channel.transmit(fusion, batch, senders, reports, kind="report", state=state)
         state.requests = channel.request(fusion, batch, senders,
-                                         fusion.request(state, senders, arrived))
+                                         fusion.request(state, senders, arrived), state=state)
 
 
 def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> CoopBatch:

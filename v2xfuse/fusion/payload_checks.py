@@ -1,0 +1,121 @@
+"""Checks a fusion method applies to a decoded payload before it fuses it.
+
+The channel has already checked the message as a whole (:mod:`v2xfuse.comm.checks`); what is
+left is what only the receiving method knows: which arrays it expects, their shapes on its grid
+and codebook, the range of its indices, and the values its own training saw. Each helper raises
+:class:`~v2xfuse.comm.checks.Rejected` with a reason and the field's name.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..comm.checks import Rejected
+
+__all__ = ["expect", "expect_finite", "expect_within", "expect_indices", "FeatureRange"]
+
+
+def expect(payload: dict[str, torch.Tensor], name: str, shape: tuple, kind: str = "float"
+           ) -> torch.Tensor:
+    """``payload[name]``, checked to exist, be of ``kind`` ("float", "int" or "bool") and have
+    ``shape`` (ints, or None for any size on that axis)."""
+    t = payload.get(name)
+    if t is None:
+        raise Rejected("shape", f"payload {name!r} missing (has {sorted(payload)})")
+    ok_kind = {"float": t.is_floating_point(), "bool": t.dtype == torch.bool,
+               "int": not t.is_floating_point() and t.dtype != torch.bool
+               and not t.is_complex()}[kind]
+    if not ok_kind:
+        raise Rejected("shape", f"payload {name!r}: dtype {t.dtype}, expected {kind}")
+    if t.dim() != len(shape) or any(s is not None and d != s for d, s in zip(t.shape, shape)):
+        want = tuple("*" if s is None else s for s in shape)
+        raise Rejected("shape", f"payload {name!r}: shape {tuple(t.shape)}, expected {want}")
+    return t
+
+
+def expect_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise Rejected("nonfinite", f"payload {name!r}: NaN or infinite values")
+
+
+def expect_within(name: str, t: torch.Tensor, lo: float, hi: float) -> None:
+    """Every value of ``t`` in ``[lo, hi]`` (NaN fails too)."""
+    if t.numel() and not bool(((t >= lo) & (t <= hi)).all()):
+        raise Rejected("bounds", f"payload {name!r}: values outside [{lo}, {hi}]")
+
+
+def expect_indices(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as int64 indices, each in ``[0, n)``."""
+    t = t.long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise Rejected("index", f"payload {name!r}: indices outside [0, {n})")
+    return t
+
+
+class FeatureRange(nn.Module):
+    """Per-channel range of the features a method's senders produced in training, kept as
+    buffers (saved with the weights), so a receiver can tell what a trained sender can send.
+
+    ``observe(x)`` (training only) widens ``lo``/``hi`` to cover ``x``. ``sanitise(name, x)``
+    on the receiver rejects values beyond ``reject_factor`` spans outside the range (no trained
+    sender makes them: an attack or a fault) and clamps the rest to the range, so that no
+    sender can dominate a max or an attention by magnitude alone. Until something was observed
+    (an untrained model, a checkpoint older than this) the range is unknown: nothing is
+    clamped and only the channel's absolute bound applies.
+
+    Args:
+        channels: C.
+        reject_factor: how many spans ``hi - lo`` beyond the range a value may lie before the
+            whole message is rejected rather than clamped.
+    """
+
+    def __init__(self, channels: int, reject_factor: float = 100.0):
+        super().__init__()
+        self.reject_factor = float(reject_factor)
+        self.register_buffer("lo", torch.full((channels,), float("inf")))
+        self.register_buffer("hi", torch.full((channels,), float("-inf")))
+
+    @property
+    def known(self) -> bool:
+        return bool((self.hi >= self.lo).all())
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """x: (C, ...) features a sender sent."""
+        if x.numel() == 0:
+            return
+        flat = x.detach().reshape(x.shape[0], -1).to(self.lo.dtype)
+        self.lo.copy_(torch.minimum(self.lo, flat.amin(1)))
+        self.hi.copy_(torch.maximum(self.hi, flat.amax(1)))
+
+    def observe_payloads(self, payloads: list[dict[str, torch.Tensor] | None],
+                         name: str = "features") -> None:
+        """``observe`` the ``name`` entry of every payload sent (None: nothing sent)."""
+        for p in payloads:
+            if p is not None:
+                self.observe(p[name])
+
+    def sanitise(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x: (C, ...) received features -> the same, clamped per channel to the range."""
+        if x.shape[0] != self.lo.shape[0]:
+            raise Rejected("shape", f"payload {name!r}: {x.shape[0]} channels, expected "
+                                    f"{self.lo.shape[0]}")
+        if not self.known or x.numel() == 0:
+            return x
+        view = (-1,) + (1,) * (x.dim() - 1)
+        lo, hi = self.lo.to(x).view(view), self.hi.to(x).view(view)
+        slack = self.reject_factor * (hi - lo).clamp_min(1e-6)
+        if not bool(((x >= lo - slack) & (x <= hi + slack)).all()):
+            raise Rejected("bounds", f"payload {name!r}: values more than {self.reject_factor:g} "
+                                     "spans outside the range seen in training")
+        return torch.maximum(torch.minimum(x, hi), lo)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints written before ranges were recorded load with the range unknown.
+        absent = [k for k in ("lo", "hi") if prefix + k not in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        for k in absent:
+            if prefix + k in missing_keys:
+                missing_keys.remove(prefix + k)

@@ -25,7 +25,7 @@ replay            the link's first message of the sequence is sent again instead
 stale             the timestamp is set 10 s in the past
 truncate          the message is cut to half its length
 duplicate         the message is sent twice
-wrong_shape       the largest payload array gains one row of zeros
+wrong_shape       the largest payload array gains one column of zeros (along its last axis)
 bad_index         the last element of every integer payload array (indices, cells) becomes
                   its dtype's maximum
 ================  ======================================================================
@@ -126,7 +126,7 @@ class Attacker:
             name = max(rx.payload, key=lambda n: rx.payload[n].size, default=None)
             if name is not None and rx.payload[name].ndim:
                 arr = rx.payload[name]
-                rx.payload[name] = np.concatenate([arr, np.zeros_like(arr[:1])])
+                rx.payload[name] = np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=-1)
         elif kind == "bad_index":
             for name, arr in rx.payload.items():
                 if arr.dtype.kind in "iu" and arr.size and not name.endswith("shape"):

@@ -95,6 +95,11 @@ class BatchChannel:
             return None
 
     @staticmethod
+    def _dedup_scope(meta: dict, frame: tuple) -> tuple:
+        """Sensor times are unique within a sequence; relative times only within a frame."""
+        return frame if meta.get("timestamp_us") is None else frame[:2]
+
+    @staticmethod
     def _clock(meta: dict, local: int, delay_s: float) -> int:
         """Sensor time of the sample's agent ``local`` in microseconds (module docstring)."""
         stamps = meta.get("timestamp_us")
@@ -137,7 +142,8 @@ class BatchChannel:
                 msgs.append(Message(ids[local], kind or fusion.message_kind, ts, pose, entries))
             for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=method,
                                             timer=self.timer, now_us=now,
-                                            receiver_xyz=np.zeros(3)):
+                                            receiver_xyz=np.zeros(3),
+                                            dedup_scope=self._dedup_scope(meta, frame)):
                 with self.timer("serialise"):
                     payload = self._accepted(fusion, rx, state, device)
                 if payload is None:
@@ -180,7 +186,8 @@ class BatchChannel:
             receiver_xyz = batch.ego_from_agent[i, :3, 3].detach().cpu().double().numpy()
             for rx in self.channel.transmit(frame, [msg], receiver=ids[local], method=method,
                                             timer=self.timer, attackable=False, now_us=now,
-                                            receiver_xyz=receiver_xyz):
+                                            receiver_xyz=receiver_xyz,
+                                            dedup_scope=self._dedup_scope(meta, frame)):
                 with self.timer("serialise"):
                     payload = self._accepted(fusion, rx, state, device)
                 if payload is not None:

@@ -238,7 +238,8 @@ class Channel:
 
     def transmit(self, frame: Hashable, messages: Sequence[Message], receiver: str = "ego",
                  method: str = "", timer=None, now_us: int | None = None,
-                 receiver_xyz=None, attackable: bool = True) -> list[Message]:
+                 receiver_xyz=None, attackable: bool = True,
+                 dedup_scope: Hashable = _NEVER) -> list[Message]:
         """Send ``messages`` (one per sender and kind) to ``receiver`` in frame ``frame``.
 
         Returns what the receiver gets this frame and accepts, decoded from bytes, in input
@@ -250,7 +251,9 @@ class Channel:
         ``receiver_xyz``: (3,) the receiver's position in the poses' world, for the range check
         (None: no range check).
         ``attackable``: whether the channel's attacker may tamper these messages (False for
-        what a receiver's own ego sends).
+        what a receiver's own ego sends). ``dedup_scope``: where a timestamp may be accepted
+        only once per link; default the sequence of ``(dataset, sequence, frame)`` keys (pass
+        ``frame`` when timestamps restart every frame, so only copies within it are refused).
         """
         timer = timer or null_timer
         keys = [(m.sender, receiver, m.kind) for m in messages]
@@ -299,7 +302,7 @@ class Channel:
                 self.ledger.delivered[frame] += 1
                 try:
                     with timer("serialise"):
-                        rx = self._receive(blob, key, frame, now_us, receiver_xyz)
+                        rx = self._receive(blob, key, frame, now_us, receiver_xyz, dedup_scope)
                 except Rejected as err:
                     self.ledger.rejected.add(err, key[0], key[2])
                     continue
@@ -310,7 +313,7 @@ class Channel:
         return out
 
     def _receive(self, blob: bytes, link: tuple[str, str, str], frame: Hashable,
-                 now_us: int | None, receiver_xyz) -> Message:
+                 now_us: int | None, receiver_xyz, scope: Hashable) -> Message:
         """Decode ``blob`` as the receiver of ``link`` (sender, receiver, kind) and check it
         (module docstring, step 6); raises :class:`Rejected`."""
         try:
@@ -329,7 +332,8 @@ class Channel:
                 raise Rejected("stale", f"timestamp {rx.timestamp_us} us is {age} us old "
                                         f"(accepted: -{self.checks.max_future_us}.."
                                         f"{self.checks.max_age_us})")
-        scope = frame[:-1] if isinstance(frame, tuple) and len(frame) >= 2 else None
+        if scope is _NEVER:
+            scope = frame[:-1] if isinstance(frame, tuple) and len(frame) >= 2 else None
         seen = self._accepted.setdefault((scope, *link),
                                          deque(maxlen=self.checks.duplicate_window))
         if rx.timestamp_us in seen:

@@ -108,7 +108,10 @@ def check_rigid_pose(pose: np.ndarray, checks: ReceiveChecks, receiver_xyz=None,
                                f"det = {det:.3g}, tolerance {checks.rigid_tol})")
     if receiver_xyz is None:
         return
-    dist = float(np.linalg.norm(pose[:3, 3] - np.asarray(receiver_xyz, dtype=np.float64)))
+    offset = pose[:3, 3] - np.asarray(receiver_xyz, dtype=np.float64)
+    # the max first: squaring a 1e300 offset would overflow
+    dist = float(np.abs(offset).max())
+    dist = float(np.linalg.norm(offset)) if dist <= checks.max_range_m else dist
     if not dist <= checks.max_range_m:
         raise Rejected("far", f"{what}: sender {dist:.4g} m away, beyond {checks.max_range_m} m")
 

@@ -80,3 +80,14 @@ def test_registry_rejects_duplicates_and_names_known():
         reg.register("a")(object)
     with pytest.raises(KeyError, match="known: a"):
         reg.get("b")
+
+
+def test_set_may_create_the_optional_channel_attack_and_checks_sections_only():
+    from v2xfuse.config import ConfigError, apply_overrides
+
+    cfg = {"model": {"fusion": {"type": "max"}}}
+    out = apply_overrides(cfg, ["channel.attack.type=nan", "channel.checks.max_range_m=150"])
+    assert out["channel"] == {"attack": {"type": "nan"}, "checks": {"max_range_m": 150}}
+    assert "channel" not in cfg
+    with pytest.raises(ConfigError, match="model.fusoin"):
+        apply_overrides(cfg, ["model.fusoin.type=max"])

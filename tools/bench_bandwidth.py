@@ -16,6 +16,16 @@ Points already in that file are not evaluated again, so a killed run continues w
 At the end ``OUT/ap_vs_bytes.png`` (AP@0.5 against bytes per frame, log scale) and
 ``OUT/results.md`` (a markdown table) are rewritten from all rows.
 
+Robustness (``--attacks nan,inf,...`` or ``--attacks all``): instead of its bandwidth sweep each
+method is scored at its configured operating point clean and with the channel playing each
+attack (``channel.attack``, see v2xfuse/comm/attack.py) on ``--attack-fraction`` of the
+senders; ``scale`` is also scored with the receiver's clamping to the trained feature range
+turned off (``scale_unclamped``), which measures that defence. Rows go to ``OUT/attacks.csv``
+(with the rejected messages by reason) and ``OUT/attacks.md`` (AP@0.5 per method and attack)::
+
+    python tools/bench_bandwidth.py --config configs/quickstart.yaml --out work_dirs/bench \
+        --checkpoints work_dirs/bench/ckpt --attacks all
+
 A method whose fusion type is not registered is skipped with a warning. The model architecture
 comes from the checkpoint's config; dataset, pipeline, channel and evaluation settings come from
 ``--config`` and ``--set``, so every method is scored on the same frames and link.
@@ -89,6 +99,21 @@ DEFAULT_METHODS = "none,early,late,max,attfuse,where2comm,codefilling"
 COLUMNS = ["method", "knob", "value", "bytes_per_frame", "bytes_per_frame_p95", "log2_bytes",
            "ap_30", "ap_50", "ap_70", "latency_ms_median", "frames", "dataset", "split",
            "sort_mode", "iou_type", "eval_range", "checkpoint_step"]
+ATTACK_COLUMNS = COLUMNS + ["rejected_messages"]
+
+
+def attack_points(attacks: list[str], fraction: float, seed: int = 0) -> list[SweepPoint]:
+    """The clean point, then one per attack on ``fraction`` of the senders; ``scale`` also
+    without the receiver's clamping (methods without that knob skip it)."""
+    points = [SweepPoint("attack", "clean")]
+    for a in attacks:
+        over = (f"channel.attack.type={a}", f"channel.attack.fraction={fraction}",
+                f"channel.attack.seed={seed}")
+        points.append(SweepPoint("attack", a, over))
+        if a == "scale":
+            points.append(SweepPoint("attack", "scale_unclamped",
+                                     over + ("model.fusion.clamp_features=false",)))
+    return points
 
 
 def evaluate_detector(*args, **kwargs):
@@ -99,13 +124,13 @@ def evaluate_detector(*args, **kwargs):
 
 
 # --------------------------------------------------------------------------------- results.csv
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames and list(reader.fieldnames) != COLUMNS:
-            raise SystemExit(f"{path}: columns {reader.fieldnames} are not this tool's {COLUMNS}; "
+        if reader.fieldnames and list(reader.fieldnames) != columns:
+            raise SystemExit(f"{path}: columns {reader.fieldnames} are not this tool's {columns}; "
                              f"move it away or pick another --out")
         return list(reader)
 
@@ -113,7 +138,7 @@ def read_rows(path: Path) -> list[dict]:
 def append_row(path: Path, row: dict) -> None:
     new = not path.is_file()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(row))
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -134,6 +159,13 @@ def make_row(method: str, point: SweepPoint, summary: dict, iou_type: str, step:
             "sort_mode": summary["sort_mode"], "iou_type": iou_type,
             "eval_range": " ".join(f"{v:g}" for v in summary["range"]) if summary["range"] else "",
             "checkpoint_step": step}
+
+
+def make_attack_row(method: str, point: SweepPoint, summary: dict, iou_type: str,
+                    step: int) -> dict:
+    refused = summary.get("rejected_messages") or {}
+    return {**make_row(method, point, summary, iou_type, step),
+            "rejected_messages": " ".join(f"{k}:{v}" for k, v in refused.items())}
 
 
 class LoadedFrames:
@@ -218,7 +250,8 @@ def evaluate_point(method: str, point: SweepPoint, cfg: dict, state: dict, datas
     _, summary = evaluate_detector(model, dataset, point_cfg, device=device, max_frames=frames,
                                    split="val")
     iou_type = (point_cfg.get("eval") or {}).get("iou_type", "bev")
-    return make_row(method, point, summary, iou_type, int(state.get("step", -1)))
+    row = make_attack_row if point.knob == "attack" else make_row
+    return row(method, point, summary, iou_type, int(state.get("step", -1)))
 
 
 def run(args) -> int:
@@ -232,20 +265,28 @@ def run(args) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "results.csv"
+    attacks = _attack_list(args.attacks)
+    csv_path, columns = ((out_dir / "attacks.csv", ATTACK_COLUMNS) if attacks else
+                         (out_dir / "results.csv", COLUMNS))
     cfg = load_config(args.config, args.overrides)
     lidar_range = cfg.get("pipeline", {}).get("lidar_range")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    done = {(r["method"], r["knob"], r["value"]) for r in read_rows(csv_path)}
+    done = {(r["method"], r["knob"], r["value"]) for r in read_rows(csv_path, columns)}
     dataset = None
     for method in methods:
         if method not in FUSION:
             log.warning("%s: no fusion method of that type is registered (known: %s); skipped",
                         method, ", ".join(FUSION.names()))
             continue
-        if method not in SWEEPS:
-            log.warning("%s: no sweep in SWEEPS, evaluating its single operating point", method)
-        todo = [p for p in SWEEPS.get(method, SINGLE) if (method, p.knob, p.value) not in done]
+        if attacks:  # an ego alone receives nothing to attack
+            points = attack_points(attacks, args.attack_fraction)
+            points = points[:1] if method == "none" else points
+        else:
+            if method not in SWEEPS:
+                log.warning("%s: no sweep in SWEEPS, evaluating its single operating point",
+                            method)
+            points = SWEEPS.get(method, SINGLE)
+        todo = [p for p in points if (method, p.knob, p.value) not in done]
         if not todo:
             log.info("%s: every point already in %s", method, csv_path)
             continue
@@ -269,10 +310,14 @@ def run(args) -> int:
             if row is not None:
                 append_row(csv_path, row)
                 done.add((method, point.knob, point.value))
-    rows = read_rows(csv_path)
+    rows = read_rows(csv_path, columns)
     if not rows:
         log.warning("no results to plot")
         return 1
+    if attacks:
+        write_attack_markdown(rows, out_dir / "attacks.md", args.attack_fraction)
+        print(f"wrote {csv_path} and {out_dir / 'attacks.md'}")
+        return 0
     write_markdown(rows, out_dir / "results.md")
     plot_ap_vs_bytes(rows, out_dir / "ap_vs_bytes.png")
     print(f"wrote {csv_path}, {out_dir / 'results.md'} and {out_dir / 'ap_vs_bytes.png'}")
@@ -300,6 +345,42 @@ def write_markdown(rows: list[dict], path: Path) -> None:
                  f"OpenCOOD AP ({first['sort_mode']} sort, {first['iou_type'].upper()} IoU, range "
                  f"{first['eval_range']}); bytes are the serialised messages of all "
                  f"collaborators per frame.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _attack_list(text: str | None) -> list[str]:
+    from v2xfuse.comm.attack import ATTACKS
+
+    if not text:
+        return []
+    names = list(ATTACKS) if text == "all" else [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise SystemExit(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)} or all")
+    return names
+
+
+def write_attack_markdown(rows: list[dict], path: Path, fraction: float) -> None:
+    """AP@0.5 per method (rows) clean, ego-only and under each attack (columns), then the
+    messages each attack had refused, by reason."""
+    ego = next((r["ap_50"] for r in rows if r["method"] == "none"), "-")
+    attacks = list(dict.fromkeys(r["value"] for r in rows if r["value"] != "clean"))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    cell = {(r["method"], r["value"]): r for r in rows}
+    lines = ["| method | ego only | clean | " + " | ".join(attacks) + " |",
+             "|" + "---|" * (3 + len(attacks))]
+    for m in methods:
+        vals = [cell[(m, a)]["ap_50"] if (m, a) in cell else "-" for a in ["clean", *attacks]]
+        lines.append(f"| {m} | {ego} | " + " | ".join(vals) + " |")
+    lines += ["", f"AP@0.5 with the channel playing each attack on {fraction:.3g} of the "
+              "senders (each sender in each frame hostile with that probability).", "",
+              "| method | attack | rejected messages (reason:count) |", "|---|---|---|"]
+    for r in rows:
+        if r.get("rejected_messages"):
+            lines.append(f"| {r['method']} | {r['value']} | {r['rejected_messages']} |")
+    first = rows[0]
+    lines += ["", f"{first['dataset']} {first['split']} split, {first['frames']} frames, "
+              f"OpenCOOD AP ({first['sort_mode']} sort, {first['iou_type'].upper()} IoU)."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -380,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the evaluated frames in memory when there are at most this many")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated channel attacks (or 'all'): score each method under "
+                        "them instead of sweeping its bandwidth (OUT/attacks.csv, attacks.md)")
+    p.add_argument("--attack-fraction", type=float, default=1 / 3,
+                   help="probability that a sender is hostile in a frame (default 1/3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

@@ -118,6 +118,11 @@ def get_path(cfg: dict, dotted: str, default=KeyError):
     return node
 
 
+#: sections a config may leave out and ``--set`` may create (``--set channel.attack.type=nan``);
+#: the objects they configure check their keys, so a typo still fails, naming the key.
+OPTIONAL_SECTIONS = frozenset({"channel", "channel.attack", "channel.checks", "eval"})
+
+
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(cfg)
     for item in overrides:
@@ -131,6 +136,8 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         parts = key.split(".")
         node = out
         for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None and ".".join(parts[:depth + 1]) in OPTIONAL_SECTIONS:
+                node[part] = {}
             if not isinstance(node.get(part), dict):
                 known = ", ".join(sorted(k for k in node)) if isinstance(node, dict) else ""
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])!r} is not a section "

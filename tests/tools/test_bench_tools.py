@@ -136,6 +136,31 @@ def test_bench_bandwidth_rerun_evaluates_only_missing_points(bandwidth_run, tiny
     assert [(r["knob"], r["value"]) for r in after[-2:]] == [("top_k", "1024"), ("top_k", "4096")]
 
 
+def test_bench_bandwidth_attack_mode_scores_each_method_clean_and_attacked(bandwidth_run,
+                                                                          tiny_config, tmp_path):
+    bench = _tool("bench_bandwidth")
+    out = tmp_path / "attacks"
+    argv = ["--config", str(tiny_config), "--methods", "none,max", "--out", str(out),
+            "--checkpoints", str(bandwidth_run / "ckpt"), "--frames", "2", "--quiet",
+            "--attacks", "nan,spoof_ego,scale", "--attack-fraction", "1.0"]
+    assert bench.main(argv) == 0
+    rows = _rows(out / "attacks.csv")
+    assert [(r["method"], r["value"]) for r in rows] == [
+        ("none", "clean"), ("max", "clean"), ("max", "nan"), ("max", "spoof_ego"),
+        ("max", "scale"), ("max", "scale_unclamped")]
+    by = {(r["method"], r["value"]): r for r in rows}
+    assert by["max", "clean"]["rejected_messages"] == ""
+    assert by["max", "nan"]["rejected_messages"].startswith("nonfinite:")
+    assert by["max", "spoof_ego"]["rejected_messages"].startswith("sender:")
+    # every message refused: the ego alone, exactly
+    assert by["max", "nan"]["ap_50"] == by["none", "clean"]["ap_50"]
+    table = (out / "attacks.md").read_text()
+    assert table.startswith("| method | ego only | clean | nan | spoof_ego | scale |")
+    assert "| max | nonfinite:" in table.replace("| max | nan | ", "| max | ")
+    assert bench.main(argv) == 0  # a rerun finds every point done
+    assert len(_rows(out / "attacks.csv")) == len(rows)
+
+
 def test_stage_timer_excludes_nested_stages():
     timer = StageTimer()
     with timer("outer"):

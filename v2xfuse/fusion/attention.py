@@ -135,17 +135,19 @@ class Where2comm(FusionMethod):
         threshold: confidence above which a cell is sent at inference.
         top_k: if > 0, send exactly the ``top_k`` most confident cells instead.
         channels: C (injected by the builder); None: no feature range is kept.
+        clamp_features: as :class:`DenseMapFusion`.
     """
 
     needs_confidence = True
     message_kind = "sparse_features"
     codecs = {"features": "float32", "cells": "raw"}
 
-    def __init__(self, threshold: float = 0.01, top_k: int = 0, channels: int | None = None):
+    def __init__(self, threshold: float = 0.01, top_k: int = 0, channels: int | None = None,
+                 clamp_features: bool = True):
         super().__init__()
         self.threshold = float(threshold)
         self.top_k = int(top_k)
-        self.feature_range = FeatureRange(channels) if channels else None
+        self.feature_range = FeatureRange(channels, clamp=clamp_features) if channels else None
 
     def observe(self, senders, payloads):
         if self.feature_range is not None:

@@ -95,13 +95,15 @@ class DenseMapFusion(FusionMethod):
 
     Args:
         channels: C (injected by the builder); None: no range is kept.
+        clamp_features: clamp received features to the trained range (False: refuse only
+            values far beyond it; for measuring the defence).
     """
 
     codecs = {"features": "float32"}
 
-    def __init__(self, channels: int | None = None):
+    def __init__(self, channels: int | None = None, clamp_features: bool = True):
         super().__init__()
-        self.feature_range = FeatureRange(channels) if channels else None
+        self.feature_range = FeatureRange(channels, clamp=clamp_features) if channels else None
 
     def observe(self, senders, payloads):
         if self.feature_range is not None:

@@ -67,11 +67,13 @@ class FeatureRange(nn.Module):
         channels: C.
         reject_factor: how many spans ``hi - lo`` beyond the range a value may lie before the
             whole message is rejected rather than clamped.
+        clamp: clamp accepted values to the range (False: only the rejection, to measure what
+            the clamping buys).
     """
 
-    def __init__(self, channels: int, reject_factor: float = 100.0):
+    def __init__(self, channels: int, reject_factor: float = 100.0, clamp: bool = True):
         super().__init__()
-        self.reject_factor = float(reject_factor)
+        self.reject_factor, self.clamp = float(reject_factor), bool(clamp)
         self.register_buffer("lo", torch.full((channels,), float("inf")))
         self.register_buffer("hi", torch.full((channels,), float("-inf")))
 
@@ -108,7 +110,7 @@ class FeatureRange(nn.Module):
         if not bool(((x >= lo - slack) & (x <= hi + slack)).all()):
             raise Rejected("bounds", f"payload {name!r}: values more than {self.reject_factor:g} "
                                      "spans outside the range seen in training")
-        return torch.maximum(torch.minimum(x, hi), lo)
+        return torch.maximum(torch.minimum(x, hi), lo) if self.clamp else x
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

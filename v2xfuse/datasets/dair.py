@@ -53,7 +53,7 @@ from .dair_side import (INFRA, VEHICLE, pointcloud_path, read_cameras, read_json
                         read_relative_error, read_side_labels, rel_path, row_where, timestamp_us)
 
 __all__ = ["DairV2XCAdapter", "read_json", "find_split_file", "split_ids", "side_rows",
-           "frame_id_of", "segment_of", "VEHICLE", "INFRA"]
+           "frame_id_of", "segment_of", "read_ground_truth", "VEHICLE", "INFRA"]
 
 log = logging.getLogger(__name__)
 VEHICLE_SIDE, INFRA_SIDE = "vehicle-side", "infrastructure-side"
@@ -102,6 +102,19 @@ def side_rows(side_dir: Path) -> dict[str, dict]:
             raise DatasetError(f"{path}: row {i} has no 'pointcloud_path'")
         out[frame_id_of(row["pointcloud_path"], f"{path}: row {i}.pointcloud_path")] = row
     return out
+
+
+def read_ground_truth(root: Path, row: dict, vid: str, lidar_from_world: np.ndarray, where: str,
+                      json=read_json) -> tuple[np.ndarray, np.ndarray]:
+    """((M, 7) boxes in the frame of ``lidar_from_world``, (M,) ids = -1) of a cooperative row,
+    from its ``cooperative_label_path`` (default ``cooperative/label_world/<vehicle id>.json``).
+    Shared with ``tools/check_dataset.py``."""
+    rel = rel_path(row.get("cooperative_label_path"), f"cooperative/label_world/{vid}.json",
+                   f"{where}.cooperative_label_path")
+    path = root / rel
+    with reading(path, "cooperative label file"):
+        gt = fmt.cooperative_label_boxes(json(path, "cooperative label file"), lidar_from_world, str(path))
+    return gt, np.full(len(gt), -1, np.int64)
 
 
 def segment_of(row: dict, fid: str) -> tuple[str, str]:
@@ -188,7 +201,7 @@ class DairV2XCAdapter(CoopAdapter):
             try:
                 if not isinstance(row, dict):
                     raise DatasetError(f"{where}: expected an object")
-                vid, iid = self._row_ids(row, where)
+                vid, iid = self.row_ids(row, where)
             except DatasetError as e:
                 if not skip_bad_frames:
                     raise
@@ -207,7 +220,7 @@ class DairV2XCAdapter(CoopAdapter):
             raise DatasetError(f"{coop_path}: no cooperative samples for split {split!r}")
 
     @staticmethod
-    def _row_ids(row: dict, where: str) -> tuple[str, str]:
+    def row_ids(row: dict, where: str) -> tuple[str, str]:
         """(vehicle frame id, infrastructure frame id) of a cooperative data_info row."""
         vid = frame_id_of(row.get("vehicle_pointcloud_path") or row.get("vehicle_image_path"),
                           f"{where}.vehicle_pointcloud_path")
@@ -277,13 +290,8 @@ class DairV2XCAdapter(CoopAdapter):
 
     def _ground_truth(self, sample: dict, vid: str, lidar_from_world: np.ndarray):
         """(M, 7) vehicle-frame boxes and (M,) ids of a sample."""
-        where = f"{self.index_path}: row {sample['_row']}.cooperative_label_path"
-        rel = rel_path(sample.get("cooperative_label_path"), f"cooperative/label_world/{vid}.json", where)
-        path = self.root / rel
-        with reading(path, "cooperative label file"):
-            gt = fmt.cooperative_label_boxes(self._json(path, "cooperative label file"),
-                                             lidar_from_world, str(path))
-        return gt, np.full(len(gt), -1, np.int64)
+        return read_ground_truth(self.root, sample, vid, lidar_from_world,
+                                 f"{self.index_path}: row {sample['_row']}", self._json)
 
     def _sequence_of(self, sample: dict, vehicle_row: dict, vid: str) -> str:
         return segment_of(vehicle_row, vid)[0]

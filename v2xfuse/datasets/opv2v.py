@@ -31,10 +31,11 @@ from ..structures.coop import AgentObs, CameraObs, CoopFrame
 from ..structures.transforms import invert_transform
 from .base import CoopAdapter, DatasetError, PointCache, error_message, load_point_file, reading
 
-__all__ = ["Opv2vAdapter", "Opv2vMeta"]
+__all__ = ["Opv2vAdapter", "Opv2vMeta", "CAMERA_NAMES"]
 
 log = logging.getLogger(__name__)
 TICK_US = 50_000  # CARLA runs at 20 Hz; OPV2V keeps every second tick
+CAMERA_NAMES = ("camera0", "camera1", "camera2", "camera3")
 
 
 class Opv2vMeta:
@@ -68,7 +69,7 @@ class Opv2vAdapter(CoopAdapter):
 
     def __init__(self, root: str | Path, split: str = "train", max_agents: int = 5,
                  comm_range: float = 70.0, ego: str = "first", include_rsu: bool = True,
-                 camera_names: tuple[str, ...] = ("camera0", "camera1", "camera2", "camera3"),
+                 camera_names: tuple[str, ...] = CAMERA_NAMES,
                  load_images: bool = False, skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
                  meta_cache_size: int = 65536):
         super().__init__(skip_bad_frames)

@@ -21,6 +21,8 @@ Asynchrony, duplicates, agent ids and intensity are handled as for DAIR-V2X-C.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..formats import dair as fmt
@@ -28,8 +30,9 @@ from ..registry import DATASETS
 from ..structures.transforms import invert_transform
 from .base import DatasetError, reading
 from .dair import DairV2XCAdapter
+from .dair_side import read_json
 
-__all__ = ["V2XSeqAdapter"]
+__all__ = ["V2XSeqAdapter", "read_track_labels"]
 
 SPD_SPLIT_NAMES = ("cooperative-split-data-spd.json", "cooperative-split-data.json")
 
@@ -55,7 +58,7 @@ class V2XSeqAdapter(DairV2XCAdapter):
         self.infra_segments = self._segments(self.infra_rows, self.root / "infrastructure-side" / "data_info.json")
 
     @staticmethod
-    def _row_ids(row: dict, where: str) -> tuple[str, str]:
+    def row_ids(row: dict, where: str) -> tuple[str, str]:
         try:
             return str(row["vehicle_frame"]), str(row["infrastructure_frame"])
         except KeyError as e:
@@ -70,6 +73,12 @@ class V2XSeqAdapter(DairV2XCAdapter):
         return str(sample.get("vehicle_sequence", vehicle_row.get("sequence_id", "")))
 
     def _ground_truth(self, sample: dict, vid: str, lidar_from_world: np.ndarray):
-        path = self.root / "cooperative" / "label" / f"{vid}.json"
-        with reading(path, "cooperative label file"):
-            return fmt.track_label_boxes(self._json(path, "cooperative label file"), str(path))
+        return read_track_labels(self.root, vid, self._json)
+
+
+def read_track_labels(root: Path, vid: str, json=read_json) -> tuple[np.ndarray, np.ndarray]:
+    """((M, 7) vehicle-frame boxes, (M,) track ids) of ``cooperative/label/<vehicle frame>.json``.
+    Shared with ``tools/check_dataset.py``."""
+    path = root / "cooperative" / "label" / f"{vid}.json"
+    with reading(path, "cooperative label file"):
+        return fmt.track_label_boxes(json(path, "cooperative label file"), str(path))

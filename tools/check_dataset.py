@@ -44,21 +44,25 @@ class Report:
         self.quiet = quiet
 
     def add(self, kind: str, path, message: str) -> None:
-        """Record a problem; ``message`` normally starts with the file it is about already."""
-        text = message if message.startswith(str(path)) else f"{path}: {message}"
+        """Record a problem found by this tool: printed as ``PATH: message``."""
+        self._record(kind, path, f"{path}: {message}")
+
+    def _record(self, kind: str, path, text: str) -> None:
         self.problems.append((kind, str(path), text))
         if not self.quiet:
             print(text)
 
-    def check(self, kind: str, path, read):
+    def check(self, kind: str, where, read):
         """Run ``read()`` (one of the loader's readers) and return its value, or report its error
-        as ``missing <kind>`` / ``malformed <kind>`` and return None."""
+        as ``missing <kind>`` / ``malformed <kind>`` and return None. The loaders' messages
+        start with the file they are about, so they are printed as they are; ``where`` (the
+        index file the check started from) is only kept with the problem."""
         self.checked[kind] += 1
         try:
             return read()
         except ValueError as e:  # DatasetError, and the format readers' ValueError it derives from
             text = str(e)
-            self.add(("missing " if text.endswith(" is missing") else "malformed ") + kind, path, text)
+            self._record(("missing " if text.endswith(" is missing") else "malformed ") + kind, where, text)
             return None
 
     def summary(self) -> str:

@@ -90,17 +90,27 @@ def split_ids(path: Path, split: str, key: str = "cooperative_split") -> set[str
     return {str(v) for v in data}
 
 
-def side_rows(side_dir: Path) -> dict[str, dict]:
-    """A side's ``data_info.json`` rows by frame id (stem of ``pointcloud_path``)."""
+def side_rows(side_dir: Path, dropped: list[str] | None = None) -> dict[str, dict]:
+    """A side's ``data_info.json`` rows by frame id (stem of ``pointcloud_path``).
+
+    A row without a usable ``pointcloud_path`` raises :class:`DatasetError`, or, given a
+    ``dropped`` list, is left out and described there (its frame is then "not listed", and a
+    sample using it fails to load by itself).
+    """
     path = side_dir / "data_info.json"
     rows = read_json(path, "data_info")
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON array of rows")
     out = {}
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "pointcloud_path" not in row:
-            raise DatasetError(f"{path}: row {i} has no 'pointcloud_path'")
-        out[frame_id_of(row["pointcloud_path"], f"{path}: row {i}.pointcloud_path")] = row
+        try:
+            if not isinstance(row, dict) or "pointcloud_path" not in row:
+                raise DatasetError(f"{path}: row {i} has no 'pointcloud_path'")
+            out[frame_id_of(row["pointcloud_path"], f"{path}: row {i}.pointcloud_path")] = row
+        except DatasetError as e:
+            if dropped is None:
+                raise
+            dropped.append(str(e))
     return out
 
 
@@ -151,6 +161,8 @@ class DairV2XCAdapter(CoopAdapter):
         load_images: decode JPEGs into ``CameraObs.image`` (else only their path and size).
         side_labels: also read each side's own LiDAR labels into ``AgentObs.boxes``.
         intensity_scale: stored intensity is divided by this.
+        skip_bad_frames: drop index rows that cannot be read (listed in ``dropped_rows``) and
+            let the sampler skip samples whose files are bad (:mod:`v2xfuse.datasets.base`).
     """
 
     name = "dair-v2x-c"
@@ -178,8 +190,12 @@ class DairV2XCAdapter(CoopAdapter):
         self.intensity_scale = intensity_scale
         self.points = PointCache(cache_points_mb)
         self._json = lru_cache(maxsize=16384)(read_json)
-        self.vehicle_rows = side_rows(root / VEHICLE_SIDE)
-        self.infra_rows = side_rows(root / INFRA_SIDE)
+        # Index rows dropped here, under skip_bad_frames, before any DataLoader worker exists:
+        # the index shrinks once, the same in every process.
+        self.dropped_rows: list[str] = []
+        dropped = self.dropped_rows if skip_bad_frames else None
+        self.vehicle_rows = side_rows(root / VEHICLE_SIDE, dropped)
+        self.infra_rows = side_rows(root / INFRA_SIDE, dropped)
         self.infra_segments = self._segments(self.infra_rows, root / INFRA_SIDE / "data_info.json")
 
         coop_path = self.index_path = root / "cooperative" / "data_info.json"
@@ -205,7 +221,7 @@ class DairV2XCAdapter(CoopAdapter):
             except DatasetError as e:
                 if not skip_bad_frames:
                     raise
-                log.warning("%s: skipping row: %s", self.name, e)
+                self.dropped_rows.append(str(e))
                 continue
             if wanted is not None and vid not in wanted:
                 continue
@@ -216,6 +232,8 @@ class DairV2XCAdapter(CoopAdapter):
                 continue
             by_vehicle.setdefault(vid, len(self.samples))
             self.samples.append(sample)
+        for problem in self.dropped_rows:
+            log.warning("%s: skipping index row: %s", self.name, problem)
         if not self.samples:
             raise DatasetError(f"{coop_path}: no cooperative samples for split {split!r}")
 

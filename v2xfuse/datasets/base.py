@@ -15,10 +15,16 @@ count twice in an epoch and twice in an evaluation. The drop happens where the f
 which may be a DataLoader worker process, so no index list can shrink consistently; instead
 :class:`~v2xfuse.datasets.pipeline.CoopSampler` returns a :class:`SkippedSample` marker for that
 index and :func:`~v2xfuse.datasets.batch.collate` leaves it out of the batch and lists it in
-``CoopBatch.skipped``. A batch is then smaller (possibly empty: consumers skip a batch with
-``batch_size == 0``), every good frame still appears exactly once per pass, and the skips travel
-back to the main process with the batches that lost them. ``CoopAdapter.bad_frames`` keeps the
-skips seen by the process it lives in (in the main process only when loading there).
+``CoopBatch.skipped``. A batch is then smaller, every good frame still appears exactly once per
+pass, and the skips travel back to the main process with the batches that lost them.
+``CoopAdapter.bad_frames`` keeps the skips seen by the process it lives in (all of them only
+when loading in the main process). A batch may be empty (``batch_size == 0``: batch size 1, as
+in evaluation, or every sample bad); a consumer must skip it, since the detector cannot run on
+no sample (the loops in :mod:`v2xfuse.engine` do not skip it yet).
+
+Problems found while building the index (a DAIR row naming no point cloud) are different: the
+index is built once, before any worker exists, so under ``skip_bad_frames`` such rows are left
+out of it there and then (``DairV2XCAdapter.dropped_rows``).
 """
 from __future__ import annotations
 

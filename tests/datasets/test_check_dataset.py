@@ -58,7 +58,7 @@ def test_dair_defects_are_listed(datasets, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{pcds[0]}: point cloud file is missing" in out
     assert str(pcds[1]) in out and "malformed pcd: 1" in out
-    assert f"{calib}: calib file is missing" in out
+    assert f"{calib}: calibration file (calib_novatel_to_world_path) is missing" in out
     assert f"{label}: malformed JSON" in out
     assert "problems: 4" in out
 

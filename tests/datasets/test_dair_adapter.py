@@ -276,12 +276,16 @@ def test_bad_inputs_raise_dataset_error_naming_file_and_field(fixture_root, what
     assert name in str(err.value) and field in str(err.value)
 
 
-def test_skip_bad_frames_logs_and_continues(fixture_root, caplog):
+def test_skip_bad_frames_drops_the_frame_and_serves_no_other_in_its_place(fixture_root, caplog):
     _break(fixture_root, "missing pcd")  # breaks row 0 (infra 000020) only
     adapter = DairV2XCAdapter(fixture_root, "train", skip_bad_frames=True)
+    with pytest.raises(DatasetError, match="000020.pcd"):
+        adapter.load(0)  # the adapter itself never substitutes a frame
+    sampler = CoopSampler(adapter, PipelineConfig(), train=False)
     with caplog.at_level(logging.WARNING):
-        frame = adapter.load(0)
-    assert frame.agents[1].timestamp_us == 1626165671162309  # row 1 served instead
+        batch = collate([sampler[0], sampler[1]])
+    assert batch.batch_size == 1 and batch.meta[0]["timestamp_us"][1] == 1626165671162309
+    assert [(s.index, "000020.pcd" in s.reason) for s in batch.skipped] == [(0, True)]
     assert set(adapter.bad_frames) == {0} and "000020.pcd" in caplog.text
 
 

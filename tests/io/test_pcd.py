@@ -140,6 +140,14 @@ TWO_POINTS = np.arange(6, dtype=np.float32).tobytes()
     (_header(DATA="ascii") + b"1 2 3\n4 5 6\n7 8 9\n", "more rows than POINTS"),
     (_header(DATA="ascii") + b"1 2 3\n4 five 6\n", "field 'y': value b'five' at data row 2"),
     (_header(DATA="ascii", TYPE="F F U", SIZE="4 4 1") + b"1 2 3\n4 5 300\n", "does not fit"),
+    # The header says fewer points than the file holds: an error, never a silent prefix.
+    (_header(POINTS="1", WIDTH="1") + TWO_POINTS, "header inconsistent with the data size: "
+                                                  "POINTS 1 of 12 bytes need 12 bytes, the file "
+                                                  r"holds 24 \(1 more points\)"),
+    (_header() + TWO_POINTS + b"\n", r"holds 25 \(1 bytes too many\)"),
+    (_header(DATA="ascii", POINTS="1", WIDTH="1") + b"1 2 3\n4 5 6\n", "more rows than POINTS 1"),
+    (_header(DATA="ascii", POINTS="3", WIDTH="3") + b"1 2 3\n4 5 6\n", "POINTS 3 but only 2 rows"),
+    (_header(DATA="binary_compressed", POINTS="0", WIDTH="0") + b"abc", "need 8 bytes of sizes"),
     (_header(DATA="binary_compressed") + struct.pack("<II", 10, 24), "truncated binary_compr"),
     (_header(DATA="binary_compressed") + struct.pack("<II", 4, 25) + b"abcd",
      "uncompressed size 25 != 24"),
@@ -205,3 +213,13 @@ def test_matches_open3d_written_files(tmp_path, ascii_):
     np.testing.assert_array_equal(ours[:, 3],
                                   np.asarray(theirs.colors)[:, 0].astype(np.float32))
     np.testing.assert_array_equal(ours[:, 3], (red / 255.0).astype(np.float32))
+
+
+def test_compressed_stream_followed_by_more_bytes_is_an_error(tmp_path):
+    xyz = np.arange(12, dtype=np.float32).reshape(4, 3)
+    buf = io.BytesIO()
+    write_pcd(buf, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2]}, data="binary_compressed")
+    assert len(read_pcd(buf.getvalue())) == 4
+    with pytest.raises(PcdError, match="header inconsistent with the data size: binary_compressed "
+                                       "stream of .* bytes is followed by 5 more"):
+        read_pcd(buf.getvalue() + b"extra")

@@ -1,18 +1,50 @@
-"""What every dataset adapter provides, and the error it raises on bad files."""
+"""What every dataset adapter provides, the one error it raises on bad files, and how a bad
+frame is skipped.
+
+**One error.** Whatever goes wrong while reading a frame (a missing or unreadable file, a path
+that is a directory, malformed JSON/YAML/PCD, a wrong type, a missing key, a singular or
+non-rigid pose, NaN ground truth...) reaches the caller as :class:`DatasetError`, whose message
+starts with the file and names the field. Readers raise it where they know the file
+(:func:`reading` turns the ``OSError``/``ValueError``/``TypeError``/``KeyError``/``LinAlgError``/
+YAML errors of a block into it); :meth:`CoopAdapter.load` is the net for anything that still
+escapes, naming the sample.
+
+**Skipping without double counting.** With ``skip_bad_frames`` a bad frame is *dropped*, never
+replaced: serving the next sample in its place (what this module used to do) made that sample
+count twice in an epoch and twice in an evaluation. The drop happens where the frame is read,
+which may be a DataLoader worker process, so no index list can shrink consistently; instead
+:class:`~v2xfuse.datasets.pipeline.CoopSampler` returns a :class:`SkippedSample` marker for that
+index and :func:`~v2xfuse.datasets.batch.collate` leaves it out of the batch and lists it in
+``CoopBatch.skipped``. A batch is then smaller, every good frame still appears exactly once per
+pass, and the skips travel back to the main process with the batches that lost them.
+``CoopAdapter.bad_frames`` keeps the skips seen by the process it lives in (all of them only
+when loading in the main process). A batch may be empty (``batch_size == 0``: batch size 1, as
+in evaluation, or every sample bad); a consumer must skip it, since the detector cannot run on
+no sample (the loops in :mod:`v2xfuse.engine` do not skip it yet).
+
+Problems found while building the index (a DAIR row naming no point cloud) are different: the
+index is built once, before any worker exists, so under ``skip_bad_frames`` such rows are left
+out of it there and then (``DairV2XCAdapter.dropped_rows``).
+"""
 from __future__ import annotations
 
 import abc
+import contextlib
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from ..io.pcd import PcdError, read_points
+from ..io.pcd import read_points
 from ..structures.coop import CoopFrame
 
-__all__ = ["DatasetError", "CoopAdapter", "PointCache", "load_point_file"]
+__all__ = ["DatasetError", "SkippedSample", "CoopAdapter", "PointCache", "load_point_file",
+           "reading", "error_message", "READ_ERRORS"]
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +53,70 @@ class DatasetError(ValueError):
     """A dataset file is missing or malformed. The message names the file and the field."""
 
 
+# What reading a frame can raise besides DatasetError. A list rather than ``Exception`` so that
+# a programming error of another kind (NameError, RuntimeError...) still surfaces as itself.
+READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+               UnicodeDecodeError, np.linalg.LinAlgError, json.JSONDecodeError, yaml.YAMLError)
+
+
+def error_message(where, e: BaseException, what: str = "") -> str:
+    """``"<where>: [<what>: ]<problem>"`` for a read error; a message that already starts with
+    ``where`` (the format readers name their file themselves) is kept as it is."""
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror  # the file name in str(e) would be repeated
+    elif isinstance(e, KeyError):
+        text = f"missing field {e.args[0]!r}" if e.args else "missing field"
+    elif isinstance(e, ValueError):
+        text = str(e)
+    else:
+        text = f"{type(e).__name__}: {e}"
+    where = str(where)
+    return text if text.startswith(where) else f"{where}: {what + ': ' if what else ''}{text}"
+
+
+@contextlib.contextmanager
+def reading(where, what: str = ""):
+    """Re-raise any :data:`READ_ERRORS` of the block as :class:`DatasetError` naming ``where``
+    (the file, and the field when known; ``what`` says what the file is). A
+    ``DatasetError`` passes through untouched."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except READ_ERRORS as e:
+        raise DatasetError(error_message(where, e, what)) from e
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """Stands in for a sample whose files are bad when ``skip_bad_frames`` is on; collate drops it.
+
+    Attributes:
+        dataset: the adapter's name.
+        index: the sample index that was skipped (the adapter's numbering).
+        reason: the :class:`DatasetError` message (file and field).
+    """
+
+    dataset: str
+    index: int
+    reason: str
+
+
 def load_point_file(path: Path, intensity_scale: float = 1.0) -> np.ndarray:
     """(N, 4) float32 [x, y, z, intensity] from a PCD, intensity divided by ``intensity_scale``.
 
     Rows with a NaN or inf coordinate are an error: the real datasets store none, so they mean a
-    corrupt file rather than "no return".
+    corrupt file rather than "no return". So is a header inconsistent with the data size
+    (:func:`~v2xfuse.io.pcd.read_pcd` is strict), a directory or an unreadable file.
     """
     try:
         pts = read_points(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: point cloud file is missing") from None
-    except PcdError as e:
-        raise DatasetError(str(e)) from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: point cloud path is a directory, not a file") from None
+    except READ_ERRORS as e:
+        raise DatasetError(error_message(path, e, "point cloud")) from e
     if intensity_scale != 1.0:
         pts[:, 3] /= intensity_scale
     bad = ~np.isfinite(pts).all(axis=1)
@@ -71,8 +155,11 @@ class CoopAdapter(abc.ABC):
     Subclasses implement ``__len__`` and ``_load``. ``load(idx, delays)`` returns the sample
     with each non-ego agent's observation taken ``delays[agent_id]`` samples earlier (its
     pose, points and timestamp then are those of the older sample; the ground truth stays at
-    the ego's time). With ``skip_bad_frames`` a broken sample is logged and the next index is
-    served instead, so one bad file costs one frame, not the run.
+    the ego's time), or raises :class:`DatasetError`.
+
+    ``skip_bad_frames`` does not change what ``load`` returns: it tells the sampler to turn a
+    bad sample into a :class:`SkippedSample` (see :meth:`skip` and the module docstring), so
+    one bad file costs that frame only, and no other frame is counted twice.
     """
 
     name: str = "dataset"
@@ -92,23 +179,35 @@ class CoopAdapter(abc.ABC):
         """Ids of the agents sample ``idx`` would contain, ego first (cheap: no point clouds)."""
         return [a.agent_id for a in self._load(idx, None).agents]
 
+    def describe(self, idx: int) -> str:
+        """Where sample ``idx`` comes from, for messages that cannot name a single file."""
+        return f"sample {idx}"
+
     def load(self, idx: int, delays: Mapping[str, int] | None = None) -> CoopFrame:
         n = len(self)
         if not -n <= idx < n:
             raise IndexError(f"{self.name}: index {idx} out of range for {n} samples")
         idx %= n
-        if not self.skip_bad_frames:
+        with self.sample_errors(idx):
             return self._load(idx, delays)
-        for attempt in range(n):
-            j = (idx + attempt) % n
-            if j in self.bad_frames:
-                continue
-            try:
-                return self._load(j, delays)
-            except DatasetError as e:
-                self.bad_frames[j] = str(e)
-                log.warning("%s: skipping sample %d: %s", self.name, j, e)
-        raise DatasetError(f"{self.name}: every sample is broken (first: {next(iter(self.bad_frames.values()))})")
+
+    @contextlib.contextmanager
+    def sample_errors(self, idx: int):
+        """The last net: a read error no reader named a file for becomes a :class:`DatasetError`
+        naming the sample (its index file and row, or its folder)."""
+        try:
+            yield
+        except DatasetError:
+            raise
+        except READ_ERRORS as e:
+            raise DatasetError(f"{self.describe(idx)}: {type(e).__name__}: {e}") from e
+
+    def skip(self, idx: int, error: DatasetError) -> SkippedSample:
+        """Record that sample ``idx`` is bad (logged once per process) and return its marker."""
+        if idx not in self.bad_frames:
+            log.warning("%s: skipping sample %d: %s", self.name, idx, error)
+        self.bad_frames[idx] = str(error)
+        return SkippedSample(self.name, idx, str(error))
 
     def __getitem__(self, idx: int) -> CoopFrame:
         return self.load(idx)

@@ -1,11 +1,12 @@
 """Collating samples into the one batch object the detector consumes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from .base import SkippedSample
 from .pipeline import Sample
 
 __all__ = ["CoopBatch", "collate"]
@@ -31,6 +32,10 @@ class CoopBatch:
             agent's own pose and sensor time, numpy.
         true_ego_from_agent: (N, 4, 4) float32 without localisation noise (for supervision
             in each agent's frame; never used by fusion).
+        skipped: the :class:`SkippedSample` markers this batch's indices produced (bad frames
+            dropped under ``skip_bad_frames``, each with its file and reason). They are not in
+            the batch, so ``batch_size`` may be smaller than the loader's (0 when every
+            sample was bad: a consumer skips such a batch).
     """
 
     points: torch.Tensor
@@ -42,6 +47,7 @@ class CoopBatch:
     gt_ids: list[torch.Tensor]
     meta: list[dict]
     true_ego_from_agent: torch.Tensor | None = None
+    skipped: list[SkippedSample] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -72,7 +78,11 @@ class CoopBatch:
         return CoopBatch(**moved)
 
 
-def collate(samples: list[Sample]) -> CoopBatch:
+def collate(samples: list[Sample | SkippedSample]) -> CoopBatch:
+    """Stack samples into one :class:`CoopBatch`; :class:`SkippedSample` markers are left out
+    and listed in ``CoopBatch.skipped`` (so no other frame is ever served in a bad one's place)."""
+    skipped = [s for s in samples if isinstance(s, SkippedSample)]
+    samples = [s for s in samples if not isinstance(s, SkippedSample)]
     points, ego_from_agent, kinds, delays, meta, true_pose = [], [], [], [], [], []
     agent = 0
     for s in samples:
@@ -88,15 +98,20 @@ def collate(samples: list[Sample]) -> CoopBatch:
         meta.append({"dataset": s.frame[0], "sequence": s.frame[1], "frame": s.frame[2],
                      "agent_ids": list(s.agent_ids), "world_from_agent": s.world_from_agent,
                      "timestamp_us": s.timestamp_us})
+    def stacked(arrays: list[np.ndarray], empty_shape: tuple[int, ...]) -> torch.Tensor:
+        if not arrays:
+            return torch.zeros(empty_shape)
+        return torch.from_numpy(np.concatenate(arrays).astype(np.float32))
+
     return CoopBatch(
-        points=torch.from_numpy(np.concatenate(points).astype(np.float32)) if points
-        else torch.zeros((0, 5)),
+        points=stacked(points, (0, 5)),
         record_len=torch.tensor([len(s.points) for s in samples], dtype=torch.int64),
-        ego_from_agent=torch.from_numpy(np.concatenate(ego_from_agent).astype(np.float32)),
+        ego_from_agent=stacked(ego_from_agent, (0, 4, 4)),
         agent_kind=torch.tensor(kinds, dtype=torch.int64),
-        time_delay_s=torch.from_numpy(np.concatenate(delays).astype(np.float32)),
+        time_delay_s=stacked(delays, (0,)),
         gt_boxes=[torch.from_numpy(s.gt_boxes.astype(np.float32)) for s in samples],
         gt_ids=[torch.from_numpy(s.gt_ids.astype(np.int64)) for s in samples],
         meta=meta,
-        true_ego_from_agent=torch.from_numpy(np.concatenate(true_pose).astype(np.float32)),
+        true_ego_from_agent=stacked(true_pose, (0, 4, 4)),
+        skipped=skipped,
     )

@@ -19,7 +19,12 @@ Facts and sources are in shared/reference/dair-v2x.md; the choices this adapter 
   reads). ``""`` means 0.
 * **Ground truth**: ``cooperative/label_world/<vehicle id>.json``, geometry from
   ``world_8_points`` only, taken to the vehicle LiDAR frame; Car/Van/Truck/Bus -> ``"car"``,
-  other classes and zero-size boxes dropped. DAIR-V2X-C has no track ids (``gt_ids`` = -1).
+  other classes and zero-size boxes dropped, an entry without ``"type"`` an error. DAIR-V2X-C
+  has no track ids (``gt_ids`` = -1). Side labels (``side_labels=True``): a side row that names
+  no label file gives that agent ``boxes=None`` rather than failing the sample.
+* **Checks**: every pose is rigid (tolerance in :mod:`v2xfuse.formats.checks`), camera
+  extrinsics nearly so, ground truth finite, label files JSON arrays; any failure while reading
+  a sample is a :class:`DatasetError` naming the file and field.
 * **Asynchrony** (VIC-Async-k): ``load(idx, {"infrastructure": k})`` serves the roadside frame k
   steps earlier in the same batch segment, ordered by ``pointcloud_timestamp``; the pair's
   offset is kept (the official TCLF reuses it). Where fewer than k earlier frames exist the
@@ -32,7 +37,6 @@ Agent ids are ``"vehicle"`` (the ego) and ``"infrastructure"``.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from functools import lru_cache
@@ -42,41 +46,20 @@ import numpy as np
 
 from ..formats import dair as fmt
 from ..registry import DATASETS
-from ..structures.coop import AgentObs, CameraObs, CoopFrame
+from ..structures.coop import AgentObs, CoopFrame
 from ..structures.transforms import invert_transform
-from .base import CoopAdapter, DatasetError, PointCache, load_point_file
+from .base import CoopAdapter, DatasetError, PointCache, load_point_file, reading
+from .dair_side import (INFRA, VEHICLE, pointcloud_path, read_cameras, read_json, read_pose,
+                        read_relative_error, read_side_labels, rel_path, row_where, timestamp_us)
 
 __all__ = ["DairV2XCAdapter", "read_json", "find_split_file", "split_ids", "side_rows",
-           "frame_id_of", "segment_of", "VEHICLE", "INFRA"]
+           "frame_id_of", "segment_of", "read_ground_truth", "VEHICLE", "INFRA"]
 
 log = logging.getLogger(__name__)
-VEHICLE, INFRA = "vehicle", "infrastructure"
 VEHICLE_SIDE, INFRA_SIDE = "vehicle-side", "infrastructure-side"
 SPLIT_NAMES = ("cooperative-split-data.json",)
 
-# Per-side calibration: data_info key, its default folder (the official code hard-codes these).
-VEHICLE_CALIB = {"lidar_to_novatel": "calib_lidar_to_novatel_path",
-                 "novatel_to_world": "calib_novatel_to_world_path"}
-INFRA_CALIB = {"virtuallidar_to_world": "calib_virtuallidar_to_world_path"}
-# Alternative spellings, first found wins (docs vs data, reference section 1.3 / 7.3).
-LABEL_KEYS = ("label_lidar_std_path", "label_lidar_path")
-CAMERA_TO_KEYS = {VEHICLE: ("calib_lidar_to_camera_path",),
-                  INFRA: ("calib_virtuallidar_to_camera_path", "calib_virtuallidar_to_cam_path")}
-INTRINSIC_FOLDERS = ("camera_intrinsic", "camera")
-
-
-# ---- small readers shared with the V2X-Seq adapter and tools/check_dataset.py -----------------
-def read_json(path: Path, what: str = "json file"):
-    """Parsed JSON; a missing or malformed file raises :class:`DatasetError` naming it."""
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: {what} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: malformed JSON ({e})") from None
-
-
+# ---- index helpers shared with the V2X-Seq adapter and tools/check_dataset.py -----------------
 def frame_id_of(path: str, where: str) -> str:
     """``"vehicle-side/velodyne/015376.pcd"`` -> ``"015376"``."""
     if not isinstance(path, str) or not path:
@@ -107,18 +90,41 @@ def split_ids(path: Path, split: str, key: str = "cooperative_split") -> set[str
     return {str(v) for v in data}
 
 
-def side_rows(side_dir: Path) -> dict[str, dict]:
-    """A side's ``data_info.json`` rows by frame id (stem of ``pointcloud_path``)."""
+def side_rows(side_dir: Path, dropped: list[str] | None = None) -> dict[str, dict]:
+    """A side's ``data_info.json`` rows by frame id (stem of ``pointcloud_path``).
+
+    A row without a usable ``pointcloud_path`` raises :class:`DatasetError`, or, given a
+    ``dropped`` list, is left out and described there (its frame is then "not listed", and a
+    sample using it fails to load by itself).
+    """
     path = side_dir / "data_info.json"
     rows = read_json(path, "data_info")
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON array of rows")
     out = {}
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "pointcloud_path" not in row:
-            raise DatasetError(f"{path}: row {i} has no 'pointcloud_path'")
-        out[frame_id_of(row["pointcloud_path"], f"{path}: row {i}.pointcloud_path")] = row
+        try:
+            if not isinstance(row, dict) or "pointcloud_path" not in row:
+                raise DatasetError(f"{path}: row {i} has no 'pointcloud_path'")
+            out[frame_id_of(row["pointcloud_path"], f"{path}: row {i}.pointcloud_path")] = row
+        except DatasetError as e:
+            if dropped is None:
+                raise
+            dropped.append(str(e))
     return out
+
+
+def read_ground_truth(root: Path, row: dict, vid: str, lidar_from_world: np.ndarray, where: str,
+                      json=read_json) -> tuple[np.ndarray, np.ndarray]:
+    """((M, 7) boxes in the frame of ``lidar_from_world``, (M,) ids = -1) of a cooperative row,
+    from its ``cooperative_label_path`` (default ``cooperative/label_world/<vehicle id>.json``).
+    Shared with ``tools/check_dataset.py``."""
+    rel = rel_path(row.get("cooperative_label_path"), f"cooperative/label_world/{vid}.json",
+                   f"{where}.cooperative_label_path")
+    path = root / rel
+    with reading(path, "cooperative label file"):
+        gt = fmt.cooperative_label_boxes(json(path, "cooperative label file"), lidar_from_world, str(path))
+    return gt, np.full(len(gt), -1, np.int64)
 
 
 def segment_of(row: dict, fid: str) -> tuple[str, str]:
@@ -128,21 +134,15 @@ def segment_of(row: dict, fid: str) -> tuple[str, str]:
     ``valid_batch_splits: [{"batch_start_id", "batch_end_id"}, ...]`` (infrastructure side).
     """
     batch = str(row.get("batch_id", row.get("sequence_id", "")))
-    for split in row.get("valid_batch_splits") or row.get("valid_frames_splits") or []:
+    splits = row.get("valid_batch_splits") or row.get("valid_frames_splits") or []
+    for split in splits if isinstance(splits, list) else []:
+        if not isinstance(split, dict):
+            continue  # malformed segment bounds only cost the asynchrony lookup its precision
         start = str(split.get("batch_start_id", split.get("start_frame_id", "")))
         end = str(split.get("batch_end_id", split.get("end_frame_id", "")))
         if start.isdigit() and end.isdigit() and fid.isdigit() and int(start) <= int(fid) <= int(end):
             return batch, start
     return batch, str(row.get("batch_start_id", row.get("start_frame_id", "")))
-
-
-def timestamp_us(row: dict, where: str) -> int:
-    value = row.get("pointcloud_timestamp")
-    try:
-        return int(str(value).split(".")[0])
-    except ValueError:
-        raise DatasetError(f"{where}.pointcloud_timestamp: expected integer microseconds, "
-                           f"got {value!r}") from None
 
 
 @DATASETS.register("dair_v2x_c")
@@ -161,6 +161,8 @@ class DairV2XCAdapter(CoopAdapter):
         load_images: decode JPEGs into ``CameraObs.image`` (else only their path and size).
         side_labels: also read each side's own LiDAR labels into ``AgentObs.boxes``.
         intensity_scale: stored intensity is divided by this.
+        skip_bad_frames: drop index rows that cannot be read (listed in ``dropped_rows``) and
+            let the sampler skip samples whose files are bad (:mod:`v2xfuse.datasets.base`).
     """
 
     name = "dair-v2x-c"
@@ -188,8 +190,12 @@ class DairV2XCAdapter(CoopAdapter):
         self.intensity_scale = intensity_scale
         self.points = PointCache(cache_points_mb)
         self._json = lru_cache(maxsize=16384)(read_json)
-        self.vehicle_rows = side_rows(root / VEHICLE_SIDE)
-        self.infra_rows = side_rows(root / INFRA_SIDE)
+        # Index rows dropped here, under skip_bad_frames, before any DataLoader worker exists:
+        # the index shrinks once, the same in every process.
+        self.dropped_rows: list[str] = []
+        dropped = self.dropped_rows if skip_bad_frames else None
+        self.vehicle_rows = side_rows(root / VEHICLE_SIDE, dropped)
+        self.infra_rows = side_rows(root / INFRA_SIDE, dropped)
         self.infra_segments = self._segments(self.infra_rows, root / INFRA_SIDE / "data_info.json")
 
         coop_path = self.index_path = root / "cooperative" / "data_info.json"
@@ -211,11 +217,11 @@ class DairV2XCAdapter(CoopAdapter):
             try:
                 if not isinstance(row, dict):
                     raise DatasetError(f"{where}: expected an object")
-                vid, iid = self._row_ids(row, where)
+                vid, iid = self.row_ids(row, where)
             except DatasetError as e:
                 if not skip_bad_frames:
                     raise
-                log.warning("%s: skipping row: %s", self.name, e)
+                self.dropped_rows.append(str(e))
                 continue
             if wanted is not None and vid not in wanted:
                 continue
@@ -226,11 +232,13 @@ class DairV2XCAdapter(CoopAdapter):
                 continue
             by_vehicle.setdefault(vid, len(self.samples))
             self.samples.append(sample)
+        for problem in self.dropped_rows:
+            log.warning("%s: skipping index row: %s", self.name, problem)
         if not self.samples:
             raise DatasetError(f"{coop_path}: no cooperative samples for split {split!r}")
 
     @staticmethod
-    def _row_ids(row: dict, where: str) -> tuple[str, str]:
+    def row_ids(row: dict, where: str) -> tuple[str, str]:
         """(vehicle frame id, infrastructure frame id) of a cooperative data_info row."""
         vid = frame_id_of(row.get("vehicle_pointcloud_path") or row.get("vehicle_image_path"),
                           f"{where}.vehicle_pointcloud_path")
@@ -265,6 +273,11 @@ class DairV2XCAdapter(CoopAdapter):
     def agent_ids(self, idx: int) -> list[str]:
         return [VEHICLE, INFRA]
 
+    def describe(self, idx: int) -> str:
+        s = self.samples[idx]
+        return (f"{self.index_path}: row {s['_row']} (vehicle frame {s['_vehicle_id']}, "
+                f"infrastructure frame {s['_infra_id']})")
+
     # ---- loading ---------------------------------------------------------------------------
     def _load(self, idx: int, delays: Mapping[str, int] | None) -> CoopFrame:
         s = self.samples[idx]
@@ -295,9 +308,8 @@ class DairV2XCAdapter(CoopAdapter):
 
     def _ground_truth(self, sample: dict, vid: str, lidar_from_world: np.ndarray):
         """(M, 7) vehicle-frame boxes and (M,) ids of a sample."""
-        rel = sample.get("cooperative_label_path") or f"cooperative/label_world/{vid}.json"
-        gt = self._cooperative_labels(self.root / rel, lidar_from_world)
-        return gt, np.full(len(gt), -1, np.int64)
+        return read_ground_truth(self.root, sample, vid, lidar_from_world,
+                                 f"{self.index_path}: row {sample['_row']}", self._json)
 
     def _sequence_of(self, sample: dict, vehicle_row: dict, vid: str) -> str:
         return segment_of(vehicle_row, vid)[0]
@@ -310,18 +322,12 @@ class DairV2XCAdapter(CoopAdapter):
         return order[max(order.index(iid) - k, 0)]
 
     def _offset(self, sample: dict, iid: str, where: str) -> tuple[float, float]:
-        try:
-            if self.offset_source == "pair":
+        if self.offset_source == "pair":
+            with reading(where, "system_error_offset"):
                 return fmt.parse_offset(sample.get("system_error_offset", ""), f"{where}.system_error_offset")
-            if self.offset_source == "calib":
-                path = self._calib_path(INFRA_SIDE, self.infra_rows.get(iid, {}), iid, "virtuallidar_to_world",
-                                        INFRA_CALIB["virtuallidar_to_world"])
-                calib = self._json(path, "calibration file")
-                return fmt.parse_offset(calib.get("relative_error", ""), f"{path}: relative_error")
-        except ValueError as e:
-            if isinstance(e, DatasetError):
-                raise
-            raise DatasetError(str(e)) from None
+        if self.offset_source == "calib":
+            row = self._side_row(self.infra_rows, iid, INFRA_SIDE, where)
+            return read_relative_error(self.root / INFRA_SIDE, iid, row, self._json)
         return 0.0, 0.0
 
     def _side_row(self, rows: dict, fid: str, side: str, where: str) -> dict:
@@ -331,120 +337,15 @@ class DairV2XCAdapter(CoopAdapter):
             raise DatasetError(f"{where}: frame {fid} is not listed in "
                                f"{self.root / side / 'data_info.json'}") from None
 
-    def _calib_path(self, side: str, row: dict, fid: str, name: str, key: str) -> Path:
-        rel = row.get(key) or f"calib/{name}/{fid}.json"
-        return self.root / side / rel
-
-    def _calib(self, side: str, row: dict, fid: str, name: str, key: str) -> tuple[dict, str]:
-        path = self._calib_path(side, row, fid, name, key)
-        data = self._json(path, f"calibration file ({key})")
-        if not isinstance(data, dict):
-            raise DatasetError(f"{path}: expected a JSON object")
-        return data, str(path)
-
     def _pose(self, kind: str, side: str, fid: str, row: dict) -> np.ndarray:
-        """(4, 4) world_from_lidar as calibrated (the roadside one before the offset correction)."""
-        try:
-            if kind == VEHICLE:
-                l2n, w1 = self._calib(side, row, fid, "lidar_to_novatel", VEHICLE_CALIB["lidar_to_novatel"])
-                n2w, w2 = self._calib(side, row, fid, "novatel_to_world", VEHICLE_CALIB["novatel_to_world"])
-                if not isinstance(l2n.get("transform"), dict):
-                    raise DatasetError(f"{w1}: missing field 'transform'")
-                return fmt.rt_to_matrix(n2w, w2) @ fmt.rt_to_matrix(l2n["transform"], f"{w1}: transform")
-            v2w, where = self._calib(side, row, fid, "virtuallidar_to_world", INFRA_CALIB["virtuallidar_to_world"])
-            return fmt.rt_to_matrix(v2w, where)
-        except DatasetError:
-            raise
-        except ValueError as e:
-            raise DatasetError(str(e)) from None
+        """(4, 4) rigid world_from_lidar as calibrated (the roadside one before the offset)."""
+        return read_pose(self.root / side, kind, fid, row, self._json)
 
     def _agent(self, kind: str, side: str, fid: str, row: dict, world_from_lidar: np.ndarray) -> AgentObs:
         side_dir = self.root / side
-        where = f"{side_dir / 'data_info.json'}: frame {fid}"
-        pcd = side_dir / row["pointcloud_path"]
+        pcd = pointcloud_path(side_dir, fid, row)
         points = self.points.get(str(pcd), lambda: load_point_file(pcd, self.intensity_scale))
-        boxes = self._side_labels(side_dir, row, where) if self.side_labels else None
-        cams = self._cameras(kind, side, fid, row) if self.cameras else []
-        return AgentObs(kind, kind, world_from_lidar, timestamp_us(row, where), points, cams, boxes)
-
-    def _cameras(self, kind: str, side: str, fid: str, row: dict) -> list[CameraObs]:
-        side_dir = self.root / side
-        extr_rel = next((row[k] for k in CAMERA_TO_KEYS[kind] if row.get(k)), None)
-        intr_rel = row.get("calib_camera_intrinsic_path")
-        if not intr_rel:
-            intr_rel = next((f"calib/{d}/{fid}.json" for d in INTRINSIC_FOLDERS
-                             if (side_dir / "calib" / d / f"{fid}.json").is_file()), None)
-        if not (extr_rel and intr_rel and row.get("image_path")):
-            return []  # a LiDAR-only frame
-        try:
-            intr_path = side_dir / intr_rel
-            k = np.asarray(self._json(intr_path, "camera intrinsic")["cam_K"], dtype=np.float64)
-            if k.size != 9:
-                raise DatasetError(f"{intr_path}: cam_K must have 9 values, got {k.size}")
-            extr_path = side_dir / extr_rel
-            cam_from_lidar = fmt.rt_to_matrix(self._json(extr_path, "camera extrinsic"), str(extr_path))
-        except KeyError as e:
-            raise DatasetError(f"{intr_path}: missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, DatasetError):
-                raise
-            raise DatasetError(f"{extr_path}: {e}") from None
-        img = side_dir / row["image_path"]
-        image, size = _image(img, self.load_images)
-        # A true inverse: some DAIR rotations are not orthonormal (issue #64).
-        return [CameraObs("front", k.reshape(3, 3), np.linalg.inv(cam_from_lidar), size, image, str(img))]
-
-    def _side_labels(self, side_dir: Path, row: dict, where: str) -> np.ndarray:
-        rel = next((row[k] for k in LABEL_KEYS if row.get(k)), None)
-        if rel is None:
-            raise DatasetError(f"{where}: no {' / '.join(LABEL_KEYS)}")
-        path = side_dir / rel
-        labels = self._json(path, "label file")
-        boxes = []
-        for j, entry in enumerate(labels if isinstance(labels, list) else []):
-            if str(entry.get("type", "")).lower() in fmt.VEHICLE_CLASSES:
-                try:
-                    boxes.append(fmt.side_label_box(entry, f"{path}: [{j}]"))
-                except ValueError as e:
-                    raise DatasetError(str(e)) from None
-        return np.array(boxes).reshape(-1, 7)
-
-    def _cooperative_labels(self, path: Path, lidar_from_world: np.ndarray) -> np.ndarray:
-        """(M, 7) boxes in the vehicle LiDAR frame from ``world_8_points``."""
-        labels = self._json(path, "cooperative label file")
-        if not isinstance(labels, list):
-            raise DatasetError(f"{path}: expected a JSON array of objects")
-        boxes = []
-        for j, entry in enumerate(labels):
-            if not isinstance(entry, dict):
-                raise DatasetError(f"{path}: [{j}] is not an object")
-            if str(entry.get("type", "")).lower() not in fmt.VEHICLE_CLASSES:
-                continue
-            if "world_8_points" not in entry:
-                raise DatasetError(f"{path}: [{j}] missing field 'world_8_points'")
-            try:
-                pts = [[fmt.parse_float(v, f"{path}: [{j}].world_8_points") for v in p]
-                       for p in entry["world_8_points"]]
-                box = fmt.world_8_points_to_box(pts, lidar_from_world, f"{path}: [{j}]")
-            except (TypeError, ValueError) as e:
-                raise DatasetError(str(e) if isinstance(e, ValueError) else
-                                   f"{path}: [{j}].world_8_points is not a list of points") from None
-            if np.all(box[3:6] > 1e-6):  # the official loader skips zero-size boxes
-                boxes.append(box)
-        return np.array(boxes).reshape(-1, 7)
-
-
-def _image(path: Path, load: bool):
-    """(image or None, (height, width)); the size comes from the JPEG header when not loading."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if load:
-                arr = np.asarray(im.convert("RGB"))
-                return arr, arr.shape[:2]
-            return None, (im.height, im.width)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: camera image is missing") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: unreadable image: {e}") from None
+        boxes = read_side_labels(side_dir, fid, row, self._json) if self.side_labels else None
+        cams = read_cameras(side_dir, kind, fid, row, self.load_images, self._json) if self.cameras else []
+        return AgentObs(kind, kind, world_from_lidar, timestamp_us(row, row_where(side_dir, fid)),
+                        points, cams, boxes)

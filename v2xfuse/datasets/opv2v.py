@@ -11,7 +11,9 @@ metres of the ego at that instant, nearest first, up to ``max_agents`` in all.
 
 Ground truth: the union of every selected agent's ``vehicles`` (OPV2V lists, per agent, the
 vehicles its LiDAR hit), de-duplicated by actor id, built from location + center + angle +
-half extents and expressed in the ego LiDAR frame.
+half extents and expressed in the ego LiDAR frame. Every one of those numbers must be finite
+(NaN ground truth is an error naming the yaml and the vehicle); so must ``lidar_pose``, which
+is rigid by construction (x, y, z, roll, yaw, pitch).
 """
 from __future__ import annotations
 
@@ -27,35 +29,37 @@ from ..registry import DATASETS
 from ..structures.boxes import transform_boxes
 from ..structures.coop import AgentObs, CameraObs, CoopFrame
 from ..structures.transforms import invert_transform
-from .base import CoopAdapter, DatasetError, PointCache, load_point_file
+from .base import CoopAdapter, DatasetError, PointCache, error_message, load_point_file, reading
 
-__all__ = ["Opv2vAdapter", "Opv2vMeta"]
+__all__ = ["Opv2vAdapter", "Opv2vMeta", "CAMERA_NAMES"]
 
 log = logging.getLogger(__name__)
 TICK_US = 50_000  # CARLA runs at 20 Hz; OPV2V keeps every second tick
+CAMERA_NAMES = ("camera0", "camera1", "camera2", "camera3")
 
 
 class Opv2vMeta:
-    """What the loader keeps of one agent yaml: pose, world boxes, camera calibration."""
+    """What the loader keeps of one agent yaml: pose, world boxes, camera calibration.
+
+    Also what ``tools/check_dataset.py`` builds to check a yaml, so both judge a file alike:
+    any problem is a :class:`DatasetError` naming the file and the field (a finite
+    ``lidar_pose``, finite boxes, a numeric ``ego_speed``, a boolean ``RSU``, rigid cameras).
+    """
 
     __slots__ = ("world_from_lidar", "ids", "boxes_world", "speed_mps", "is_rsu", "cameras")
 
     def __init__(self, path: Path, camera_names: tuple[str, ...]):
         where = str(path)
-        if not path.is_file():
+        if not path.exists():
             raise DatasetError(f"{path}: yaml file is missing")
-        try:
+        with reading(path, "yaml"):
             meta = fmt.load_yaml(path)
             self.world_from_lidar = fmt.world_from_lidar_rh(meta, where)
             self.ids, self.boxes_world = fmt.vehicle_boxes(meta, np.eye(4), where)
-            self.speed_mps = float(meta.get("ego_speed", 0.0)) / 3.6
-            self.is_rsu = bool(meta.get("RSU", False))
+            self.speed_mps = fmt.yaml_number(meta, "ego_speed", where) / 3.6
+            self.is_rsu = fmt.yaml_flag(meta, "RSU", where)
             self.cameras = {name: fmt.camera_calibration(meta, name, where)
                             for name in camera_names if name in meta}
-        except DatasetError:
-            raise
-        except ValueError as e:
-            raise DatasetError(str(e)) from None
 
 
 @DATASETS.register("opv2v")
@@ -65,7 +69,7 @@ class Opv2vAdapter(CoopAdapter):
 
     def __init__(self, root: str | Path, split: str = "train", max_agents: int = 5,
                  comm_range: float = 70.0, ego: str = "first", include_rsu: bool = True,
-                 camera_names: tuple[str, ...] = ("camera0", "camera1", "camera2", "camera3"),
+                 camera_names: tuple[str, ...] = CAMERA_NAMES,
                  load_images: bool = False, skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
                  meta_cache_size: int = 65536):
         super().__init__(skip_bad_frames)
@@ -114,6 +118,10 @@ class Opv2vAdapter(CoopAdapter):
 
     def _read_meta(self, path: Path) -> Opv2vMeta:
         return Opv2vMeta(path, self.camera_names)
+
+    def describe(self, idx: int) -> str:
+        scenario, ego_id, k = self.samples[idx]
+        return f"{self._agent_dir(scenario, ego_id)}: frame {self.scenarios[scenario][ego_id][k]}"
 
     def _agent_dir(self, scenario: str, agent_id: str) -> Path:
         return self.split_dir / scenario / agent_id
@@ -193,6 +201,6 @@ def _read_image(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: camera image is missing") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: unreadable image: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DatasetError(error_message(path, e, "unreadable image")) from None
 

@@ -11,6 +11,11 @@ augmented ego frame as the world.
 
 Randomness comes from an explicit generator seeded by ``(seed, epoch, index)``: reproducible
 with any number of DataLoader workers, and nothing reseeds a global RNG.
+
+A bad frame (any :class:`~v2xfuse.datasets.base.DatasetError`) is raised, or, when the adapter
+has ``skip_bad_frames``, returned as a :class:`~v2xfuse.datasets.base.SkippedSample` that
+:func:`~v2xfuse.datasets.batch.collate` drops and counts (why a marker and not a substitute
+frame: :mod:`v2xfuse.datasets.base`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 from ..structures.boxes import transform_boxes, wrap_angle
 from ..structures.coop import CoopFrame
 from ..structures.transforms import invert_transform, make_transform, rotation_z
-from .base import CoopAdapter
+from .base import CoopAdapter, DatasetError, SkippedSample
 
 __all__ = ["PipelineConfig", "Sample", "CoopSampler", "augmentation_matrix"]
 
@@ -128,19 +133,31 @@ class CoopSampler:
         """The draws of sample ``idx`` in ``epoch`` (delays, pose noise, augmentation)."""
         return np.random.default_rng([self.seed, epoch if self.train else 0, idx])
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample | SkippedSample:
         """``key``: a sample index (epoch 0), or an ``(epoch, index)`` pair. The epoch travels
         with the key, not as state, so a DataLoader worker that outlives an epoch still draws
-        the right augmentation."""
+        the right augmentation.
+
+        Returns the processed sample, or a :class:`SkippedSample` for a bad frame when the
+        adapter has ``skip_bad_frames`` (never another frame in its place: that one would count
+        twice). Without ``skip_bad_frames`` a bad frame raises :class:`DatasetError`.
+        """
         epoch, idx = key if isinstance(key, tuple) else (0, key)
-        return self.process(self.load(idx, epoch), self.rng(idx, epoch))
+        try:
+            frame = self.load(idx, epoch)
+        except DatasetError as e:
+            if not self.adapter.skip_bad_frames:
+                raise
+            return self.adapter.skip(idx, e)
+        return self.process(frame, self.rng(idx, epoch))
 
     def load(self, idx: int, epoch: int = 0) -> CoopFrame:
         cfg = self.cfg
         delays = None
         if cfg.delay_frames > 0:
             rng = self.rng(idx, epoch)
-            ids = self.adapter.agent_ids(idx)
+            with self.adapter.sample_errors(idx):
+                ids = self.adapter.agent_ids(idx)
             if cfg.delay_mode == "fixed":
                 delays = {a: cfg.delay_frames for a in ids[1:]}
             elif cfg.delay_mode == "uniform":

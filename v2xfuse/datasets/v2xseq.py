@@ -9,7 +9,8 @@ What differs from :mod:`v2xfuse.datasets.dair` (shared/reference/dair-v2x.md sec
   to the stem of ``pointcloud_path``).
 * Ground truth is ``cooperative/label/<vehicle frame>.json``, already in the **vehicle LiDAR
   frame** (``3d_location`` centre, ``3d_dimensions`` l/w/h, ``rotation`` yaw); ``gt_ids`` are
-  the integer ``track_id`` (6-digit strings in the files). Car/Van/Truck/Bus -> ``"car"``.
+  the integer ``track_id`` (6-digit strings in the files). Car/Van/Truck/Bus -> ``"car"``; an
+  entry without ``"type"`` is an error (:func:`v2xfuse.formats.dair.track_label_boxes`).
 * ``system_error_offset`` is added to the infrastructure -> vehicle translation **in the
   vehicle frame** (official ``Coord_transformation_spd.Coord_Infrastructure_lidar2Vehicle_lidar``),
   so the roadside pose served is ``W_veh @ (inv(W_veh) @ W_inf + [dx, dy, 0])``.
@@ -20,14 +21,18 @@ Asynchrony, duplicates, agent ids and intensity are handled as for DAIR-V2X-C.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..formats import dair as fmt
 from ..registry import DATASETS
-from .base import DatasetError
+from ..structures.transforms import invert_transform
+from .base import DatasetError, reading
 from .dair import DairV2XCAdapter
+from .dair_side import read_json
 
-__all__ = ["V2XSeqAdapter"]
+__all__ = ["V2XSeqAdapter", "read_track_labels"]
 
 SPD_SPLIT_NAMES = ("cooperative-split-data-spd.json", "cooperative-split-data.json")
 
@@ -53,14 +58,14 @@ class V2XSeqAdapter(DairV2XCAdapter):
         self.infra_segments = self._segments(self.infra_rows, self.root / "infrastructure-side" / "data_info.json")
 
     @staticmethod
-    def _row_ids(row: dict, where: str) -> tuple[str, str]:
+    def row_ids(row: dict, where: str) -> tuple[str, str]:
         try:
             return str(row["vehicle_frame"]), str(row["infrastructure_frame"])
         except KeyError as e:
             raise DatasetError(f"{where}: missing field {e.args[0]!r}") from None
 
     def _corrected_infra_pose(self, world_from_infra, world_from_vehicle, offset):
-        vehicle_from_infra = np.linalg.inv(world_from_vehicle) @ world_from_infra
+        vehicle_from_infra = invert_transform(world_from_vehicle) @ world_from_infra
         vehicle_from_infra[:2, 3] += offset
         return world_from_vehicle @ vehicle_from_infra
 
@@ -68,22 +73,12 @@ class V2XSeqAdapter(DairV2XCAdapter):
         return str(sample.get("vehicle_sequence", vehicle_row.get("sequence_id", "")))
 
     def _ground_truth(self, sample: dict, vid: str, lidar_from_world: np.ndarray):
-        path = self.root / "cooperative" / "label" / f"{vid}.json"
-        labels = self._json(path, "cooperative label file")
-        if not isinstance(labels, list):
-            raise DatasetError(f"{path}: expected a JSON array of objects")
-        boxes, ids = [], []
-        for j, entry in enumerate(labels):
-            if not isinstance(entry, dict):
-                raise DatasetError(f"{path}: [{j}] is not an object")
-            if str(entry.get("type", "")).lower() not in fmt.VEHICLE_CLASSES:
-                continue
-            try:
-                box = fmt.side_label_box(entry, f"{path}: [{j}]")
-                track = int(fmt.parse_float(entry.get("track_id", -1), f"{path}: [{j}].track_id"))
-            except ValueError as e:
-                raise DatasetError(str(e)) from None
-            if np.all(box[3:6] > 1e-6):
-                boxes.append(box)
-                ids.append(track)
-        return np.array(boxes).reshape(-1, 7), np.array(ids, np.int64)
+        return read_track_labels(self.root, vid, self._json)
+
+
+def read_track_labels(root: Path, vid: str, json=read_json) -> tuple[np.ndarray, np.ndarray]:
+    """((M, 7) vehicle-frame boxes, (M,) track ids) of ``cooperative/label/<vehicle frame>.json``.
+    Shared with ``tools/check_dataset.py``."""
+    path = root / "cooperative" / "label" / f"{vid}.json"
+    with reading(path, "cooperative label file"):
+        return fmt.track_label_boxes(json(path, "cooperative label file"), str(path))

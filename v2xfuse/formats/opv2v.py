@@ -25,6 +25,7 @@ import yaml
 
 from ..structures.boxes import CORNER_SIGNS, corners_to_boxes
 from ..structures.transforms import invert_transform
+from .checks import RIGID_TOL, check_finite, check_rigid
 
 __all__ = ["FLIP_Y", "UE4_FROM_CV", "carla_pose_to_matrix", "matrix_to_carla_pose", "lh_to_rh",
            "vehicle_box_in_lidar", "vehicle_entry_from_box", "camera_lidar_from_cv",
@@ -67,24 +68,41 @@ def lh_to_rh(m: np.ndarray) -> np.ndarray:
     return FLIP_Y @ np.asarray(m, dtype=np.float64) @ FLIP_Y
 
 
-def vehicle_box_in_lidar(entry: dict, world_from_lidar_rh: np.ndarray) -> np.ndarray:
-    """(7,) box in our right-handed LiDAR frame from an OPV2V ``vehicles[id]`` entry.
+def _vector(entry: dict, key: str, where: str) -> np.ndarray:
+    """(3,) finite float64 of ``entry[key]`` (``KeyError`` when absent)."""
+    value = entry[key]
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.zeros(0)
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{where}.{key}: expected 3 finite numbers, got {value!r}")
+    return arr
+
+
+def vehicle_box_in_lidar(entry: dict, world_from_lidar_rh: np.ndarray,
+                         where: str = "vehicle") -> np.ndarray:
+    """(7,) finite box in our right-handed LiDAR frame from an OPV2V ``vehicles[id]`` entry.
 
     Args:
-        entry: dict with ``location``, ``center``, ``angle``, ``extent`` as in the yaml.
+        entry: dict with ``location``, ``center``, ``angle``, ``extent`` as in the yaml, each
+            3 finite numbers (NaN would become NaN ground truth), ``extent`` non-negative.
         world_from_lidar_rh: (4, 4) right-handed pose of the LiDAR the box is expressed in.
+        where: names the entry in error messages (``"<file>: vehicles[12]"``).
     """
-    loc = [float(v) for v in entry["location"]]
-    roll, yaw, pitch = (float(v) for v in entry["angle"])
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(entry).__name__}")
+    loc = _vector(entry, "location", where)
+    roll, yaw, pitch = _vector(entry, "angle", where)
     world_from_actor = lh_to_rh(carla_pose_to_matrix([*loc, roll, yaw, pitch]))
-    centre_local = FLIP_Y[:3, :3] @ np.asarray(entry["center"], dtype=np.float64)
-    half = np.asarray(entry["extent"], dtype=np.float64)
-    if half.shape != (3,) or np.any(half < 0):
-        raise ValueError(f"extent must be 3 non-negative half sizes, got {entry['extent']!r}")
+    centre_local = FLIP_Y[:3, :3] @ _vector(entry, "center", where)
+    half = _vector(entry, "extent", where)
+    if np.any(half < 0):
+        raise ValueError(f"{where}.extent: expected 3 non-negative half sizes, got {entry['extent']!r}")
     local = centre_local + CORNER_SIGNS * half
     lidar_from_actor = invert_transform(world_from_lidar_rh) @ world_from_actor
     corners = local @ lidar_from_actor[:3, :3].T + lidar_from_actor[:3, 3]
-    return corners_to_boxes(corners[None])[0]
+    return check_finite(corners_to_boxes(corners[None])[0], f"{where}: box")
 
 
 def vehicle_entry_from_box(box_world_rh: np.ndarray, speed_mps: float,
@@ -137,7 +155,7 @@ def load_yaml(path) -> dict:
     try:
         with open(path, "rb") as f:
             data = yaml.load(f, Loader=YamlLoader)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: malformed YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
@@ -158,7 +176,10 @@ def _pose6(meta: dict, key: str, where: str) -> list[float]:
 
 
 def world_from_lidar_rh(meta: dict, where: str) -> np.ndarray:
-    """Our right-handed ``world_from_lidar`` from a yaml's ``lidar_pose``."""
+    """Our right-handed ``world_from_lidar`` from a yaml's ``lidar_pose``.
+
+    ``lidar_pose`` is ``[x, y, z, roll, yaw, pitch]``: any 6 finite numbers make a rigid
+    transform, so finiteness (:func:`_pose6`) is the whole check."""
     return lh_to_rh(carla_pose_to_matrix(_pose6(meta, "lidar_pose", where)))
 
 
@@ -169,32 +190,60 @@ def vehicle_boxes(meta: dict, world_from_lidar: np.ndarray, where: str):
         raise ValueError(f"{where}: field 'vehicles' must be a mapping, got {type(vehicles).__name__}")
     ids, boxes = [], []
     for vid, entry in vehicles.items():
-        field_name = f"vehicles[{vid}]"
+        field_name = f"{where}: vehicles[{vid}]"
         try:
-            boxes.append(vehicle_box_in_lidar(entry, world_from_lidar))
+            boxes.append(vehicle_box_in_lidar(entry, world_from_lidar, field_name))
             ids.append(int(vid))
         except KeyError as e:
-            raise ValueError(f"{where}: {field_name} lacks {e.args[0]!r}") from None
+            raise ValueError(f"{field_name}: missing field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: {field_name}: {e}") from None
+            text = str(e)
+            raise ValueError(text if text.startswith(field_name) else f"{field_name}: {text}") from None
     return np.array(ids, dtype=np.int64), np.array(boxes, dtype=np.float64).reshape(-1, 7)
+
+
+def yaml_number(meta: dict, key: str, where: str, default: float = 0.0) -> float:
+    """A finite number field (``ego_speed``...); ``default`` when absent."""
+    value = meta.get(key, default)
+    try:
+        out = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        out = math.nan
+    if not math.isfinite(out):
+        raise ValueError(f"{where}: field {key!r} must be a finite number, got {value!r}")
+    return out
+
+
+def yaml_flag(meta: dict, key: str, where: str) -> bool:
+    """A boolean field (``RSU``); absent is False. ``bool("no")`` would be True, so strings fail."""
+    value = meta.get(key, False)
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{where}: field {key!r} must be true or false, got {value!r}")
 
 
 def camera_calibration(meta: dict, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(K (3, 3), lidar_from_camera (4, 4) OpenCV axes) of ``camera<i>`` in a yaml."""
+    if name not in meta:
+        raise ValueError(f"{where}: missing field {name!r}")
+    entry = meta[name]
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: field {name!r} must be a mapping, got {type(entry).__name__}")
     try:
-        entry = meta[name]
         k = np.asarray(entry["intrinsic"], dtype=np.float64)
         ext = np.asarray(entry["extrinsic"], dtype=np.float64)
     except KeyError as e:
-        raise ValueError(f"{where}: missing field {name}.{e.args[0]}" if e.args[0] != name
-                         else f"{where}: missing field {name!r}") from None
+        raise ValueError(f"{where}: missing field {name}.{e.args[0]}") from None
     except (TypeError, ValueError):
         raise ValueError(f"{where}: {name}.intrinsic/extrinsic are not numeric matrices") from None
     if k.shape != (3, 3) or ext.shape != (4, 4):
         raise ValueError(f"{where}: {name}: intrinsic must be 3x3 and extrinsic 4x4, "
                          f"got {k.shape} and {ext.shape}")
+    check_finite(k, f"{where}: {name}.intrinsic")
+    # CARLA computes it from two rigid transforms, so it is rigid to float precision.
+    check_rigid(ext, f"{where}: {name}.extrinsic", RIGID_TOL)
     return k, camera_lidar_from_cv(ext)
 
 
-__all__ += ["YamlLoader", "load_yaml", "world_from_lidar_rh", "vehicle_boxes", "camera_calibration"]
+__all__ += ["YamlLoader", "load_yaml", "world_from_lidar_rh", "vehicle_boxes", "yaml_number",
+            "yaml_flag", "camera_calibration"]

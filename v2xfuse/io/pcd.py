@@ -16,15 +16,18 @@ with the ``DATA`` line; the point data follows::
     DATA binary                                      ascii | binary | binary_compressed
 
 - ``ascii``: one point per line, the values of all fields (COUNT of each) separated by spaces.
-- ``binary``: POINTS packed little-endian records (no padding), row-major; bytes after the last
-  record are ignored.
+- ``binary``: POINTS packed little-endian records (no padding), row-major, and nothing after
+  the last record.
 - ``binary_compressed``: ``uint32 compressed_size, uint32 uncompressed_size`` then an LZF stream
-  (:mod:`v2xfuse.io.lzf`) of exactly ``compressed_size`` bytes. The uncompressed buffer is
-  column-major: all POINTS values of field 1, then all of field 2, and so on.
+  (:mod:`v2xfuse.io.lzf`) of exactly ``compressed_size`` bytes, ending the file. The uncompressed
+  buffer is column-major: all POINTS values of field 1, then all of field 2, and so on.
 
 The reader is strict: anything that disagrees with the header raises :class:`PcdError` (see
 :func:`read_pcd`), and every header number is checked against the bytes in the file before
-anything is allocated from it.
+anything is allocated from it. In particular the data must be exactly as long as the header
+says, in every encoding: a header whose POINTS is smaller than the data would otherwise load
+a prefix of the cloud without a word (PCL, Open3D and pypcd all write files that end with the
+last record, so a longer file is a damaged or mis-edited one, never a writer's habit).
 
 The datasets (see ``shared/reference``): OPV2V writes ``x y z rgb`` ascii files through Open3D,
 intensity packed in the red channel of ``rgb`` (:func:`write_points_opv2v`); DAIR-V2X ships
@@ -32,16 +35,15 @@ intensity packed in the red channel of ``rgb`` (:func:`write_points_opv2v`); DAI
 """
 from __future__ import annotations
 
-import io
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Mapping, Union
+from typing import BinaryIO, Union
 
 import numpy as np
 
-from ._pcd_text import format_ascii_rows, parse_ascii_rows
-from .lzf import MAX_EXPANSION, LzfError, lzf_compress, lzf_decompress
+from ._pcd_text import parse_ascii_rows
+from .lzf import MAX_EXPANSION, LzfError, lzf_decompress
 
 __all__ = ["PcdError", "PcdHeader", "PcdData", "read_pcd", "read_points", "write_pcd",
            "write_points_opv2v", "write_points_dair"]
@@ -252,13 +254,19 @@ def _read_binary(buf: bytearray, offset: int, header: PcdHeader, err) -> np.ndar
     if have < need:
         raise err(f"truncated binary data: {header.points} points of {header.row_bytes} bytes "
                   f"need {need} bytes, found {have}")
-    # A view of the file buffer: no copy. Trailing bytes are ignored (PCL does the same).
+    if have > need:
+        extra = have - need
+        raise err(f"header inconsistent with the data size: POINTS {header.points} of "
+                  f"{header.row_bytes} bytes need {need} bytes, the file holds {have} ("
+                  + (f"{extra // header.row_bytes} more points" if header.row_bytes and
+                     extra % header.row_bytes == 0 else f"{extra} bytes too many") + ")")
+    # A view of the file buffer: no copy.
     return np.frombuffer(buf, dtype=header.dtype, count=header.points, offset=offset)
 
 
 def _read_compressed(buf: bytearray, offset: int, header: PcdHeader, err) -> np.ndarray:
     have = len(buf) - offset
-    if header.points == 0 and have < 8:
+    if header.points == 0 and have == 0:  # an empty cloud may omit the two sizes
         return np.zeros(0, dtype=header.dtype)
     if have < 8:
         raise err(f"truncated binary_compressed data: need 8 bytes of sizes, found {have}")
@@ -270,6 +278,9 @@ def _read_compressed(buf: bytearray, offset: int, header: PcdHeader, err) -> np.
     if compressed_size > have - 8:
         raise err(f"truncated binary_compressed data: compressed size says {compressed_size} "
                   f"bytes, found {have - 8}")
+    if compressed_size < have - 8:
+        raise err(f"header inconsistent with the data size: binary_compressed stream of "
+                  f"{compressed_size} bytes is followed by {have - 8 - compressed_size} more")
     if uncompressed_size > MAX_EXPANSION * compressed_size:
         raise err(f"binary_compressed sizes inconsistent: {compressed_size} compressed bytes "
                   f"cannot expand to {uncompressed_size}")
@@ -302,11 +313,11 @@ def read_pcd(source: Source) -> PcdData:
     Raises:
         PcdError: the message names the file and the problem: a missing, unknown or repeated
             header key; FIELDS/SIZE/TYPE/COUNT of different lengths; an unsupported TYPE/SIZE;
-            WIDTH * HEIGHT != POINTS; fewer data bytes (binary), rows or values (ascii) than the
-            header promises, with the counts expected and found; ascii rows with the wrong
-            number of values, non-numeric values, or integers out of their type's range; rows
-            after the last point (ascii); compressed sizes that disagree with the header or
-            the file; a corrupt LZF stream. Bytes after the last binary record are ignored.
+            WIDTH * HEIGHT != POINTS; fewer or more data bytes (binary), rows or values
+            (ascii) than the header promises, with the counts expected and found; ascii rows
+            with the wrong number of values, non-numeric values, or integers out of their
+            type's range; compressed sizes that disagree with the header or the file (bytes
+            after the stream included); a corrupt LZF stream.
     """
     buf, name = _load(source)
 
@@ -383,141 +394,5 @@ def read_points(source: Source, intensity: str = "auto") -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing
-
-def _as_records(fields: Mapping[str, np.ndarray] | np.ndarray, name: str) -> np.ndarray:
-    """Fields -> (N,) packed little-endian structured array, one field per PCD field."""
-    if isinstance(fields, np.ndarray):
-        if fields.dtype.names is None or fields.ndim != 1:
-            raise PcdError(f"{name}: a structured array must be 1-D with named fields")
-        columns = {n: fields[n] for n in fields.dtype.names}
-    else:
-        columns = {n: np.asarray(v) for n, v in fields.items()}
-    if not columns:
-        raise PcdError(f"{name}: no fields to write")
-    lengths = {n: len(v) for n, v in columns.items()}
-    if len(set(lengths.values())) > 1:
-        raise PcdError(f"{name}: fields have different lengths {lengths}")
-    dtype = []
-    for field, values in columns.items():
-        if not field or any(c.isspace() for c in field):
-            raise PcdError(f"{name}: field name {field!r} is empty or contains whitespace")
-        if values.ndim not in (1, 2):
-            raise PcdError(f"{name}: field {field!r} must be (N,) or (N, count), got "
-                           f"{values.shape}")
-        kind = _PCD_TYPE.get(values.dtype.kind)
-        size = values.dtype.itemsize
-        if kind is None or size not in _TYPE_SIZES[kind]:
-            raise PcdError(f"{name}: field {field!r} has dtype {values.dtype}, which PCD "
-                           f"cannot store")
-        base = f"<{_NUMPY_KIND[kind]}{size}"
-        dtype.append((field, base, values.shape[1:]) if values.ndim == 2 else (field, base))
-    records = np.empty(next(iter(lengths.values())), dtype=dtype)
-    for field, values in columns.items():
-        records[field] = values
-    return records
-
-
-def _header_text(records: np.ndarray, data: str, height: int, viewpoint) -> str:
-    names, sizes, types, counts = [], [], [], []
-    for field in records.dtype.names:
-        base, shape = records.dtype[field].base, records.dtype[field].shape
-        names.append(field)
-        sizes.append(str(base.itemsize))
-        types.append(_PCD_TYPE[base.kind])
-        counts.append(str(int(np.prod(shape))))
-    n = len(records)
-    view = " ".join(f"{v:.10g}" for v in viewpoint)
-    return ("# .PCD v0.7 - Point Cloud Data file format\n"
-            "VERSION 0.7\n"
-            f"FIELDS {' '.join(names)}\n"
-            f"SIZE {' '.join(sizes)}\n"
-            f"TYPE {' '.join(types)}\n"
-            f"COUNT {' '.join(counts)}\n"
-            f"WIDTH {n // height}\n"
-            f"HEIGHT {height}\n"
-            f"VIEWPOINT {view}\n"
-            f"POINTS {n}\n"
-            f"DATA {data}\n")
-
-
-def write_pcd(path: Union[str, os.PathLike, BinaryIO],
-              fields: Mapping[str, np.ndarray] | np.ndarray, data: str = "binary", *,
-              height: int = 1, viewpoint=_DEFAULT_VIEWPOINT) -> None:
-    """Write a PCD v0.7 file.
-
-    Args:
-        path: file path or binary file object.
-        fields: ``{name: (N,) or (N, count) array}`` in file order, or an (N,) structured
-            array. Each field keeps its dtype (float16/32/64 -> F2/F4/F8, intN -> I, uintN and
-            bool -> U); a second axis becomes COUNT.
-        data: ``"ascii"``, ``"binary"`` or ``"binary_compressed"``. ascii prints float32 with
-            ``%.10g`` (as Open3D; exact round trip), float64 with ``%.17g``, float16 with
-            ``%.5g``, integers in full.
-        height: HEIGHT of an organised cloud (N must be a multiple); WIDTH = N / height.
-        viewpoint: (7,) ``tx ty tz qw qx qy qz``.
-    """
-    name = str(path) if isinstance(path, (str, os.PathLike)) else \
-        str(getattr(path, "name", "<stream>"))
-    if data not in DATA_ENCODINGS:
-        raise PcdError(f"{name}: unknown DATA encoding {data!r}")
-    records = _as_records(fields, name)
-    if height < 1 or len(records) % height:
-        raise PcdError(f"{name}: {len(records)} points do not fill HEIGHT {height} rows")
-    if len(viewpoint) != 7:
-        raise PcdError(f"{name}: VIEWPOINT needs 7 numbers, got {len(viewpoint)}")
-    parts = [_header_text(records, data, height, viewpoint).encode("ascii")]
-    if data == "ascii":
-        parts.append(format_ascii_rows(records).encode("ascii"))
-    elif data == "binary":
-        parts.append(records.data)
-    else:
-        # PCL's layout: each field's values for all points, field after field.
-        raw = b"".join(np.ascontiguousarray(records[f]).tobytes() for f in records.dtype.names)
-        stream = lzf_compress(raw)
-        parts += [struct.pack("<II", len(stream), len(raw)), stream]
-    if hasattr(path, "write"):
-        for part in parts:
-            path.write(part)
-        return
-    with open(path, "wb") as f:
-        for part in parts:
-            f.write(part)
-
-
-def write_points_opv2v(path: Union[str, os.PathLike, BinaryIO], xyz: np.ndarray,
-                       intensity: np.ndarray) -> None:
-    """Write what OPV2V's dumper writes (Open3D ``write_point_cloud(write_ascii=True)`` of a
-    cloud whose colours are ``[intensity, 0, 0]``), byte for byte with the Open3D of that time.
-
-    Args:
-        xyz: (N, 3) coordinates, stored as float32 (TYPE F SIZE 4).
-        intensity: (N,) in [0, 1]; clipped, then ``R = round(intensity * 255)`` (halves away
-            from zero, as ``std::round``; NaN -> 0) and stored as the float32 whose bits are
-            ``R << 16`` (a subnormal for R < 128), printed with ``%.10g``.
-    """
-    xyz = np.asarray(xyz)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ValueError(f"xyz must be (N, 3), got {xyz.shape}")
-    scaled = np.clip(np.nan_to_num(np.asarray(intensity, dtype=np.float64), nan=0.0), 0, 1) * 255
-    red = np.floor(scaled)
-    red += (scaled - red) >= 0.5
-    rgb = (red.astype(np.uint32) << 16).view(np.float32)
-    write_pcd(path, {"x": xyz[:, 0].astype(np.float32), "y": xyz[:, 1].astype(np.float32),
-                     "z": xyz[:, 2].astype(np.float32), "rgb": rgb}, data="ascii")
-
-
-def write_points_dair(path: Union[str, os.PathLike, BinaryIO], xyz: np.ndarray,
-                      intensity: np.ndarray) -> None:
-    """Write a DAIR-V2X style cloud: ``x y z intensity``, all float32, ``DATA binary``.
-
-    Args:
-        xyz: (N, 3) coordinates.
-        intensity: (N,) raw intensity as DAIR-V2X stores it (0..255).
-    """
-    xyz = np.asarray(xyz, dtype=np.float32)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ValueError(f"xyz must be (N, 3), got {xyz.shape}")
-    write_pcd(path, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
-                     "intensity": np.asarray(intensity, dtype=np.float32)}, data="binary")
+# The writer lives in its own module; importing it last lets it reuse the constants above.
+from ._pcd_write import write_pcd, write_points_dair, write_points_opv2v  # noqa: E402

@@ -10,8 +10,8 @@ malformed      its bytes do not decode (truncated, corrupt), or a payload codec 
 sender         its sender id is not the sender of the link it came on (spoofed, or the
                receiver's own id)
 kind           it is not of the kind the receiver expects on that link
-pose           its pose is not a rigid transform: ``R^T R = I`` and ``det R = +1`` within
-               ``rigid_tol``
+pose           its pose is not a rigid transform: ``||R^T R - I||_F <= rigid_tol`` and
+               ``det R > 0``
 far            its pose puts the sender farther than ``max_range_m`` from the receiver
 stale          its observation is older than ``max_age_us``, or newer than the receiver's
                clock by more than ``max_future_us``
@@ -66,10 +66,11 @@ class ReceiveChecks:
         max_age_us: oldest observation accepted, microseconds before the receiver's clock
             (2 s: four times the largest expected delay of the CoBEVFlow/CoDynTrust protocol).
         max_future_us: how far ahead of the receiver's clock a timestamp may be (clock skew).
-        rigid_tol: tolerance on ``max|R^T R - I|`` and ``|det R - 1|``. DAIR-V2X's calibration
-            rotations are orthonormal only to about 1e-3, so the default is loose enough for
-            them and still refuses any scale, shear or reflection that moves a point at 50 m
-            by more than a couple of metres.
+        rigid_tol: tolerance on ``||R^T R - I||_F`` (Frobenius). The loaders accept dataset
+            poses within 0.05 of rigid (DAIR-V2X's are orthonormal only to ~1e-3..1e-2, see
+            v2xfuse/formats/checks.py) and a message's pose composes two of them, so the
+            receiver allows twice that; a scale of 1.05, a shear of 0.1, a reflection or a
+            singular matrix is refused.
         max_abs: bound on received float payload values when the method knows no tighter one
             (features of a trained model are O(1..100); 1e30 is an attack).
         duplicate_window: accepted timestamps remembered per link.
@@ -78,7 +79,7 @@ class ReceiveChecks:
     max_range_m: float = 300.0
     max_age_us: int = 2_000_000
     max_future_us: int = 100_000
-    rigid_tol: float = 0.02
+    rigid_tol: float = 0.1
     max_abs: float = 1e6
     duplicate_window: int = 64
 
@@ -101,10 +102,10 @@ def check_rigid_pose(pose: np.ndarray, checks: ReceiveChecks, receiver_xyz=None,
     if pose.shape != (4, 4) or not np.isfinite(pose).all():
         raise Rejected("pose", f"{what}: not a finite 4x4 matrix")
     rot = pose[:3, :3]
-    ortho = float(np.abs(rot.T @ rot - np.eye(3)).max())
+    dev = float(np.linalg.norm(rot.T @ rot - np.eye(3)))
     det = float(np.linalg.det(rot))
-    if ortho > checks.rigid_tol or abs(det - 1.0) > checks.rigid_tol:
-        raise Rejected("pose", f"{what}: not a rotation (max|R^T R - I| = {ortho:.3g}, "
+    if not (dev <= checks.rigid_tol and det > 0):
+        raise Rejected("pose", f"{what}: not a rotation (||R^T R - I|| = {dev:.3g}, "
                                f"det = {det:.3g}, tolerance {checks.rigid_tol})")
     if receiver_xyz is None:
         return

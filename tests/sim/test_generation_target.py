@@ -137,6 +137,27 @@ def test_a_foreign_folder_is_never_written(tmp_path, fmt):
     assert snapshot(tmp_path) == before
 
 
+def test_our_dataset_of_another_format_is_not_replaced(tmp_path):
+    out = tmp_path / "syn"
+    make("dair", out)
+    before = snapshot(tmp_path)
+    with pytest.raises(ForeignDataError, match="holds a synthetic DAIR-V2X-C dataset"):
+        make("opv2v", out)
+    assert snapshot(tmp_path) == before
+
+
+def test_the_message_names_the_config_of_the_folders_format(tmp_path):
+    dair = tmp_path / "dair"
+    (dair / "cooperative-vehicle-infrastructure" / "cooperative").mkdir(parents=True)
+    with pytest.raises(ForeignDataError, match=r"DAIR-V2X-C, by its layout\).*\n.*"
+                                               r"--config configs/dair_v2x.yaml"):
+        make("opv2v", dair)
+    seq = tmp_path / "V2X-Seq-SPD"
+    (seq / "cooperative" / "label").mkdir(parents=True)
+    with pytest.raises(ForeignDataError, match="--config configs/v2x_seq.yaml"):
+        make("dair", seq)
+
+
 def test_our_manifest_in_a_mixed_folder_is_neither_reused_nor_replaced(tmp_path):
     out = tmp_path / "mixed"
     make("opv2v", out)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["MANIFEST_NAME", "STAGING_MARKER", "ForeignDataError", "FolderState", "folder_state",
-           "check_target", "inventory", "read_manifest", "staging", "publish", "generated_tree",
-           "REAL_DATA_CONFIGS"]
+           "check_target", "guess_format", "inventory", "read_manifest", "staging", "publish",
+           "generated_tree", "REAL_DATA_CONFIGS"]
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,41 @@ def _contents_problem(folder: Path, manifest: dict, entries: list[str]) -> str:
     return ""
 
 
+def guess_format(folder: Path) -> str | None:
+    """Which dataset a folder looks like by its top-level names (for the error message only)."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return None
+    if "cooperative-vehicle-infrastructure" in names:
+        return "dair"
+    if "V2X-Seq-SPD" in names:
+        return "v2xseq"
+    if names & {"cooperative", "vehicle-side", "infrastructure-side"}:
+        return "v2xseq" if (Path(folder) / "cooperative" / "label").is_dir() else "dair"
+    if names & {"train", "validate", "test", "test_culvercity"}:
+        return "opv2v"
+    return None
+
+
 def check_target(out: Path, fmt: str) -> FolderState:
-    """The state of ``out`` if the generator may write there; else :class:`ForeignDataError`."""
+    """The state of ``out`` if the generator may write ``fmt`` there: missing, empty, or ours
+    with the same format (a dataset of ours in another format is more likely a wrong path
+    than something to replace). Otherwise :class:`ForeignDataError`; nothing is touched."""
     state = folder_state(out)
-    if state.kind in ("missing", "empty", "ours"):
+    if state.kind in ("missing", "empty"):
         return state
     name = FORMAT_NAMES.get(fmt, fmt)
     configs = ", ".join(f"{REAL_DATA_CONFIGS[f]} ({FORMAT_NAMES[f]})" for f in REAL_DATA_CONFIGS)
+    if state.kind == "ours":
+        theirs = state.manifest["format"]
+        if theirs == fmt:
+            return state
+        raise ForeignDataError(
+            f"refusing to generate synthetic {name} data into {out}: it holds a synthetic "
+            f"{FORMAT_NAMES[theirs]} dataset that v2xfuse generated. Nothing was written or "
+            f"deleted. Point dataset.root (tools/make_synthetic.py: --out) at a missing or empty "
+            f"folder, or delete that one if it is no longer needed.")
     if state.kind == "modified":
         raise ForeignDataError(
             f"refusing to generate synthetic {name} data into {out}: it carries {MANIFEST_NAME} "
@@ -162,11 +190,13 @@ def check_target(out: Path, fmt: str) -> FolderState:
             f"deleted. If it holds only synthetic data, delete the folder and run again; if it is "
             f"a real dataset, remove the synthetic scenes and {MANIFEST_NAME} by hand and train "
             f"with a real-data config: {configs}.")
+    guess = guess_format(out)
+    looks = f" ({FORMAT_NAMES[guess]}, by its layout)" if guess else ""
     raise ForeignDataError(
         f"refusing to generate synthetic {name} data into {out}: the folder is not empty "
-        f"({state.detail}), so it looks like a real dataset. Nothing was written. To train on it, "
-        f"use the real-data config of its format instead of a synthetic one, e.g.\n"
-        f"    python tools/train.py --config {REAL_DATA_CONFIGS.get(fmt, 'configs/opv2v.yaml')} "
+        f"({state.detail}), so it looks like a real dataset{looks}. Nothing was written. To train "
+        f"on it, use the real-data config of its format instead of a synthetic one, e.g.\n"
+        f"    python tools/train.py --config {REAL_DATA_CONFIGS[guess or fmt]} "
         f"--set dataset.root={out}\n"
         f"(real-data configs: {configs}). To generate synthetic data, point dataset.root "
         f"(tools/make_synthetic.py: --out) at a missing or empty folder.")

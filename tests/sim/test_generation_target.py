@@ -221,6 +221,28 @@ def test_an_interrupted_generation_leaves_nothing_at_the_target(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "ours"]
 
 
+def test_a_dataset_published_meanwhile_by_another_run_is_kept(tmp_path, monkeypatch):
+    """Two runs generating the same dataset at once: the second to finish keeps the first's
+    files in place (the first may be reading them) and drops its own."""
+    out = tmp_path / "syn"
+    real_generate = sim._generate_into
+    published = {}
+
+    def racing_generate(*args, **kwargs):
+        result = real_generate(*args, **kwargs)
+        monkeypatch.setattr(sim, "_generate_into", real_generate)
+        make("opv2v", out)  # the other run, finishing first
+        published["files"] = snapshot(out)
+        published["inode"] = (out / MANIFEST_NAME).stat().st_ino
+        return result
+
+    monkeypatch.setattr(sim, "_generate_into", racing_generate)
+    make("opv2v", out)
+    assert snapshot(out) == published["files"]
+    assert (out / MANIFEST_NAME).stat().st_ino == published["inode"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+
+
 def _staging_dir(parent: Path, target: str, kind: str, pid: int, host=None) -> Path:
     import socket
 

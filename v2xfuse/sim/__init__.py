@@ -120,7 +120,14 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
     with staging(out) as tmp:
         stats, kept = _generate_into(tmp, fmt, n_scenes, n_frames, seed, cfg, splits, scene_split,
                                      progress, keep_frames, eval_range, workers)
-        publish(tmp, out, fmt)
+        now = check_target(out, fmt)
+        if now.kind == "ours" and not _mismatch(now.manifest, _request(
+                fmt, n_scenes, n_frames, seed, cfg, splits)):
+            # The same dataset, e.g. published meanwhile by another process (a second run,
+            # another rank): keep it, as it may be being read; ours goes with the staging.
+            log.info("%s already holds this dataset (same request): keeping it", out)
+        else:
+            publish(tmp, out, fmt)
     if kept is not None:  # the scene folders were written under tmp
         kept = [(scene, frames, None if d is None else out / Path(d).relative_to(tmp))
                 for scene, frames, d in kept]

@@ -32,7 +32,7 @@ def _tool(name: str):
 
 
 def sha256_tree(root: Path) -> dict[str, str]:
-    """Every path under ``root`` (hidden ones included) -> sha256 of the file, "<dir>" for folders."""
+    """Every path under ``root`` (hidden ones too) -> sha256 of the file, "<dir>" for folders."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames:
@@ -53,9 +53,10 @@ def real(tmp_path_factory):
                                "scene": {"n_cavs": 2, "n_rsus": 1}})
     cfg.cameras = False
     roots = {}
-    for fmt, folder, val, inner in (("opv2v", "OPV2V", "validate", None),
-                                    ("dair", "DAIR-V2X-C", "val", "cooperative-vehicle-infrastructure"),
-                                    ("v2xseq", "V2X-Seq", "val", "V2X-Seq-SPD")):
+    for fmt, folder, val, inner in (
+            ("opv2v", "OPV2V", "validate", None),
+            ("dair", "DAIR-V2X-C", "val", "cooperative-vehicle-infrastructure"),
+            ("v2xseq", "V2X-Seq", "val", "V2X-Seq-SPD")):
         generate_dataset(fmt, base / folder, 3, 1, seed=2, cfg=cfg,
                          splits={"train": 1 / 3, val: 1 / 3, "test": 1 / 3}, progress=False,
                          workers=1)

@@ -7,13 +7,23 @@
 
 Deterministic for a seed. Prints dataset statistics at the end, among them the fraction of
 objects near the ego that only a collaborator saw (what cooperation can recover).
+
+--out must be missing or empty, or hold a dataset this tool generated (it carries
+v2xfuse_synthetic.json): one generated with the same settings is kept as it is, one with other
+settings is replaced. Any other folder is left untouched and the tool stops with an error, so it
+can never write into a real OPV2V or DAIR-V2X copy. The data is written into a temporary folder
+beside --out and renamed into place when complete: an interrupted run leaves nothing at --out.
+Every split with a non-zero fraction gets at least one scene.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+
 import yaml
 
-from v2xfuse.sim import FORMATS, SimConfig, generate_dataset
+from v2xfuse.sim import (FORMATS, ForeignDataError, SimConfig, default_splits, ensure_dataset,
+                         split_of_scenes)
 
 
 def parse_splits(text: str) -> dict[str, float]:
@@ -53,10 +63,23 @@ def main(argv=None) -> int:
     cfg = SimConfig.from_dict(overrides)
     if args.no_cameras:
         cfg.cameras = False
-    stats, _ = generate_dataset(args.format, args.out, args.scenes, args.frames, args.seed, cfg,
-                                splits=args.splits, progress=not args.quiet,
-                                workers=args.workers)
-    print(f"wrote {args.format} dataset to {args.out}")
+    splits = args.splits or default_splits(args.format, args.scenes)
+    try:
+        split_of_scenes(args.scenes, splits)
+    except ValueError as e:
+        p.error(f"--scenes/--splits: {e}")
+    try:
+        stats, what = ensure_dataset(args.format, args.out, args.scenes, args.frames, args.seed,
+                                     cfg, splits=splits, progress=not args.quiet,
+                                     workers=args.workers)
+    except ForeignDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if what == "reused":
+        print(f"{args.out} already holds this {args.format} dataset (same settings): kept it")
+    else:
+        print(f"wrote {args.format} dataset to {args.out}"
+              + (" (replacing one generated with other settings)" if what == "replaced" else ""))
     print(f"  scenes {stats['scenes']}  frames {stats['frames']}  agents/frame {stats['agents_per_frame']:.1f}"
           f"  agent-frames {stats['agent_frames']}  splits {stats['splits']}")
     print(f"  objects {stats['objects']} (box labels {stats['box_labels']})")

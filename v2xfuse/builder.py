@@ -9,7 +9,7 @@ import inspect
 import logging
 from pathlib import Path
 
-from .datasets import CoopSampler, Opv2vAdapter, PipelineConfig
+from .datasets import CoopSampler, DatasetError, Opv2vAdapter, PipelineConfig
 from .models.backbone import BevBackbone
 from .models.detector import CoopDetector
 from .models.heads.anchor_head import AnchorHead
@@ -17,7 +17,8 @@ from .registry import DATASETS, ENCODERS, FUSION
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_adapter", "build_dataset", "build_detector", "ensure_synthetic", "kwargs_for"]
+__all__ = ["build_adapter", "build_dataset", "build_detector", "ensure_synthetic",
+           "synthetic_target", "kwargs_for"]
 
 
 def _register_builtin() -> None:
@@ -40,25 +41,70 @@ def kwargs_for(cls, section: dict, what: str, skip: tuple[str, ...] = ("type",))
     return out
 
 
+# dataset.type -> (generator format, the dataset's folder inside the generated tree)
+SYNTHETIC_FORMATS = {"opv2v": ("opv2v", None),
+                     "dair_v2x_c": ("dair", "cooperative-vehicle-infrastructure"),
+                     "v2x_seq_spd": ("v2xseq", "V2X-Seq-SPD")}
+
+
+def synthetic_target(dataset_cfg: dict) -> tuple[str, Path]:
+    """(generator format, folder the whole generated tree goes to) of a config's synthetic
+    dataset. DAIR-V2X-C and V2X-Seq roots may name the dataset folder itself; the tree (that
+    folder, the split file beside it, the manifest) is then generated into its parent."""
+    kind = dataset_cfg["type"]
+    if kind not in SYNTHETIC_FORMATS:
+        raise KeyError(f"dataset.synthetic: the generator writes {sorted(SYNTHETIC_FORMATS)} "
+                       f"datasets, not {kind!r}")
+    fmt, folder = SYNTHETIC_FORMATS[kind]
+    out = Path(dataset_cfg.get("generate_dir") or dataset_cfg["root"])
+    if folder is not None and out.name == folder:
+        out = out.parent
+    return fmt, out
+
+
 def ensure_synthetic(dataset_cfg: dict) -> None:
-    """Generate the embedded synthetic dataset at ``dataset.root`` when it is missing and the
-    config has a ``dataset.synthetic`` section saying how."""
+    """Make sure ``dataset.root`` holds data before an adapter reads it.
+
+    With a ``dataset.synthetic`` section: reuse the dataset generated earlier for the same
+    section, else generate it, but only into a missing or empty folder or one we generated
+    (:class:`~v2xfuse.sim.ForeignDataError` otherwise, for instance when ``--set
+    dataset.root=...`` points a synthetic config at a real dataset). Without one: a missing or
+    empty root is a :class:`~v2xfuse.datasets.DatasetError` that says what to point it at.
+    """
     spec = dataset_cfg.get("synthetic")
     if not spec:
+        _check_real_root(dataset_cfg)
         return
-    from .sim import SimConfig, generate_dataset
+    from .sim import SimConfig, ensure_dataset
 
-    fmt = {"opv2v": "opv2v", "dair_v2x_c": "dair", "v2xseq": "v2xseq"}[dataset_cfg["type"]]
-    out = Path(dataset_cfg.get("generate_dir") or dataset_cfg["root"])
-    if fmt == "dair" and out.name == "cooperative-vehicle-infrastructure":
-        out = out.parent
-    if (out / "v2xfuse_synthetic.json").is_file():
-        return
+    fmt, out = synthetic_target(dataset_cfg)
     sim_cfg = SimConfig.from_dict(spec.get("sim"))
     sim_cfg.cameras = bool(spec.get("cameras", False))
-    log.info("generating the synthetic %s dataset in %s (first use)", fmt, out)
-    generate_dataset(fmt, out, int(spec["scenes"]), int(spec["frames"]), int(spec.get("seed", 0)),
-                     sim_cfg, splits=spec.get("splits"), progress=True)
+    _, what = ensure_dataset(fmt, out, int(spec["scenes"]), int(spec["frames"]),
+                             int(spec.get("seed", 0)), sim_cfg, splits=spec.get("splits"),
+                             progress=True)
+    if what != "reused":
+        log.info("%s the synthetic %s dataset in %s", what, fmt, out)
+    split_file = dataset_cfg.get("split_file")
+    if split_file and Path(split_file).resolve().parent != out.resolve():
+        log.warning("dataset.split_file %s is not the split file generated in %s", split_file, out)
+
+
+def _check_real_root(dataset_cfg: dict) -> None:
+    root = dataset_cfg.get("root")
+    if root is None:
+        return
+    root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        return
+    what = "does not exist" if not root.exists() else \
+        "is not a folder" if not root.is_dir() else "is empty"
+    raise DatasetError(
+        f"dataset not found: dataset.root {root} {what}. Point it at your copy of the "
+        f"{dataset_cfg.get('type')} dataset (--set dataset.root=/path/to/it; the config's "
+        f"comments show the expected layout). Configs without a dataset.synthetic section never "
+        f"generate data; for generated data use configs/quickstart.yaml or "
+        f"configs/quickstart_dair.yaml.")
 
 
 def build_adapter(dataset_cfg: dict, split: str, **extra):

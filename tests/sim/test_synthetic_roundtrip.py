@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -246,7 +247,8 @@ def test_cli_writes_both_formats(tmp_path):
     for fmt in ("opv2v", "dair"):
         res = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--format", fmt,
                               "--out", str(tmp_path / fmt), "--scenes", "1", "--frames", "1", "--seed", "0",
-                              "--no-cameras", "--quiet"], capture_output=True, text=True, timeout=300)
+                              "--no-cameras", "--quiet"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's v2xfuse
         assert res.returncode == 0, res.stderr
         assert "seen only by a collaborator" in res.stdout
         manifest = json.loads((tmp_path / fmt / "v2xfuse_synthetic.json").read_text())

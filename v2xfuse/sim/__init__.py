@@ -1,12 +1,17 @@
 """The embedded synthetic cooperative world and its dataset writers.
 
 ``generate_dataset`` lays out scenes, runs every agent's LiDAR and cameras, and writes the
-result in the exact OPV2V/V2XSet or DAIR-V2X-C format, so the real-data loaders, training and
-evaluation all run without downloading anything.
+result in the exact OPV2V/V2XSet, DAIR-V2X-C or V2X-Seq SPD format, so the real-data loaders,
+training and evaluation all run without downloading anything. ``ensure_dataset`` reuses a
+dataset generated earlier for the same request.
+
+Both write only into a missing or empty folder or one of our own (see :mod:`.target`), through
+a temporary sibling renamed into place when complete.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,14 +21,18 @@ import numpy as np
 
 from .config import SimConfig
 from .generate import simulate_scene, visibility_stats
+from .target import (MANIFEST_NAME, ForeignDataError, check_target, inventory, publish,
+                     staging)
 from .world import build_scene
 
-__all__ = ["SimConfig", "generate_dataset", "scene_seeds", "split_of_scenes", "FORMATS",
-           "MANIFEST_NAME", "build_scene", "simulate_scene"]
+__all__ = ["SimConfig", "generate_dataset", "ensure_dataset", "scene_seeds", "split_of_scenes",
+           "default_splits", "FORMATS", "MANIFEST_NAME", "ForeignDataError", "build_scene",
+           "simulate_scene"]
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("opv2v", "dair", "v2xseq")
 PAIR_FORMATS = ("dair", "v2xseq")  # one vehicle + one roadside unit per scene
-MANIFEST_NAME = "v2xfuse_synthetic.json"
 EPOCH_US = 1626155123000000  # July 2021, like DAIR-V2X's timestamps
 
 
@@ -32,15 +41,40 @@ def scene_seeds(seed: int, n_scenes: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n_scenes)]
 
 
+def default_splits(fmt: str, n_scenes: int | None = None) -> dict[str, float]:
+    """Each format's own split names (OPV2V folders, DAIR split-file keys), 70/15/15. With
+    fewer than 3 scenes, only the first ``n_scenes`` of train, val, test (a scene each)."""
+    val = "val" if fmt in PAIR_FORMATS else "validate"
+    splits = {"train": 0.7, val: 0.15, "test": 0.15}
+    if n_scenes is not None and 0 < n_scenes < len(splits):
+        names = list(splits)[:n_scenes]
+        splits = {n: 1.0 / n_scenes for n in names}
+    return splits
+
+
 def split_of_scenes(n_scenes: int, fractions: dict[str, float]) -> list[str]:
-    """Assign scenes to splits in order: every named split gets at least one scene when there
-    are enough scenes, the first split takes the rounding remainder."""
+    """Assign scenes to splits in order: ``floor(fraction x n_scenes)`` each, at least one for
+    every split with a non-zero fraction (taken from the largest), the rounding remainder to
+    the first split with a non-zero fraction.
+
+    Raises ValueError when there are fewer scenes than splits with a non-zero fraction: a split
+    left empty only shows up later, when training validates on it.
+    """
     names = list(fractions)
-    counts = {n: int(np.floor(fractions[n] * n_scenes)) for n in names}
-    for n in names[1:]:
-        if counts[n] == 0 and fractions[n] > 0 and sum(counts.values()) < n_scenes - 1:
-            counts[n] = 1
-    counts[names[0]] += n_scenes - sum(counts.values())
+    wanted = [n for n in names if fractions[n] > 0]
+    if not wanted:
+        raise ValueError(f"splits: no split has a positive fraction: {fractions}")
+    if n_scenes < len(wanted):
+        raise ValueError(f"{n_scenes} scene(s) cannot give each of the splits {wanted} a scene: "
+                         f"generate at least {len(wanted)} scenes or name fewer splits")
+    # The epsilon keeps 0.15 x 20 (2.9999999999999996 in floats) at 3.
+    counts = {n: int(np.floor(fractions[n] * n_scenes + 1e-9)) for n in names}
+    for n in wanted:
+        counts[n] = max(counts[n], 1)
+    while sum(counts.values()) > n_scenes:
+        largest = max(wanted, key=lambda n: counts[n])
+        counts[largest] -= 1
+    counts[wanted[0]] += n_scenes - sum(counts.values())
     out = []
     for n in names:
         out += [n] * counts[n]
@@ -62,7 +96,8 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
         seed: everything is a deterministic function of the seed and the arguments (not of
             ``workers``: every scene has its own generator and its own folder).
         cfg: world and sensor settings.
-        splits: fraction of scenes per split, in order.
+        splits: fraction of scenes per split, in order (default: :func:`default_splits`);
+            every split with a non-zero fraction gets a scene.
         keep_frames: also return the :class:`SimFrame` truth records (tests only: they are big).
         workers: processes that simulate and write OPV2V scenes in parallel (default: the CPUs
             this process may use). The pair formats write one shared index, so they run in
@@ -71,18 +106,40 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
             (or ``workers=1``).
     Returns:
         (stats dict, list of (scene, frames, write info) if ``keep_frames`` else None).
+    Raises:
+        ForeignDataError: ``out`` is neither missing, empty nor a dataset of ours (then nothing
+            is written). A dataset of ours at ``out`` is replaced once the new one is complete.
     """
-    from tqdm import tqdm
-
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     cfg = cfg or SimConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if splits is None:  # each format's own split names (OPV2V folders, DAIR split-file keys)
-        val = "val" if fmt in PAIR_FORMATS else "validate"
-        splits = {"train": 0.7, val: 0.15, "test": 0.15}
+    out = Path(out).resolve()
+    splits = dict(splits) if splits is not None else default_splits(fmt, n_scenes)
     scene_split = split_of_scenes(n_scenes, splits)
+    check_target(out, fmt)
+    with staging(out) as tmp:
+        stats, kept = _generate_into(tmp, fmt, n_scenes, n_frames, seed, cfg, splits, scene_split,
+                                     progress, keep_frames, eval_range, workers)
+        now = check_target(out, fmt)
+        if now.kind == "ours" and not _mismatch(now.manifest, _request(
+                fmt, n_scenes, n_frames, seed, cfg, splits)):
+            # The same dataset, e.g. published meanwhile by another process (a second run,
+            # another rank): keep it, as it may be being read; ours goes with the staging.
+            log.info("%s already holds this dataset (same request): keeping it", out)
+        else:
+            publish(tmp, out, fmt)
+    if kept is not None:  # the scene folders were written under tmp
+        kept = [(scene, frames, None if d is None else out / Path(d).relative_to(tmp))
+                for scene, frames, d in kept]
+    return stats, kept
+
+
+def _generate_into(out: Path, fmt: str, n_scenes: int, n_frames: int, seed: int, cfg: SimConfig,
+                   splits: dict[str, float], scene_split: list[str], progress: bool,
+                   keep_frames: bool, eval_range: float, workers: int | None):
+    """Simulate and write every scene into ``out`` (the staging folder), manifest last."""
+    from tqdm import tqdm
+
     rngs = scene_seeds(seed, n_scenes)
     agents_per_scene = 2 if fmt in PAIR_FORMATS else cfg.scene.n_cavs + cfg.scene.n_rsus
     bar = tqdm(total=n_scenes * n_frames * agents_per_scene, desc=f"synthetic {fmt}", unit="agent-frame",
@@ -128,11 +185,55 @@ def generate_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, se
         "workers": workers,
         "splits": {s: scene_split.count(s) for s in splits},
     }
-    manifest = {"format": fmt, "scenes": n_scenes, "frames": n_frames, "seed": seed,
-                "config": cfg.to_dict(), "splits": splits, "stats": stats}
+    manifest = {**_request(fmt, n_scenes, n_frames, seed, cfg, splits), "stats": stats,
+                "inventory": inventory(out)}
     with open(out / MANIFEST_NAME, "w") as f:
         json.dump(manifest, f, indent=1)
     return stats, kept
+
+
+def _request(fmt: str, n_scenes: int, n_frames: int, seed: int, cfg: SimConfig,
+             splits: dict[str, float]) -> dict:
+    """What a manifest records of the request, as JSON would read it back."""
+    return json.loads(json.dumps({"format": fmt, "scenes": n_scenes, "frames": n_frames,
+                                  "seed": seed, "config": cfg.to_dict(), "splits": splits}))
+
+
+def _mismatch(manifest: dict, request: dict) -> list[str]:
+    """The keys in which a manifest differs from a request (also the split sizes it got)."""
+    keys = [k for k in request if manifest.get(k) != request[k]]
+    if not keys:
+        scene_split = split_of_scenes(request["scenes"], request["splits"])
+        counts = {s: scene_split.count(s) for s in request["splits"]}
+        if (manifest.get("stats") or {}).get("splits") != counts:
+            keys.append("split sizes")
+    return keys
+
+
+def ensure_dataset(fmt: str, out: str | Path, n_scenes: int, n_frames: int, seed: int,
+                   cfg: SimConfig | None = None, splits: dict[str, float] | None = None,
+                   progress: bool = True, workers: int | None = None) -> tuple[dict, str]:
+    """The dataset :func:`generate_dataset` would write at ``out``, generated only if needed.
+
+    Returns (stats, what happened: "reused" | "generated" | "replaced"). A dataset of ours
+    generated for the same request is reused; one generated for another request is replaced.
+    Raises :class:`ForeignDataError` for any other non-empty folder.
+    """
+    cfg = cfg or SimConfig()
+    out = Path(out).resolve()
+    splits = dict(splits) if splits is not None else default_splits(fmt, n_scenes)
+    state = check_target(out, fmt)
+    if state.kind == "ours":
+        differs = _mismatch(state.manifest, _request(fmt, n_scenes, n_frames, seed, cfg, splits))
+        if not differs:
+            return state.manifest.get("stats", {}), "reused"
+        log.warning("replacing the synthetic %s dataset at %s: it was generated for a different "
+                    "request (%s differ)", fmt, out, ", ".join(differs))
+    else:
+        log.info("generating the synthetic %s dataset in %s", fmt, out)
+    stats, _ = generate_dataset(fmt, out, n_scenes, n_frames, seed, cfg, splits=splits,
+                                progress=progress, workers=workers)
+    return stats, "replaced" if state.kind == "ours" else "generated"
 
 
 @dataclass

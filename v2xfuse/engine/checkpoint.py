@@ -118,7 +118,7 @@ def remove_stale_temporaries(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if tmp.exists():
             tmp.unlink()
             removed.append(tmp)
-            log.warning("removed %s, left by a run killed while it wrote a checkpoint", tmp)
+            log.warning("removed %s, left by a run killed while it wrote %s", tmp, tmp.stem)
     return removed
 
 

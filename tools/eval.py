@@ -12,9 +12,12 @@ Checkpoint mode (run a trained model over a split, through the config's simulate
 
     python tools/eval.py --checkpoint work_dirs/quickstart/last.pt --split val
     python tools/eval.py --checkpoint last.pt --set channel.loss=0.3 --save-pred preds.json
+    python tools/eval.py --checkpoint work_dirs/dair/last.pt --mode dair --out results.json
 
 ``--mode dair`` is the DAIR-V2X official protocol (AP-3D and AP-BEV, ranges overall/0-30/30-50/
-50-100 m); its AP is not comparable with OpenCOOD-style AP.
+50-100 m); its AP is not comparable with OpenCOOD-style AP. In checkpoint mode the default is the
+config's ``eval.mode`` (opencood when it has none); in file mode, opencood. Every result records
+its protocol, bytes per frame and latency.
 """
 from __future__ import annotations
 
@@ -43,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--save-pred", help="also write the predictions and ground truth as JSON "
                                         "(PRED and PRED with .gt.json) for file mode")
     proto = p.add_argument_group("protocol")
-    proto.add_argument("--mode", choices=EVAL_MODES, default="opencood")
+    proto.add_argument("--mode", choices=EVAL_MODES, default=None,
+                       help="protocol (default: opencood; checkpoint mode: the config's "
+                            "eval.mode)")
     proto.add_argument("--order", choices=SORT_MODES, default=None,
                        help="detection ordering for OpenCOOD AP (default: global)")
     proto.add_argument("--iou", dest="iou_type", choices=("bev", "3d"), default=None,
@@ -73,70 +78,100 @@ def report(results: list[EvalResult], out: str | None) -> None:
 
 
 def evaluate_checkpoint(args) -> list[EvalResult]:
-    """Run the checkpoint's detector over ``args.split`` and score it (OpenCOOD protocol)."""
+    """Run the checkpoint's detector over ``args.split`` and score it under ``args.mode`` (the
+    config's ``eval.mode`` when None)."""
     import torch
 
     from v2xfuse.builder import build_dataset, build_detector
-    from v2xfuse.config import apply_overrides, load_config
-    from v2xfuse.engine.evaluate import evaluate_detector, predict_frames
-    from v2xfuse.engine.trainer import load_checkpoint
+    from v2xfuse.config import ConfigError, apply_overrides, load_config
+    from v2xfuse.engine.checkpoint import load_checkpoint
+    from v2xfuse.engine.evaluate import (build_channel, dair_summary_key, evaluate_detector,
+                                         predict_frames)
 
     state = load_checkpoint(args.checkpoint, args.device)
     cfg = load_config(args.config, args.overrides) if args.config else \
         apply_overrides(state["config"], args.overrides)
-    if args.order:
-        cfg.setdefault("eval", {})["order"] = args.order
-    if args.iou_type:
-        cfg.setdefault("eval", {})["iou_type"] = args.iou_type
-    if args.eval_range:
-        cfg.setdefault("eval", {})["range"] = list(args.eval_range)
+    eval_cfg = cfg.setdefault("eval", {})
+    if args.mode:
+        eval_cfg["mode"] = args.mode
+        if args.mode == "dair":  # the config's opencood settings do not apply to this run
+            for key in ("order", "iou_type", "range", "range_rule"):
+                eval_cfg.pop(key, None)
+    elif eval_cfg.get("mode") == "dair":
+        given = [flag for flag, v in (("--order", args.order), ("--iou", args.iou_type),
+                                      ("--range", args.eval_range),
+                                      ("--range-rule", args.range_rule)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: not used by eval.mode dair, the mode of the "
+                              f"config (give --mode opencood to score with them)")
+    for key, value in (("range_rule", args.range_rule), ("order", args.order),
+                       ("iou_type", args.iou_type), ("range", args.eval_range)):
+        if value is not None:
+            eval_cfg[key] = list(value) if key == "range" else value
     model = build_detector(cfg).to(args.device)
     model.load_state_dict(state["model"])
     split = args.split or "val"
     dataset = build_dataset(cfg, split, train=False)
-    result, summary = evaluate_detector(model, dataset, cfg, device=args.device,
-                                        max_frames=args.max_frames or None, progress=True,
-                                        split=split)
-    result.extra["checkpoint"] = str(args.checkpoint)
-    result.extra["step"] = int(state.get("step", -1))
+    results, summary = evaluate_detector(model, dataset, cfg, device=args.device,
+                                         max_frames=args.max_frames or None, progress=True,
+                                         split=split)
+    for result in results:
+        result.extra["checkpoint"] = str(args.checkpoint)
+        result.extra["step"] = int(state.get("step", -1))
     if args.save_pred:
         from v2xfuse.evaluation.files import FrameBoxes, write_ground_truth, write_predictions
 
+        # a fresh channel of the same seed: the frames, losses and bytes of the pass scored above
         with torch.no_grad():
-            frames = list(predict_frames(model, dataset, args.device, args.max_frames or None))
-        write_predictions(args.save_pred, [FrameBoxes(f, b, s, None, dt * 1e3)
-                                           for f, b, s, _, dt, _ in frames])
+            frames = list(predict_frames(model, dataset, args.device, args.max_frames or None,
+                                         channel=build_channel(cfg)))
+        write_predictions(args.save_pred, [FrameBoxes(f, b, s, nbytes, dt * 1e3)
+                                           for f, b, s, _, dt, nbytes in frames])
         gt_path = str(args.save_pred).removesuffix(".json") + ".gt.json"
         write_ground_truth(gt_path, [FrameBoxes(f, g) for f, _, _, g, _, _ in frames])
         print(f"wrote {args.save_pred} and {gt_path}")
-    print(f"{summary['method']}: AP@0.3 {summary['ap_30']:.4f}  AP@0.5 {summary['ap_50']:.4f}  "
-          f"AP@0.7 {summary['ap_70']:.4f}  bytes/frame {summary['bytes_per_frame']:.0f} "
-          f"(p95 {summary['bytes_per_frame_p95']:.0f})  latency {summary['latency_ms_median']:.0f} ms"
-          f"  [{summary['sort_mode']} sort, {summary['frames']} frames]")
-    return [result]
+    if summary["eval_mode"] == "dair":
+        aps = (f"AP-3D@0.5 overall {summary[dair_summary_key('3d', 'overall', 0.5)]:.4f}  "
+               f"AP-BEV@0.5 overall {summary[dair_summary_key('bev', 'overall', 0.5)]:.4f}")
+    else:
+        aps = (f"AP@0.3 {summary['ap_30']:.4f}  AP@0.5 {summary['ap_50']:.4f}  "
+               f"AP@0.7 {summary['ap_70']:.4f}")
+    latency = summary["latency_ms_median"]
+    print(f"{summary['method']} [{summary['eval_mode']}]: {aps}  bytes/frame "
+          f"{summary['bytes_per_frame']:.0f} (p95 {summary['bytes_per_frame_p95']:.0f})  "
+          f"latency {latency if latency is not None else float('nan'):.0f} ms  "
+          f"[{summary['sort_mode']} sort, {summary['frames']} frames]")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.checkpoint:
-        if args.pred or args.gt:
-            parser.error("give either --checkpoint or --pred/--gt, not both")
-        if args.mode != "opencood":
-            parser.error("--checkpoint scores with the OpenCOOD protocol; use --save-pred and "
-                         "file mode for --mode dair")
-        report(evaluate_checkpoint(args), args.out)
-        return 0
-    if not (args.pred and args.gt):
-        parser.error("give --pred FILE and --gt FILE, or --checkpoint FILE")
     if args.mode == "dair":
         given = [flag for flag, v in (("--order", args.order), ("--iou", args.iou_type),
                                       ("--range", args.eval_range),
                                       ("--range-rule", args.range_rule)) if v is not None]
         if given:
             parser.error(f"{', '.join(given)}: not used by --mode dair (it fixes its own)")
+    if args.checkpoint:
+        from v2xfuse.config import ConfigError
+        from v2xfuse.datasets.base import DatasetError
+        from v2xfuse.engine.checkpoint import CheckpointError
+        from v2xfuse.sim.target import ForeignDataError
+
+        if args.pred or args.gt:
+            parser.error("give either --checkpoint or --pred/--gt, not both")
+        try:
+            results = evaluate_checkpoint(args)
+        except (CheckpointError, ConfigError, DatasetError, ForeignDataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        report(results, args.out)
+        return 0
+    if not (args.pred and args.gt):
+        parser.error("give --pred FILE and --gt FILE, or --checkpoint FILE")
     try:
-        results = score_files(args.pred, args.gt, mode=args.mode, order=args.order,
+        results = score_files(args.pred, args.gt, mode=args.mode or "opencood", order=args.order,
                               iou_type=args.iou_type, eval_range=args.eval_range,
                               range_rule=args.range_rule, dataset=args.dataset,
                               split=args.split, method=args.method)

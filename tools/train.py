@@ -5,22 +5,57 @@
     python tools/train.py --config configs/quickstart.yaml --set model.fusion.type=none \
         --work-dir work_dirs/ego_only
     python tools/train.py --config configs/quickstart.yaml --resume     # continue last.pt
+    python tools/train.py --config configs/quickstart.yaml --resume --set train.steps=2400
 
 The synthetic dataset a config names is generated on first use. The resolved config is saved
 as WORK_DIR/config.yaml, checkpoints as WORK_DIR/last.pt (written atomically every
-train.checkpoint_every steps), validation results as WORK_DIR/results_val.json, TensorBoard
-scalars under WORK_DIR/tb.
+train.checkpoint_every steps; the one before it is kept as WORK_DIR/prev.pt, to fall back on
+should last.pt be damaged), validation results as WORK_DIR/results_val.json (the summary) and
+WORK_DIR/eval_val.json (the results records), TensorBoard scalars under WORK_DIR/tb.
+The config's eval.mode picks the protocol of the validation: opencood (default; AP@0.3/0.5/0.7)
+or dair (DAIR-V2X official: AP-3D and AP-BEV over 0-100, 0-30, 30-50 and 50-100 m).
+
+--resume continues WORK_DIR/last.pt with the config it was trained with: any change under
+dataset, pipeline, model or train is refused with the list of changed keys, except train.steps,
+which extends the run (the one-cycle LR schedule is rebuilt for the new total and continues at
+the current step), and train.num_workers/log_every/checkpoint_every/val_every/val_frames, which
+do not change what is trained. Resuming a finished run prints its results without changing them, or
+validates its final checkpoint if results_val.json is missing or incomplete.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
-from v2xfuse.config import load_config
-from v2xfuse.engine.trainer import Trainer
+from v2xfuse.config import ConfigError, load_config
+from v2xfuse.engine.evaluate import dair_summary_key
+from v2xfuse.datasets.base import DatasetError
+from v2xfuse.engine.trainer import CheckpointError, ResumeError, Trainer
+from v2xfuse.sim.target import ForeignDataError
+from v2xfuse.evaluation import DAIR_RANGES
+
+
+def summary_line(results: dict, work_dir) -> str:
+    """One line for the end of training, for either eval mode's summary keys."""
+    def ap(key):
+        v = results.get(key)
+        return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    mode = results.get("eval_mode", "opencood")
+    if mode == "dair":
+        aps = "  ".join(f"{name} {ap(dair_summary_key('3d', name, 0.5))}/"
+                        f"{ap(dair_summary_key('bev', name, 0.5))}" for name in DAIR_RANGES)
+        aps = f"AP-3D/AP-BEV@0.5 {aps}"
+    else:
+        aps = f"AP@0.3 {ap('ap_30')}  AP@0.5 {ap('ap_50')}  AP@0.7 {ap('ap_70')}"
+    return (f"method {results.get('method')} [{mode}]: {aps}  "
+            f"bytes/frame {results.get('bytes_per_frame') or 0:.0f}  "
+            f"({results.get('steps')} steps, {results.get('train_seconds') or 0:.0f} s training; "
+            f"{work_dir})")
 
 
 def main(argv=None) -> int:
@@ -49,13 +84,13 @@ def main(argv=None) -> int:
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     trainer = Trainer(cfg, work_dir, device=args.device, tensorboard=not args.no_tensorboard,
                       progress=not args.quiet)
-    results = trainer.fit(resume=args.resume)
+    try:
+        results = trainer.fit(resume=args.resume)
+    except (ConfigError, CheckpointError, ResumeError, DatasetError, ForeignDataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(results, indent=2))
-    print(f"method {results.get('method')}: AP@0.3 {results.get('ap_30', float('nan')):.4f}  "
-          f"AP@0.5 {results.get('ap_50', float('nan')):.4f}  "
-          f"AP@0.7 {results.get('ap_70', float('nan')):.4f}  "
-          f"bytes/frame {results.get('bytes_per_frame', 0):.0f}  "
-          f"({results['steps']} steps, {results['train_seconds']:.0f} s; {work_dir})")
+    print(summary_line(results, work_dir))
     return 0
 
 

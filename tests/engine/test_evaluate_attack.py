@@ -38,9 +38,26 @@ def test_evaluation_under_attack_completes_and_records_rejections(tiny_cfg, atta
     clean, clean_summary = evaluate_detector(model, data, tiny_cfg)
     assert clean_summary["rejected_messages"] == {}
     cfg = {**tiny_cfg, "channel": {"attack": {"type": attack, "fraction": 1.0, "seed": 1}}}
-    result, summary = evaluate_detector(model, data, cfg)
+    (result,), summary = evaluate_detector(model, data, cfg)
     assert summary["frames"] == clean_summary["frames"] == len(data)
     refused = summary["rejected_messages"]
     assert set(refused) == {reason} and refused[reason] >= len(data)
     assert json.loads(result.to_json())["extra"]["rejected_messages"] == refused
     assert summary["attack"]["type"] == attack
+
+
+def test_evaluation_leaves_out_a_bad_frame_once_and_counts_it(tiny_cfg, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_cfg["dataset"]["root"], root)
+    cfg = {**tiny_cfg, "dataset": {**tiny_cfg["dataset"], "root": str(root),
+                                   "skip_bad_frames": True}}
+    data = build_dataset(cfg, "val", train=False)
+    pcd = sorted(Path(root, "validate").rglob("*.pcd"))[0]
+    pcd.write_bytes(pcd.read_bytes()[:300])  # truncated mid-header or mid-data
+    torch.manual_seed(0)
+    model = build_detector(cfg).eval()
+    results, summary = evaluate_detector(model, data, cfg)
+    assert summary["skipped_frames"] == 1 and summary["frames"] == len(data) - 1

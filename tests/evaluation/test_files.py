@@ -149,3 +149,31 @@ def test_eval_result_json_round_trip():
     assert math.isnan(back.ap_at(0.5)) and back.extra == {"checkpoint": "none"}
     with pytest.raises(ValueError, match="unknown EvalResult fields"):
         EvalResult.from_dict({**data, "ap50": 1.0})
+
+
+def test_deeply_nested_json_is_refused_naming_the_file(tmp_path, eval_tool, vector_files, capsys):
+    from v2xfuse.evaluation import files
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(EvalFileError, match=r"deep\.json: JSON nested deeper than 32 levels"):
+        load_predictions(deep)
+    _, gt_path = vector_files
+    assert eval_tool.main(["--pred", str(deep), "--gt", str(gt_path)]) == 2
+    assert "deep.json" in capsys.readouterr().err
+    # brackets inside strings do not nest; extra keys may nest a little
+    fine = tmp_path / "fine.json"
+    fine.write_text(json.dumps([{"frame_id": "[[[[" * 50 + '\\"{', "boxes": [GOOD_BOX],
+                                 "scores": [0.5], "meta": [[[{"a": [[1]]}]]]}]))
+    assert files.json_depth(fine.read_bytes()) == 8
+    assert len(load_predictions(fine)) == 1
+
+
+def test_json_past_the_recursion_limit_is_an_eval_file_error(tmp_path, monkeypatch):
+    from v2xfuse.evaluation import files
+
+    monkeypatch.setattr(files, "MAX_JSON_DEPTH", 10**9)  # let it reach json's own limit
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(EvalFileError, match=r"deep\.json: JSON nested too deeply to parse"):
+        load_ground_truth(deep)

@@ -17,7 +17,7 @@ import torch
 from v2xfuse.builder import build_dataset, build_detector
 from v2xfuse.config import load_config
 from v2xfuse.datasets import collate
-from v2xfuse.sim import MANIFEST_NAME, ForeignDataError, SimConfig, generate_dataset
+from v2xfuse.sim import MANIFEST_NAME, SimConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -93,16 +93,16 @@ def user_roots(real) -> list[Path]:
             real["v2xseq"].parent]
 
 
-def test_train_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_path):
+def test_train_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_path, capsys):
     train = _tool("train")
     for name, config in synthetic_configs(tmp_path).items():
         for root in user_roots(real):
             work = tmp_path / "work" / f"{name}_{root.name}"
-            with pytest.raises(ForeignDataError) as e:
-                train.main(["--config", str(config), "--set", f"dataset.root={root}",
-                            "--set", "train.steps=1", "--work-dir", str(work),
-                            "--no-tensorboard", "--quiet"])
-            message = str(e.value)
+            assert train.main(["--config", str(config), "--set", f"dataset.root={root}",
+                               "--set", "train.steps=1", "--work-dir", str(work),
+                               "--no-tensorboard", "--quiet"]) == 2
+            message = capsys.readouterr().err
+            assert message.startswith("error: ")
             assert "looks like a real dataset" in message, (name, root)
             assert "Nothing was written" in message
             for real_config in ("configs/opv2v.yaml", "configs/dair_v2x.yaml",
@@ -110,7 +110,7 @@ def test_train_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_pat
                 assert real_config in message
 
 
-def test_eval_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_path):
+def test_eval_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_path, capsys):
     evaluate = _tool("eval")
     for name, config in synthetic_configs(tmp_path).items():
         cfg = load_config(config)
@@ -118,11 +118,12 @@ def test_eval_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_path
         torch.save({"model": build_detector(cfg).state_dict(), "config": cfg, "step": 0},
                    checkpoint)
         for root in user_roots(real):
-            with pytest.raises(ForeignDataError, match="looks like a real dataset"):
-                evaluate.main(["--checkpoint", str(checkpoint), "--set", f"dataset.root={root}"])
-            with pytest.raises(ForeignDataError, match="looks like a real dataset"):
-                evaluate.main(["--checkpoint", str(checkpoint), "--config", str(config),
-                               "--set", f"dataset.root={root}", "--split", "test"])
+            assert evaluate.main(["--checkpoint", str(checkpoint),
+                                  "--set", f"dataset.root={root}"]) == 2
+            assert "looks like a real dataset" in capsys.readouterr().err
+            assert evaluate.main(["--checkpoint", str(checkpoint), "--config", str(config),
+                                  "--set", f"dataset.root={root}", "--split", "test"]) == 2
+            assert "looks like a real dataset" in capsys.readouterr().err
 
 
 def test_train_command_line_stops_with_the_message(real, unchanged, tmp_path):
@@ -134,7 +135,7 @@ def test_train_command_line_stops_with_the_message(real, unchanged, tmp_path):
          "--quiet"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert res.returncode != 0
+    assert res.returncode == 2 and res.stderr.startswith("error: ")
     assert "looks like a real dataset" in res.stderr
     assert f"--config configs/opv2v.yaml --set dataset.root={real['opv2v']}" in res.stderr
 

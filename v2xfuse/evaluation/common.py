@@ -20,6 +20,8 @@ __all__ = [
     "as_boxes",
     "as_scores",
     "pairwise_iou",
+    "IOU_BLOCK_ELEMENTS",
+    "iou_row_blocks",
     "boxes_in_range",
     "threshold_key",
     "FrameLog",
@@ -99,6 +101,29 @@ def pairwise_iou(boxes_a: np.ndarray, boxes_b: np.ndarray, iou_type: str = "bev"
     b = torch.from_numpy(np.ascontiguousarray(boxes_b, dtype=np.float64))
     fn = ops.boxes_iou_bev if iou_type == "bev" else ops.boxes_iou_3d
     return fn(a, b).numpy()
+
+
+# IoU values a matcher holds at once (8 MiB of float64). A crowded frame's N x M matrix is never
+# made whole: the matchers walk it a block of rows at a time (see iou_row_blocks).
+IOU_BLOCK_ELEMENTS = 1 << 20
+
+
+def iou_row_blocks(boxes_a: np.ndarray, boxes_b: np.ndarray, iou_type: str = "bev",
+                   max_elements: int | None = None):
+    """The rows of ``pairwise_iou(boxes_a, boxes_b)``, a block at a time.
+
+    Args:
+        boxes_a: (N, 7) float64, the rows; boxes_b: (M, 7) float64, the columns.
+        max_elements: IoU values per block, default :data:`IOU_BLOCK_ELEMENTS`; a block has at
+            least one row, so it holds at most ``max(max_elements, M)`` values.
+    Yields:
+        ``(start, block)``: ``block`` (R, M) float64 is rows ``start .. start + R`` of the full
+        matrix, each value the same as the full matrix's (every pair is computed on its own).
+    """
+    limit = int(max_elements or IOU_BLOCK_ELEMENTS)
+    rows = max(1, limit // max(len(boxes_b), 1))
+    for start in range(0, len(boxes_a), rows):
+        yield start, pairwise_iou(boxes_a[start:start + rows], boxes_b, iou_type)
 
 
 def boxes_in_range(boxes: np.ndarray, bounds: Sequence[float], rule: str) -> np.ndarray:

@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .common import FrameLog, as_boxes, as_scores, boxes_in_range, pairwise_iou, threshold_key
+from .common import FrameLog, as_boxes, as_scores, boxes_in_range, iou_row_blocks, threshold_key
 from .result import EvalResult
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "DAIR_IOU_THRESHOLDS",
     "DAIR_VIEWS",
     "dair_match_frame",
+    "dair_match_frame_thresholds",
     "dair_ap",
     "DairEvaluator",
 ]
@@ -68,20 +69,46 @@ def dair_match_frame(det_boxes: np.ndarray, det_scores: np.ndarray, gt_boxes: np
         scores (N,) and tp (N,) bool in the official per-frame order: TPs in GT order, then
         FPs in score order.
     """
-    order = list(np.argsort(-det_scores, kind="stable"))
-    iou = pairwise_iou(gt_boxes, det_boxes, view)  # (M, N)
-    tp_idx = []
-    for g in range(len(gt_boxes)):
-        best_iou, best = iou_threshold, None
-        for k, i in enumerate(order):
-            if iou[g, i] >= best_iou:
-                best_iou, best = iou[g, i], k
-        if best is not None:
-            tp_idx.append(order.pop(best))
-    idx = np.array(tp_idx + order, dtype=np.int64)
-    tp = np.zeros(len(idx), dtype=bool)
-    tp[:len(tp_idx)] = True
-    return det_scores[idx], tp
+    return dair_match_frame_thresholds(det_boxes, det_scores, gt_boxes, (iou_threshold,), view)[0]
+
+
+def dair_match_frame_thresholds(det_boxes: np.ndarray, det_scores: np.ndarray,
+                                gt_boxes: np.ndarray, iou_thresholds: Sequence[float],
+                                view: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`dair_match_frame` at several thresholds from one pass over the IoUs.
+
+    The (M, N) IoU matrix is walked a block of GT rows at a time, never whole (memory stays
+    bounded on crowded frames). Per GT row, the official scan (``iou >= mx``, mx starting at
+    the threshold, predictions in score order) picks the last of the remaining predictions
+    with the highest IoU, if that IoU reaches the threshold: the same pick, vectorised.
+
+    Returns:
+        one ``(scores (N,), tp (N,) bool)`` per threshold, in the official per-frame order.
+    """
+    order = np.argsort(-det_scores, kind="stable")
+    n = len(order)
+    remaining = np.ones((len(iou_thresholds), n), dtype=bool)  # by position in score order
+    tp_pos: list[list[int]] = [[] for _ in iou_thresholds]
+    for _, block in iou_row_blocks(gt_boxes, det_boxes[order], view):  # (R, N)
+        if all(len(taken) == n for taken in tp_pos):
+            break  # the remaining GT boxes find nothing at any threshold
+        for row in block:
+            for t, thr in enumerate(iou_thresholds):
+                if len(tp_pos[t]) == n:
+                    continue  # every prediction is taken
+                vals = np.where(remaining[t], row, -np.inf)
+                best = vals.max()
+                if best >= thr:
+                    k = n - 1 - int(np.argmax(vals[::-1] == best))  # ties: the later one
+                    tp_pos[t].append(k)
+                    remaining[t, k] = False
+    out = []
+    for t in range(len(iou_thresholds)):
+        idx = order[np.array(tp_pos[t] + np.flatnonzero(remaining[t]).tolist(), dtype=np.int64)]
+        tp = np.zeros(n, dtype=bool)
+        tp[:len(tp_pos[t])] = True
+        out.append((det_scores[idx], tp))
+    return out
 
 
 def dair_ap(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
@@ -158,9 +185,10 @@ class DairEvaluator:
             self._num_gt[name] += len(gt_r)
             self._num_det[name] += len(det_r)
             for view in DAIR_VIEWS:
-                for thr in self.iou_thresholds:
-                    self._pool[view, name, thr].append(
-                        dair_match_frame(det_r, scores_r, gt_r, thr, view))
+                matches = dair_match_frame_thresholds(det_r, scores_r, gt_r,
+                                                      self.iou_thresholds, view)
+                for thr, match in zip(self.iou_thresholds, matches):
+                    self._pool[view, name, thr].append(match)
 
     def compute(self) -> dict[str, dict[str, dict[float, float]]]:
         """``{view: {range_name: {threshold: AP}}}``, views "3d" and "bev"."""

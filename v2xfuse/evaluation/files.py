@@ -11,13 +11,15 @@ A frame without boxes has ``"boxes": []`` (and ``"scores": []``). ``frame_id`` i
 integer (compared as its decimal string, so 68 and "68" match but "000068" does not). Frames are
 evaluated in ground-truth file order, which is the frame order of the "local" AP sort. Other keys
 in an entry are ignored. Every malformed entry raises :class:`EvalFileError` naming the file, the
-frame and the field.
+frame and the field. A file nested deeper than :data:`MAX_JSON_DEPTH` is refused before it is
+parsed (the format needs 4 levels; a deep nest would otherwise exhaust the parser's stack).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -40,9 +42,13 @@ __all__ = [
     "pair_frames",
     "score_files",
     "EVAL_MODES",
+    "MAX_JSON_DEPTH",
 ]
 
 EVAL_MODES = ("opencood", "dair")
+# Arrays and objects inside one another: the format needs 4 ([{"boxes": [[...]]}]); other keys
+# of an entry may hold a little more. json's parser recurses per level.
+MAX_JSON_DEPTH = 32
 
 
 class EvalFileError(ValueError):
@@ -159,12 +165,19 @@ def score_files(pred_path: str | os.PathLike, gt_path: str | os.PathLike, mode: 
 def _load(path: str | os.PathLike, with_scores: bool) -> dict[str, FrameBoxes]:
     name = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as exc:
         raise EvalFileError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+    if json_depth(raw, stop_above=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise EvalFileError(f"{name}: JSON nested deeper than {MAX_JSON_DEPTH} levels (arrays and "
+                            f"objects inside one another); the format needs 4")
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EvalFileError(f"{name}: not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # a nest within MAX_JSON_DEPTH but past the recursion limit
+        raise EvalFileError(f"{name}: JSON nested too deeply to parse") from exc
     if not isinstance(data, list):
         raise EvalFileError(f"{name}: expected a JSON list with one entry per frame, "
                             f"got {type(data).__name__}")
@@ -175,6 +188,34 @@ def _load(path: str | os.PathLike, with_scores: bool) -> dict[str, FrameBoxes]:
             raise EvalFileError(f"{name}: frame {frame.frame_id!r} (entry {index}) appears twice")
         frames[frame.frame_id] = frame
     return frames
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def json_depth(raw: bytes, stop_above: int | None = None) -> int:
+    """How deep arrays and objects nest in a JSON text, found without parsing it (brackets inside
+    strings do not count). Linear time, no recursion, memory bounded per 4 MiB chunk.
+
+    Args:
+        stop_above: return as soon as the depth exceeds this (the value returned is then only
+            known to be larger).
+    """
+    text = _JSON_STRING.sub(b'""', raw)
+    depth = deepest = 0
+    chunk = 1 << 22
+    for start in range(0, len(text), chunk):
+        chars = np.frombuffer(text, dtype=np.uint8, count=min(chunk, len(text) - start),
+                              offset=start)
+        opens = (chars == ord("[")) | (chars == ord("{"))
+        where = np.flatnonzero(opens | (chars == ord("]")) | (chars == ord("}")))
+        if len(where) == 0:
+            continue
+        running = depth + np.cumsum(np.where(opens[where], 1, -1))
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+        if stop_above is not None and deepest > stop_above:
+            break
+    return deepest
 
 
 def _parse_entry(entry, index: int, name: str, with_scores: bool) -> FrameBoxes:

@@ -28,8 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import (FrameLog, as_boxes, as_scores, boxes_in_range, pairwise_iou,
-                     threshold_key)
+from .common import FrameLog, as_boxes, as_scores, boxes_in_range, iou_row_blocks, threshold_key
 from .result import EvalResult
 
 __all__ = [
@@ -75,18 +74,23 @@ def match_frame(det_boxes: np.ndarray, det_scores: np.ndarray, gt_boxes: np.ndar
         iou_type: "bev" or "3d".
     """
     order = np.argsort(-det_scores, kind="stable")
-    iou = pairwise_iou(det_boxes[order], gt_boxes, iou_type)  # (N, M)
     tp = np.zeros((len(iou_thresholds), len(order)), dtype=bool)
-    for t, thr in enumerate(iou_thresholds):
-        free = np.ones(len(gt_boxes), dtype=bool)
-        for i in range(len(order)):
-            if not free.any():
-                break  # the rest are false positives
-            masked = np.where(free, iou[i], -1.0)
-            j = int(np.argmax(masked))
-            if masked[j] >= thr:
-                tp[t, i] = True
-                free[j] = False
+    free = np.ones((len(iou_thresholds), len(gt_boxes)), dtype=bool)
+    num_free = [len(gt_boxes)] * len(iou_thresholds)
+    # The (N, M) IoU matrix a block of detections at a time (memory bounded on crowded frames).
+    for start, block in iou_row_blocks(det_boxes[order], gt_boxes, iou_type):
+        if not any(num_free):
+            break  # the rest are false positives at every threshold
+        for r, row in enumerate(block):
+            for t, thr in enumerate(iou_thresholds):
+                if not num_free[t]:
+                    continue
+                masked = np.where(free[t], row, -1.0)
+                j = int(np.argmax(masked))
+                if masked[j] >= thr:
+                    tp[t, start + r] = True
+                    free[t, j] = False
+                    num_free[t] -= 1
     return FrameMatch(scores=det_scores[order], tp=tp, num_gt=len(gt_boxes))
 
 

@@ -269,6 +269,9 @@ def run(args) -> int:
     csv_path, columns = ((out_dir / "attacks.csv", ATTACK_COLUMNS) if attacks else
                          (out_dir / "results.csv", COLUMNS))
     cfg = load_config(args.config, args.overrides)
+    if (cfg.get("eval") or {}).get("mode", "opencood") != "opencood":
+        raise SystemExit("bench_bandwidth tabulates OpenCOOD AP@0.3/0.5/0.7; this config scores "
+                         "with eval.mode dair: --set eval.mode=opencood")
     lidar_range = cfg.get("pipeline", {}).get("lidar_range")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     done = {(r["method"], r["knob"], r["value"]) for r in read_rows(csv_path, columns)}

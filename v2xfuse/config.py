@@ -147,6 +147,17 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     return out
 
 
+def section_dataclass(cls, section: dict | None, name: str):
+    """``cls(**section)`` for a dataclass config section, a key it does not have raising
+    ``KeyError`` that names the section, the unknown keys and the known ones."""
+    section = dict(section or {})
+    known = set(cls.__dataclass_fields__)
+    unknown = set(section) - known
+    if unknown:
+        raise KeyError(f"{name}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**section)
+
+
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the resolved config (atomically) so a run can be reproduced from its folder."""
     path = Path(path)

@@ -1,4 +1,5 @@
-"""Evaluation under a hostile collaborator completes, and the results count what was refused."""
+"""Evaluation under a hostile collaborator completes, and the results count what was refused
+(``tiny_cfg``: tests/engine/conftest.py)."""
 import json
 
 import pytest
@@ -6,27 +7,6 @@ import torch
 
 from v2xfuse.builder import build_dataset, build_detector
 from v2xfuse.engine.evaluate import evaluate_detector
-from v2xfuse.sim import SimConfig, generate_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    sim = SimConfig.from_dict({"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
-                               "rsu_lidar": {"azimuth_steps": 360, "beams": 16}})
-    sim.cameras = False
-    generate_dataset("opv2v", root, n_scenes=2, n_frames=3, seed=11, cfg=sim,
-                     splits={"train": 0.5, "validate": 0.5}, progress=False)
-    return {
-        "dataset": {"type": "opv2v", "root": str(root), "max_agents": 3, "comm_range": 200.0,
-                    "splits": {"train": "train", "val": "validate"}},
-        "pipeline": {"lidar_range": [-25.6, -25.6, -5.0, 25.6, 25.6, 3.0]},
-        "model": {"encoder": {"type": "pointpillars", "voxel_size": [1.6, 1.6],
-                              "out_channels": 8, "max_points_per_pillar": 8},
-                  "backbone": {"layer_strides": [1], "layer_channels": [8], "layer_nums": [1],
-                               "upsample_channels": [8], "out_stride": 1},
-                  "fusion": {"type": "max"}, "post": {"score_threshold": 0.05}},
-    }
 
 
 @pytest.mark.parametrize("attack, reason", [("nan", "nonfinite"), ("truncate", "malformed"),

@@ -39,6 +39,7 @@ from typing import Hashable
 
 import numpy as np
 
+from ..config import section_dataclass
 from .message import HEADER_BYTES, Message, decode, encode
 
 __all__ = ["AttackConfig", "Attacker", "ATTACKS"]
@@ -65,12 +66,7 @@ class AttackConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AttackConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise KeyError(f"channel.attack: unknown keys {sorted(unknown)} "
-                           f"(known: {sorted(cls.__dataclass_fields__)})")
-        return cls(**d)
+        return section_dataclass(cls, d, "channel.attack")
 
 
 def _scope(frame: Hashable) -> Hashable:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import section_dataclass
 from .message import MessageError
 
 __all__ = ["Rejected", "ReceiveChecks", "RejectionLog", "REASONS", "check_rigid_pose"]
@@ -85,12 +86,7 @@ class ReceiveChecks:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ReceiveChecks":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise KeyError(f"channel.checks: unknown keys {sorted(unknown)} "
-                           f"(known: {sorted(cls.__dataclass_fields__)})")
-        return cls(**d)
+        return section_dataclass(cls, d, "channel.checks")
 
 
 def check_rigid_pose(pose: np.ndarray, checks: ReceiveChecks, receiver_xyz=None,

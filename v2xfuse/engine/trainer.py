@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..builder import build_dataset, build_detector
-from ..config import dump_config
+from ..config import dump_config, section_dataclass
 from ..datasets import collate
 from ..evaluation import results_to_json
 from .checkpoint import (LAST_NAME, PREVIOUS_NAME, CheckpointError, ResumeError, atomic_write_text,
@@ -90,12 +90,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise KeyError(f"train: unknown keys {sorted(unknown)} "
-                           f"(known: {sorted(cls.__dataclass_fields__)})")
-        return cls(**d)
+        return section_dataclass(cls, d, "train")
 
 
 class EpochSampler(Sampler):

@@ -41,3 +41,25 @@ def test_evaluation_leaves_out_a_bad_frame_once_and_counts_it(tiny_cfg, tmp_path
     model = build_detector(cfg).eval()
     results, summary = evaluate_detector(model, data, cfg)
     assert summary["skipped_frames"] == 1 and summary["frames"] == len(data) - 1
+
+
+def test_training_leaves_out_bad_frames_and_stops_when_none_is_left(tiny_cfg, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from v2xfuse.datasets.base import DatasetError
+    from v2xfuse.engine.trainer import Trainer
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_cfg["dataset"]["root"], root)
+    cfg = {**tiny_cfg, "dataset": {**tiny_cfg["dataset"], "root": str(root),
+                                   "skip_bad_frames": True},
+           "train": {**tiny_cfg["train"], "steps": 2, "batch_size": 1}}
+    clouds = sorted(Path(root, "train").rglob("*.pcd"))
+    clouds[0].write_bytes(b"")  # one bad frame: left out, counted, training goes on
+    results = Trainer(cfg, tmp_path / "one", tensorboard=False, progress=False).fit()
+    assert results["steps"] == 2 and results["train_skipped_frames"] >= 1
+    for pcd in clouds:  # every frame bad: a clear error, not an endless loop
+        pcd.write_bytes(b"")
+    with pytest.raises(DatasetError, match="nothing to train on"):
+        Trainer(cfg, tmp_path / "all", tensorboard=False, progress=False).fit()

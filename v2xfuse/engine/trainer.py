@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..builder import build_dataset, build_detector
 from ..config import dump_config, section_dataclass
 from ..datasets import collate
+from ..datasets.base import DatasetError
 from ..evaluation import results_to_json
 from .checkpoint import (LAST_NAME, PREVIOUS_NAME, CheckpointError, ResumeError, atomic_write_text,
                          config_changes, format_changes, load_checkpoint,
@@ -132,6 +133,7 @@ class Trainer:
         self.ckpt_path = self.work_dir / LAST_NAME
         self.prev_path = self.work_dir / PREVIOUS_NAME
         self.train_seconds = 0.0  # cumulative over sessions, as of the latest checkpoint
+        self.skipped_frames = 0  # bad frames left out of training batches in this session
 
     def _build(self):
         tc = self.tc
@@ -214,7 +216,10 @@ class Trainer:
         loader, sampler = self._loader()
         while step < tc.steps:
             sampler.epoch, sampler.start = epoch, batch_in_epoch * tc.batch_size
+            stepped = False
             for batch in loader:
+                if batch.skipped:
+                    self.skipped_frames += len(batch.skipped)
                 if batch.batch_size == 0:  # every sample of it skipped (skip_bad_frames)
                     log.warning("a batch of bad frames skipped: %s",
                                 "; ".join(s.reason for s in batch.skipped))
@@ -223,6 +228,7 @@ class Trainer:
                         epoch, batch_in_epoch = epoch + 1, 0
                     continue
                 losses = self._step(batch.to(self.device))
+                stepped = True
                 step += 1
                 batch_in_epoch += 1
                 if batch_in_epoch >= batches_per_epoch:
@@ -247,6 +253,10 @@ class Trainer:
                     val_seconds += time.perf_counter() - started
                 if step >= tc.steps:
                     break
+            if not stepped:  # a whole pass of bad frames: another pass would loop forever
+                raise DatasetError(f"every training batch of a pass over the train split was "
+                                   f"skipped as bad ({self.skipped_frames} frames; the warnings "
+                                   f"above name their files): nothing to train on")
         bar.close()
         return self._write_results(summary, step)
 
@@ -325,7 +335,8 @@ class Trainer:
         return self._write_results(self.validate(step, writer), step)
 
     def _write_results(self, summary: dict, step: int) -> dict:
-        results = {**summary, "train_seconds": round(self.train_seconds, 1), "steps": step}
+        results = {**summary, "train_seconds": round(self.train_seconds, 1), "steps": step,
+                   "train_skipped_frames": self.skipped_frames}
         atomic_write_text(self.work_dir / "results_val.json", json.dumps(results, indent=2))
         return results
 

@@ -47,6 +47,7 @@ __all__ = ["AttackConfig", "Attacker", "ATTACKS"]
 ATTACKS = ("nan", "inf", "huge", "scale", "nonrigid_pose", "far_pose", "spoof_ego", "replay",
            "stale", "truncate", "duplicate", "wrong_shape", "bad_index")
 _POSE_OFFSET = 16  # bytes: the 12 float64 pose values follow magic, version, lengths, timestamp
+assert _POSE_OFFSET + 12 * 8 == HEADER_BYTES  # the pose ends the fixed header (message.py)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,6 @@ class Attacker:
             pose[[3, 7]] = value  # x and y of the translation
             out = bytearray(blob)
             struct.pack_into("<12d", out, _POSE_OFFSET, *pose)
-            assert _POSE_OFFSET + 96 == HEADER_BYTES
             return bytes(out)
         for name in floats:
             arr = rx.payload[name]

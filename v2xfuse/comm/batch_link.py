@@ -157,8 +157,8 @@ class BatchChannel:
                 payloads: list[dict[str, torch.Tensor] | None], kind: str = "request",
                 state: FusionState | None = None) -> dict[int, dict[str, torch.Tensor]]:
         """Send each sender its ego's request (``FusionMethod.request``): one message of ``kind``
-        per non-None payload, from the sample's ego (its pose: the identity, its timestamp: 0) to
-        that sender, counted in the ledger like every other message. An empty payload sends the
+        per non-None payload, from the sample's ego (its pose: the identity, its timestamp: the
+        ego's clock) to that sender, counted in the ledger like every other message. An empty payload sends the
         header alone: the ego's pose (kind ``"pose"``, for senders that work in the ego's axes).
 
         Returns:

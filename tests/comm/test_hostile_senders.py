@@ -98,9 +98,11 @@ def test_every_attack_leaves_the_ego_at_least_as_good_as_alone(method, tiny_dete
 
 
 @pytest.mark.parametrize("method", ["max", "attfuse", "where2comm"])
-def test_scaled_features_are_clamped_to_the_trained_range(method, tiny_detector_cfg, frames):
-    """A sender multiplying its features by 100 passes every check but is clamped to the range
-    the senders produced in training, so it cannot outvote the ego by magnitude."""
+def test_amplified_features_are_refused_or_clamped_to_the_trained_range(method, tiny_detector_cfg,
+                                                                        frames):
+    """A sender amplifying its features passes the value checks (finite, within 100 spans of
+    the trained range): x100 is refused as far stronger than the ego's own map; x3 passes and
+    is clamped to the range the senders produced in training, value by value."""
     torch.manual_seed(0)
     model = build_detector(tiny_detector_cfg(method))
     model.train()
@@ -111,6 +113,8 @@ def test_scaled_features_are_clamped_to_the_trained_range(method, tiny_detector_
     rng = model.fusion.feature_range
     assert rng.known and (rng.hi >= rng.lo).all()
     link = BatchChannel(Channel(0, attack=AttackConfig(type="scale", fraction=1.0, factor=100.0)))
+    _run(model, link, frames[:1])
+    assert link.ledger.rejected.as_dict() == {"bounds": 1}
     seen = {}
 
     def spy(state, received):
@@ -119,15 +123,30 @@ def test_scaled_features_are_clamped_to_the_trained_range(method, tiny_detector_
 
     fuse = model.fusion.fuse
     model.fusion.fuse = spy
+    link = BatchChannel(Channel(0, attack=AttackConfig(type="scale", fraction=1.0, factor=3.0)))
     _run(model, link, frames[:1])
-    assert seen["features"], "the scaled message passes the checks"
+    assert not link.ledger.rejected.as_dict() and seen["features"]
     for f in seen["features"]:
         view = (-1,) + (1,) * (f.dim() - 1)
         assert (f <= rng.hi.view(view) + 1e-6).all() and (f >= rng.lo.view(view) - 1e-6).all()
-    # 1e4 times is beyond what any trained sender makes: the message is refused outright
-    link = BatchChannel(Channel(0, attack=AttackConfig(type="scale", fraction=1.0, factor=1e4)))
+    # without the strength check, x100 reaches fusion (clamped): what the check is for
+    model.fusion.max_strength_ratio = 0.0
+    link = BatchChannel(Channel(0, attack=AttackConfig(type="scale", fraction=1.0, factor=100.0)))
     _run(model, link, frames[:1])
-    assert link.ledger.rejected.as_dict() == {"bounds": 1}
+    assert not link.ledger.rejected.as_dict()
+
+
+def test_strength_check_compares_like_with_like():
+    from v2xfuse.comm.checks import Rejected
+    from v2xfuse.fusion.payload_checks import expect_magnitude
+
+    ego = torch.zeros(4, 10, 10)
+    ego[:, :2, :5] = 2.0  # 10 strong cells, the rest empty
+    expect_magnitude("f", torch.full((4, 10), 2.0), ego, 10.0)     # 10 cells as strong: fine
+    expect_magnitude("f", torch.full((4, 100), 0.2), ego, 10.0)    # the whole map, as weak
+    with pytest.raises(Rejected) as err:
+        expect_magnitude("f", torch.full((4, 10), 25.0), ego, 10.0)
+    assert err.value.reason == "bounds"
 
 
 def test_attacks_hit_the_requested_fraction_of_senders_and_are_deterministic():

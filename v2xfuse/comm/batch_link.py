@@ -72,7 +72,7 @@ class BatchChannel:
         return entries
 
     def _accepted(self, fusion: FusionMethod, rx: Message, state: FusionState | None,
-                  device) -> dict[str, torch.Tensor] | None:
+                  sample: int, device) -> dict[str, torch.Tensor] | None:
         """The payload of ``rx`` decoded through the method's codecs and checked (module
         docstring), or None when it was rejected (counted in the ledger)."""
         try:
@@ -89,7 +89,7 @@ class BatchChannel:
                         raise Rejected("nonfinite", f"payload {name!r}: NaN or infinite values")
                     if float(t.abs().max()) > limit:
                         raise Rejected("bounds", f"payload {name!r}: |value| above {limit:g}")
-            return fusion.check_payload(rx.kind, payload, state)
+            return fusion.check_payload(rx.kind, payload, state, sample)
         except Rejected as err:
             self.ledger.rejected.add(err, rx.sender, rx.kind)
             return None
@@ -145,7 +145,7 @@ class BatchChannel:
                                             receiver_xyz=np.zeros(3),
                                             dedup_scope=self._dedup_scope(meta, frame)):
                 with self.timer("serialise"):
-                    payload = self._accepted(fusion, rx, state, device)
+                    payload = self._accepted(fusion, rx, state, b, device)
                 if payload is None:
                     continue
                 pose = torch.from_numpy(rx.world_from_lidar).to(device, batch.ego_from_agent.dtype)
@@ -189,7 +189,7 @@ class BatchChannel:
                                             receiver_xyz=receiver_xyz,
                                             dedup_scope=self._dedup_scope(meta, frame)):
                 with self.timer("serialise"):
-                    payload = self._accepted(fusion, rx, state, device)
+                    payload = self._accepted(fusion, rx, state, b, device)
                 if payload is not None:
                     out[i] = payload
         return out

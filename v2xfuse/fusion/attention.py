@@ -14,7 +14,8 @@ from ..models.bev import warp_to_ego
 from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
 from .basic import DenseMapFusion, group_by_sample
-from .payload_checks import FeatureRange, expect, expect_finite, expect_indices
+from .payload_checks import (FeatureRange, expect, expect_finite, expect_indices,
+                             expect_magnitude)
 
 __all__ = ["AttFusion", "Where2comm", "cell_attention", "scatter_cells", "sparse_cell_attention"]
 
@@ -135,7 +136,8 @@ class Where2comm(FusionMethod):
         threshold: confidence above which a cell is sent at inference.
         top_k: if > 0, send exactly the ``top_k`` most confident cells instead.
         channels: C (injected by the builder); None: no feature range is kept.
-        clamp_features: as :class:`DenseMapFusion`.
+        clamp_features, max_strength_ratio: as :class:`DenseMapFusion` (the cells received
+            are compared with as many of the ego's most active cells).
     """
 
     needs_confidence = True
@@ -143,8 +145,9 @@ class Where2comm(FusionMethod):
     codecs = {"features": "float32", "cells": "raw"}
 
     def __init__(self, threshold: float = 0.01, top_k: int = 0, channels: int | None = None,
-                 clamp_features: bool = True):
+                 clamp_features: bool = True, max_strength_ratio: float = 10.0):
         super().__init__()
+        self.max_strength_ratio = float(max_strength_ratio)
         self.threshold = float(threshold)
         self.top_k = int(top_k)
         self.feature_range = FeatureRange(channels, clamp=clamp_features) if channels else None
@@ -153,12 +156,15 @@ class Where2comm(FusionMethod):
         if self.feature_range is not None:
             self.feature_range.observe_payloads(payloads)
 
-    def check_fields(self, kind, payload, state):
+    def check_fields(self, kind, payload, state, sample=0):
         channels, height, width = state.features.shape[1:]
         cells = expect(payload, "cells", (None,), kind="int")
         cells = expect_indices("cells", cells, height * width)
         feats = expect(payload, "features", (channels, len(cells)))
         expect_finite("features", feats)
+        if self.max_strength_ratio > 0:
+            ego = state.features[int(state.batch.ego_index()[sample])]
+            expect_magnitude("features", feats, ego, self.max_strength_ratio)
         if self.feature_range is not None:
             feats = self.feature_range.sanitise("features", feats)
         return {"features": feats, "cells": cells}

@@ -8,7 +8,7 @@ import torch
 from ..models.bev import warp_to_ego
 from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
-from .payload_checks import FeatureRange, expect, expect_finite, expect_within
+from .payload_checks import FeatureRange, expect, expect_finite, expect_magnitude, expect_within
 
 __all__ = ["NoFusion", "EarlyFusion", "MaxFusion", "DenseMapFusion", "LateFusion",
            "group_by_sample", "check_boxes"]
@@ -56,7 +56,7 @@ class EarlyFusion(FusionMethod):
         super().__init__()
         self.max_points, self.max_point_range_m = int(max_points), float(max_point_range_m)
 
-    def check_fields(self, kind, payload, state):
+    def check_fields(self, kind, payload, state, sample=0):
         pts = expect(payload, "points", (None, 4))
         expect_finite("points", pts)
         expect_within("points", pts[:, :3], -self.max_point_range_m, self.max_point_range_m)
@@ -91,28 +91,35 @@ class DenseMapFusion(FusionMethod):
     """A method whose senders send their whole BEV map, payload ``features`` (C, H, W).
 
     The receiver accepts a map of its own grid's shape whose values lie within what its
-    senders produced in training (:class:`FeatureRange`), clamped to that range.
+    senders produced in training (:class:`FeatureRange`), clamped to that range, and whose mean
+    strength is at most ``max_strength_ratio`` times its own map's (:func:`expect_magnitude`).
 
     Args:
         channels: C (injected by the builder); None: no range is kept.
         clamp_features: clamp received features to the trained range (False: refuse only
             values far beyond it; for measuring the defence).
+        max_strength_ratio: see :func:`expect_magnitude` (0: no such check).
     """
 
     codecs = {"features": "float32"}
 
-    def __init__(self, channels: int | None = None, clamp_features: bool = True):
+    def __init__(self, channels: int | None = None, clamp_features: bool = True,
+                 max_strength_ratio: float = 10.0):
         super().__init__()
         self.feature_range = FeatureRange(channels, clamp=clamp_features) if channels else None
+        self.max_strength_ratio = float(max_strength_ratio)
 
     def observe(self, senders, payloads):
         if self.feature_range is not None:
             self.feature_range.observe_payloads(payloads)
 
-    def check_fields(self, kind, payload, state):
+    def check_fields(self, kind, payload, state, sample=0):
         shape = tuple(state.features.shape[1:]) if state.features is not None else (None,) * 3
         feats = expect(payload, "features", shape)
         expect_finite("features", feats)
+        if self.max_strength_ratio > 0 and state.features is not None:
+            ego = state.features[int(state.batch.ego_index()[sample])]
+            expect_magnitude("features", feats.flatten(1), ego, self.max_strength_ratio)
         if self.feature_range is not None:
             feats = self.feature_range.sanitise("features", feats)
         return {"features": feats}
@@ -170,7 +177,7 @@ class LateFusion(FusionMethod):
         self.max_boxes, self.max_box_size_m = int(max_boxes), float(max_box_size_m)
         self.max_point_range_m = float(max_point_range_m)
 
-    def check_fields(self, kind, payload, state):
+    def check_fields(self, kind, payload, state, sample=0):
         boxes = check_boxes(payload, "boxes", self.max_boxes, self.max_box_size_m,
                             self.max_point_range_m)
         scores = expect(payload, "scores", (len(boxes),))

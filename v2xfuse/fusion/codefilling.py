@@ -172,7 +172,7 @@ class CodeFilling(FusionMethod):
         out[cells] = levels.to(like.dtype) / self.conf_levels
         return out
 
-    def check_fields(self, kind, payload, state):
+    def check_fields(self, kind, payload, state, sample=0):
         """Reports: a (H, W) cell mask of the grid and one level in 1..2**conf_bits - 1 per
         cell; requests: a (H, W) mask; codes: a (H, W) mask and, per cell, stages x groups
         codes below k."""

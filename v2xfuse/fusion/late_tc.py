@@ -95,21 +95,23 @@ class TimeCompensatedLateFusion(LateFusion):
     Args:
         unmatched_score_scale: score factor of collaborator boxes no ego box matched.
         max_history_s: previous observations older than this are forgotten (no velocity).
-        checks: :class:`LateFusion`'s limits on received boxes (``prev_boxes`` are held to
-            them too, ``prev_dt`` to (0, ``max_history_s``]).
+        max_boxes, max_box_size_m, max_point_range_m: :class:`LateFusion`'s limits on received
+            boxes (``prev_boxes`` are held to them too, ``prev_dt`` to (0, ``max_history_s``]).
     """
 
     codecs = {"boxes": "raw", "scores": "raw", "prev_boxes": "raw", "prev_dt": "raw"}
 
-    def __init__(self, unmatched_score_scale: float = 0.4, max_history_s: float = 1.0, **checks):
-        super().__init__(**checks)
+    def __init__(self, unmatched_score_scale: float = 0.4, max_history_s: float = 1.0,
+                 max_boxes: int = 500, max_box_size_m: float = 30.0,
+                 max_point_range_m: float = 300.0):
+        super().__init__(max_boxes, max_box_size_m, max_point_range_m)
         self.unmatched_score_scale = float(unmatched_score_scale)
         self.max_history_s = float(max_history_s)
         # (dataset, sequence, agent id) -> (timestamp_us, (K, 7) boxes in the sender's world)
         self._memory: dict[tuple[str, str, str], tuple[int, torch.Tensor]] = {}
 
-    def check_fields(self, kind, payload, state):
-        out = super().check_fields(kind, payload, state)
+    def check_fields(self, kind, payload, state, sample=0):
+        out = super().check_fields(kind, payload, state, sample)
         if "prev_boxes" in payload or "prev_dt" in payload:
             check_boxes(payload, "prev_boxes", self.max_boxes, self.max_box_size_m,
                         self.max_point_range_m)

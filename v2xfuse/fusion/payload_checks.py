@@ -12,7 +12,8 @@ from torch import nn
 
 from ..comm.checks import Rejected
 
-__all__ = ["expect", "expect_finite", "expect_within", "expect_indices", "FeatureRange"]
+__all__ = ["expect", "expect_finite", "expect_within", "expect_indices", "expect_magnitude",
+           "FeatureRange"]
 
 
 def expect(payload: dict[str, torch.Tensor], name: str, shape: tuple, kind: str = "float"
@@ -50,6 +51,32 @@ def expect_indices(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
         raise Rejected("index", f"payload {name!r}: indices outside [0, {n})")
     return t
+
+
+def expect_magnitude(name: str, received: torch.Tensor, ego_map: torch.Tensor, ratio: float
+                     ) -> None:
+    """Refuse a message whose features are on average more than ``ratio`` times as strong as
+    the receiver's own strongest cells.
+
+    Clamping each value to the trained range does not stop a sender that pushes *every* cell to
+    the top of that range (measured: a collaborator scaling its map by 100 took max fusion from
+    AP@0.5 0.85 to 0.02 with clamping). Both maps come from the same encoder on the same scene,
+    so like is compared with like: the mean |x| of the K cells received against the mean |x| of
+    the ego's K most active cells.
+
+    Args:
+        received: (C, K) the cells received (K = H * W for a whole map).
+        ego_map: (C, H, W) the receiver's own map.
+    """
+    k = received.shape[-1]
+    if k == 0 or ego_map.numel() == 0:
+        return
+    cell = ego_map.detach().abs().mean(0).flatten()
+    reference = float(cell.topk(min(k, cell.numel())).values.mean())
+    strength = float(received.detach().abs().mean())
+    if strength > ratio * max(reference, 1e-3):
+        raise Rejected("bounds", f"payload {name!r}: mean |x| {strength:.3g} is more than "
+                                 f"{ratio:g} times the receiver's own ({reference:.3g})")
 
 
 class FeatureRange(nn.Module):

@@ -14,8 +14,7 @@ from ..models.bev import warp_to_ego
 from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
 from .basic import DenseMapFusion, group_by_sample
-from .payload_checks import (FeatureRange, expect, expect_finite, expect_indices,
-                             expect_magnitude)
+from .payload_checks import FeatureRange, expect, expect_indices, expect_magnitude
 
 __all__ = ["AttFusion", "Where2comm", "cell_attention", "scatter_cells", "sparse_cell_attention"]
 
@@ -160,8 +159,7 @@ class Where2comm(FusionMethod):
         channels, height, width = state.features.shape[1:]
         cells = expect(payload, "cells", (None,), kind="int")
         cells = expect_indices("cells", cells, height * width)
-        feats = expect(payload, "features", (channels, len(cells)))
-        expect_finite("features", feats)
+        feats = expect(payload, "features", (channels, len(cells)))  # finite: check_payload
         if self.max_strength_ratio > 0:
             ego = state.features[int(state.batch.ego_index()[sample])]
             expect_magnitude("features", feats, ego, self.max_strength_ratio)

@@ -57,8 +57,7 @@ class EarlyFusion(FusionMethod):
         self.max_points, self.max_point_range_m = int(max_points), float(max_point_range_m)
 
     def check_fields(self, kind, payload, state, sample=0):
-        pts = expect(payload, "points", (None, 4))
-        expect_finite("points", pts)
+        pts = expect(payload, "points", (None, 4))  # finite: check_payload saw to it
         expect_within("points", pts[:, :3], -self.max_point_range_m, self.max_point_range_m)
         if len(pts) > self.max_points:
             stride = -(-len(pts) // self.max_points)
@@ -115,8 +114,7 @@ class DenseMapFusion(FusionMethod):
 
     def check_fields(self, kind, payload, state, sample=0):
         shape = tuple(state.features.shape[1:]) if state.features is not None else (None,) * 3
-        feats = expect(payload, "features", shape)
-        expect_finite("features", feats)
+        feats = expect(payload, "features", shape)  # finite: check_payload saw to it
         if self.max_strength_ratio > 0 and state.features is not None:
             ego = state.features[int(state.batch.ego_index()[sample])]
             expect_magnitude("features", feats.flatten(1), ego, self.max_strength_ratio)

@@ -129,12 +129,14 @@ class FusionMethod(nn.Module):
         raise NotImplementedError
 
     def check_payload(self, kind: str, payload: dict[str, torch.Tensor],
-                      state: FusionState | None, sample: int = 0) -> dict[str, torch.Tensor]:
+                      state: FusionState | None, sample: int = 0,
+                      checked_finite: bool = False) -> dict[str, torch.Tensor]:
         """Receiver side, before ``fuse`` (or before a sender reads a request): raise
         :class:`~v2xfuse.comm.checks.Rejected` for a ``kind`` message whose decoded ``payload``
         must not be used; return the payload to use (possibly sanitised). ``state``: the
         receiver's state for this batch (None for the ego's pose message, which must be
-        empty); ``sample``: which of its samples the message is for. Arrays the method does not name in ``codecs`` are refused; the method's own
+        empty); ``sample``: which of its samples the message is for; ``checked_finite``: the
+        caller already refused NaN and inf (the channel does, in the same pass as its bound). Arrays the method does not name in ``codecs`` are refused; the method's own
         ``check_fields`` does the rest."""
         if kind == "pose":
             if payload:
@@ -143,8 +145,9 @@ class FusionMethod(nn.Module):
         unexpected = sorted(set(payload) - set(self.codecs))
         if unexpected:
             raise Rejected("shape", f"payload arrays {unexpected} are not among {sorted(self.codecs)}")
-        for name, t in payload.items():
-            expect_finite(name, t)
+        if not checked_finite:
+            for name, t in payload.items():
+                expect_finite(name, t)
         return self.check_fields(kind, payload, state, sample)
 
     def check_fields(self, kind: str, payload: dict[str, torch.Tensor],

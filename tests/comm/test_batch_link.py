@@ -36,7 +36,7 @@ def test_batch_channel_round_trip_and_bytes():
     payloads = [{"features": torch.randn(4, 6, 6, generator=g), "sel": torch.rand(6, 6, generator=g) < 0.5}
                 for _ in senders]
     link = BatchChannel(Channel(np.random.default_rng(0)))
-    rx = link.transmit(fusion, batch, senders, payloads)
+    rx = link.transmit(fusion.wire(), batch, senders, payloads)
     assert [(r.sample, r.sender) for r in rx] == [(0, 1), (0, 2), (1, 4)]
     for r, p in zip(rx, payloads):
         scale = p["features"].abs().amax((1, 2), keepdim=True) / 127
@@ -59,7 +59,7 @@ def test_batch_channel_loss():
     batch, fusion = toy_batch(), Toy()
     link = BatchChannel(Channel(0, LinkConfig(loss=1.0)))
     payloads = [{"features": torch.ones(1, 2, 2), "sel": torch.ones(2, 2, dtype=torch.bool)}] * 3
-    assert link.transmit(fusion, batch, [1, 2, 4], payloads) == []
+    assert link.transmit(fusion.wire(), batch, [1, 2, 4], payloads) == []
     assert link.ledger.count("lost") == 3
 
 
@@ -75,7 +75,7 @@ def test_batch_channel_requests_none_payloads_and_per_payload_codec_options():
     link = BatchChannel(Channel(0), codec_options={"codes": {"bits": 8}})
     ask = torch.zeros(6, 6, dtype=torch.bool)
     ask[1, 2] = True
-    got = link.request(fusion, batch, [1, 2, 4], [{"ask": ask}, None, {"ask": ask}])
+    got = link.request(fusion.wire("request"), batch, [1, 2, 4], [{"ask": ask}, None, {"ask": ask}])
     assert sorted(got) == [1, 4] and torch.equal(got[1]["ask"], ask)
     rec = link.ledger.records
     assert [(r.sender, r.receiver, r.kind) for r in rec] == [("641", "650", "request"),
@@ -83,11 +83,39 @@ def test_batch_channel_requests_none_payloads_and_per_payload_codec_options():
     sent = {"ask.shape": np.array([6, 6], np.uint32), "ask.idx": np.array([8], np.uint16)}
     assert rec[0].num_bytes == len(encode(Message("641", "request", 0, np.eye(4), sent)))
     codes = torch.arange(7) % 8
-    rx = link.transmit(fusion, batch, [1, 2, 4], [None, {"codes": codes}, None])
+    rx = link.transmit(fusion.wire(), batch, [1, 2, 4], [None, {"codes": codes}, None])
     assert [(r.sample, r.sender) for r in rx] == [(0, 2)]
     assert torch.equal(rx[0].payload["codes"].long(), codes)
     assert rec[-1].kind == "codes" and len(rec) == 3
     packed = {"codes.codes": np.zeros(3, np.uint8), "codes.shape": np.array([7], np.uint32)}
     assert rec[-1].num_bytes == len(encode(Message("659", "codes", -200000, np.eye(4), packed)))
-    assert link.transmit(fusion, batch, [4], [{"codes": codes}], kind="report")[0].sender == 4
+    assert link.transmit(fusion.wire("report"), batch, [4], [{"codes": codes}])[0].sender == 4
     assert rec[-1].kind == "report"
+
+
+def test_a_payload_array_without_a_codec_is_an_error_and_an_unknown_one_is_refused():
+    batch, fusion = toy_batch(), Toy()
+    link = BatchChannel(Channel(0))
+    extra = {"features": torch.ones(1, 2, 2), "sel": torch.ones(2, 2, dtype=torch.bool),
+             "secret": torch.ones(3)}
+    try:
+        link.transmit(fusion.wire(), batch, [1], [extra])
+    except ValueError as err:
+        assert "'secret'" in str(err) and "no codec" in str(err)
+    else:
+        raise AssertionError("an array without a codec was sent")
+    assert link.ledger.records == []  # nothing went on air
+    # a receiver whose wire format does not name an array refuses the message
+    narrow = Toy().wire()
+    narrow = type(narrow)(narrow.method, narrow.kind, {"features": "int8"})
+    ok = {"features": torch.ones(1, 2, 2), "sel": torch.ones(2, 2, dtype=torch.bool)}
+    sent = BatchChannel(Channel(0))
+    rx = sent.transmit(fusion.wire(), batch, [1], [ok])
+    assert len(rx) == 1
+    blob = encode(Message("650", "bev_features", -100000, np.eye(4),
+                          {"features.q": np.zeros((1, 2, 2), np.int8),
+                           "features.scale": np.ones(1, np.float32),
+                           "sel.bits": np.zeros(1, np.uint8), "sel.shape": np.array([2, 2], np.uint32)}))
+    from v2xfuse.comm.message import decode
+    assert sent._accepted(narrow, decode(blob), None, 0, "cpu") is None
+    assert sent.ledger.rejected.as_dict() == {"shape": 1}

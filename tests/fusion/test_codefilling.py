@@ -17,7 +17,7 @@ from v2xfuse.datasets.pipeline import Sample
 from v2xfuse.fusion.base import FusionState
 from v2xfuse.fusion.codebook import ResidualCodebook
 from v2xfuse.fusion.codefilling import CodeFilling, fill_selection
-from v2xfuse.models.bev import BevGrid
+from v2xfuse.structures.bev import BevGrid
 from v2xfuse.models.detector import CoopDetector, run_handshake
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
 
@@ -119,7 +119,7 @@ def test_bytes_are_the_formula_and_the_serialised_length(num_cells, codewords):
     link = BatchChannel(Channel(0))
     run_handshake(fusion, state, [1], link)
     payloads = fusion.encode(state, [1])
-    rx = link.transmit(fusion, state.batch, [1], payloads, state=state)
+    rx = link.transmit(fusion.wire(), state.batch, [1], payloads, state=state)
     assert int(payloads[0]["cells"].sum()) == num_cells  # everything it offered was asked for
 
     # codes: cells x m x r x ceil(log2 k) bits, the positions, the header
@@ -133,7 +133,7 @@ def test_bytes_are_the_formula_and_the_serialised_length(num_cells, codewords):
     assert records["codes"].num_bytes == expected
     entries = {}
     for name, tensor in payloads[0].items():
-        entries.update(link._codec(fusion, name).encode(tensor))
+        entries.update(fusion.wire().codec(name).encode(tensor))
     assert len(encode(Message("1", "codes", 0, np.eye(4), entries))) == expected
     # the selection rounds are counted too: report (8-bit confidences) and request (positions)
     assert records["report"].num_bytes == (

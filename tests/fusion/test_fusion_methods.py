@@ -9,7 +9,7 @@ from v2xfuse.builder import build_detector
 from v2xfuse.comm.batch_link import BatchChannel
 from v2xfuse.comm.channel import Channel, LinkConfig
 from v2xfuse.fusion.base import FusionState, Received
-from v2xfuse.models.bev import BevGrid
+from v2xfuse.structures.bev import BevGrid
 from v2xfuse.models.detector import run_handshake
 from v2xfuse.registry import FUSION
 from v2xfuse.structures.transforms import pose_from_xyz_rpy

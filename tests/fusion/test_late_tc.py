@@ -37,7 +37,7 @@ def _send(method, batch, boxes, channel=None):
     state.extras["detections"] = [Detections(torch.tensor(boxes, dtype=torch.float32),
                                              torch.full((len(boxes),), 0.9))]
     payloads = method.encode(state, [1])
-    received = (channel.transmit(method, batch, [1], payloads) if channel is not None
+    received = (channel.transmit(method.wire(), batch, [1], payloads) if channel is not None
                 else CoopDetector.direct(batch, [1], payloads))
     return payloads, method.fuse(state, received)[0]
 

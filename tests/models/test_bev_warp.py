@@ -4,7 +4,7 @@ import math
 import numpy as np
 import torch
 
-from v2xfuse.models.bev import BevGrid, _resample, warp_to_ego, whole_cell_shifts
+from v2xfuse.structures.bev import BevGrid, _resample, warp_to_ego, whole_cell_shifts
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
 
 GRID = BevGrid(-6.4, -4.0, 6.4, 4.0, 0.8)  # 16 x 10 cells

@@ -1,9 +1,10 @@
 """Adapter between the detector's batch-level interface and :class:`Channel`.
 
 ``Detector.forward(batch, channel=BatchChannel(Channel(rng)))`` sends each collaborator's payload
-as a real :class:`Message`: every payload entry goes through the codec the fusion method names
-in ``FusionMethod.codecs`` (``"raw"`` when it names none), the bytes are counted in
-``channel.ledger`` per sample frame and link, and the fusion method receives what was decoded.
+as a real :class:`Message`: every payload entry goes through the codec the round's
+:class:`~v2xfuse.comm.wire.WireFormat` names for it (an entry without one is an error), the
+bytes are counted in ``channel.ledger`` per sample frame and link, and the fusion method
+receives what was decoded. The channel sees wire formats, never the fusion method.
 
 Poses in a batch are already relative to each sample's ego, so the message carries
 ``ego_from_agent`` as its ``world_from_lidar`` (the ego frame is the sample's world; isotropic xy
@@ -20,9 +21,9 @@ the message as ``malformed``), then every float value finite and within
 ``checks.max_abs``, then the method's own ``check_payload``. A message that fails is dropped and
 counted in ``ledger.rejected``; the ego fuses what remains.
 
-Handshake methods (``FusionMethod.handshake``) also send reports (``transmit(..., kind="report")``)
-and the ego's requests (:meth:`BatchChannel.request`, link ego -> sender, kind ``"request"``):
-real messages through the same codecs, counted in the same ledger.
+Handshake methods (``FusionMethod.handshake``) also send reports (a ``transmit`` of kind
+``"report"``) and the ego's requests (:meth:`BatchChannel.request`, link ego -> sender, kind
+``"request"``): real messages through the same codecs, counted in the same ledger.
 """
 from __future__ import annotations
 
@@ -31,19 +32,18 @@ import math
 import numpy as np
 import torch
 
-from ..fusion.base import FusionMethod, FusionState, Received
-from ..fusion.payload_checks import largest_magnitude
 from ..utils.timing import null_timer
 from .channel import Channel
-from .checks import Rejected
-from .codecs import Codec, make_codec
+from .checks import Rejected, largest_magnitude
 from .message import Message, MessageError
+from .received import Received
+from .wire import WireFormat
 
 __all__ = ["BatchChannel"]
 
 
 class BatchChannel:
-    """``transmit(fusion, batch, senders, payloads) -> list[Received]`` over a :class:`Channel`.
+    """``transmit(wire, batch, senders, payloads) -> list[Received]`` over a :class:`Channel`.
 
     Args:
         channel: the simulated channel; its ledger holds the byte counts.
@@ -63,26 +63,26 @@ class BatchChannel:
     def ledger(self):
         return self.channel.ledger
 
-    def _codec(self, fusion: FusionMethod, name: str) -> Codec:
-        codec_name = fusion.codecs.get(name, "raw")
-        kwargs = {**self.codec_options.get(codec_name, {}), **fusion.codec_kwargs.get(name, {})}
-        return make_codec(codec_name, name, **kwargs)
-
-    def _entries(self, fusion: FusionMethod, payload: dict[str, torch.Tensor]) -> dict:
+    def _entries(self, wire: WireFormat, payload: dict[str, torch.Tensor]) -> dict:
         entries: dict[str, np.ndarray] = {}
         for name, tensor in payload.items():
-            entries.update(self._codec(fusion, name).encode(tensor))
+            entries.update(wire.codec(name, self.codec_options).encode(tensor))
         return entries
 
-    def _accepted(self, fusion: FusionMethod, rx: Message, state: FusionState | None,
-                  sample: int, device) -> dict[str, torch.Tensor] | None:
-        """The payload of ``rx`` decoded through the method's codecs and checked (module
+    def _accepted(self, wire: WireFormat, rx: Message, state, sample: int,
+                  device) -> dict[str, torch.Tensor] | None:
+        """The payload of ``rx`` decoded through the wire format's codecs and checked (module
         docstring), or None when it was rejected (counted in the ledger)."""
         try:
+            names = {k.split(".", 1)[0] for k in rx.payload}
+            unexpected = sorted(names - set(wire.codecs))
+            if unexpected:
+                raise Rejected("shape", f"payload arrays {unexpected} are not among "
+                                        f"{sorted(wire.codecs)}")
             try:
-                names = {k.split(".", 1)[0] for k in rx.payload}
                 payload = {n: torch.from_numpy(np.ascontiguousarray(
-                    self._codec(fusion, n).decode(rx.payload))).to(device) for n in names}
+                    wire.codec(n, self.codec_options).decode(rx.payload))).to(device)
+                    for n in names}
             except MessageError as err:
                 raise Rejected("malformed", str(err)) from None
             limit = self.channel.checks.max_abs
@@ -92,8 +92,10 @@ class BatchChannel:
                     raise Rejected("nonfinite", f"payload {name!r}: NaN or infinite values")
                 if value > limit:
                     raise Rejected("bounds", f"payload {name!r}: |value| above {limit:g}")
+            if wire.check is None:
+                return payload
             # finiteness is decided above: the method's own checks need not reduce again
-            return fusion.check_payload(rx.kind, payload, state, sample, checked_finite=True)
+            return wire.check(rx.kind, payload, state, sample, checked_finite=True)
         except Rejected as err:
             self.ledger.rejected.add(err, rx.sender, rx.kind)
             return None
@@ -111,12 +113,11 @@ class BatchChannel:
             return -int(round(delay_s * 1e6))
         return int(stamps[local])
 
-    def transmit(self, fusion: FusionMethod, batch, senders: list[int],
-                 payloads: list[dict[str, torch.Tensor] | None],
-                 kind: str | None = None, state: FusionState | None = None) -> list[Received]:
-        """batch: a CoopBatch; senders: stacked agent indices; payloads: one dict per sender
-        (None: that sender sends nothing); kind: of the messages (default
-        ``fusion.message_kind``); state: the receiving ego's, for the method's checks.
+    def transmit(self, wire: WireFormat, batch, senders: list[int],
+                 payloads: list[dict[str, torch.Tensor] | None], state=None) -> list[Received]:
+        """wire: the round's wire format (its kind, codecs and receiver check); batch: a
+        CoopBatch; senders: stacked agent indices; payloads: one dict per sender (None: that
+        sender sends nothing); state: the receiving ego's, handed to ``wire.check``.
 
         Returns what arrived and passed every check; each ``Received.delay_s`` is the ego's
         clock minus the message's timestamp."""
@@ -127,7 +128,6 @@ class BatchChannel:
         for i, p in zip(senders, payloads):
             if p is not None:
                 by_sample.setdefault(sample_of[i], []).append((i, p))
-        method = type(fusion).__name__
         out: list[Received] = []
         for b, items in sorted(by_sample.items()):
             meta = batch.meta[b]
@@ -141,15 +141,15 @@ class BatchChannel:
                 pose = batch.ego_from_agent[i].detach().cpu().double().numpy()
                 pose[3] = (0.0, 0.0, 0.0, 1.0)
                 with self.timer("serialise"):
-                    entries = self._entries(fusion, p)
+                    entries = self._entries(wire, p)
                 ts = self._clock(meta, local, float(batch.time_delay_s[i]))
-                msgs.append(Message(ids[local], kind or fusion.message_kind, ts, pose, entries))
-            for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=method,
+                msgs.append(Message(ids[local], wire.kind, ts, pose, entries))
+            for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=wire.method,
                                             timer=self.timer, now_us=now,
                                             receiver_xyz=np.zeros(3),
                                             dedup_scope=self._dedup_scope(meta, frame)):
                 with self.timer("serialise"):
-                    payload = self._accepted(fusion, rx, state, b, device)
+                    payload = self._accepted(wire, rx, state, b, device)
                 if payload is None:
                     continue
                 pose = torch.from_numpy(rx.world_from_lidar).to(device, batch.ego_from_agent.dtype)
@@ -157,10 +157,10 @@ class BatchChannel:
                                     (now - rx.timestamp_us) / 1e6))
         return out
 
-    def request(self, fusion: FusionMethod, batch, senders: list[int],
-                payloads: list[dict[str, torch.Tensor] | None], kind: str = "request",
-                state: FusionState | None = None) -> dict[int, dict[str, torch.Tensor]]:
-        """Send each sender its ego's request (``FusionMethod.request``): one message of ``kind``
+    def request(self, wire: WireFormat, batch, senders: list[int],
+                payloads: list[dict[str, torch.Tensor] | None],
+                state=None) -> dict[int, dict[str, torch.Tensor]]:
+        """Send each sender its ego's request (``FusionMethod.request``): one message of ``wire.kind``
         per non-None payload, from the sample's ego (its pose: the identity, its timestamp: the
         ego's clock) to that sender, counted in the ledger like every other message. An empty payload sends the
         header alone: the ego's pose (kind ``"pose"``, for senders that work in the ego's axes).
@@ -172,7 +172,6 @@ class BatchChannel:
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
         device = batch.ego_from_agent.device
-        method = type(fusion).__name__
         out: dict[int, dict[str, torch.Tensor]] = {}
         for i, p in zip(senders, payloads):
             if p is None:
@@ -184,16 +183,16 @@ class BatchChannel:
             local = i - ego_index[b]
             now = self._clock(meta, 0, 0.0)
             with self.timer("serialise"):
-                msg = Message(ids[0], kind, now, np.eye(4), self._entries(fusion, p))
+                msg = Message(ids[0], wire.kind, now, np.eye(4), self._entries(wire, p))
             # The sender checks the ego's message as the ego checks its: at the same (synchronised)
             # clock, from its own position.
             receiver_xyz = batch.ego_from_agent[i, :3, 3].detach().cpu().double().numpy()
-            for rx in self.channel.transmit(frame, [msg], receiver=ids[local], method=method,
+            for rx in self.channel.transmit(frame, [msg], receiver=ids[local], method=wire.method,
                                             timer=self.timer, attackable=False, now_us=now,
                                             receiver_xyz=receiver_xyz,
                                             dedup_scope=self._dedup_scope(meta, frame)):
                 with self.timer("serialise"):
-                    payload = self._accepted(fusion, rx, state, b, device)
+                    payload = self._accepted(wire, rx, state, b, device)
                 if payload is not None:
                     out[i] = payload
         return out

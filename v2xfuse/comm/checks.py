@@ -39,7 +39,8 @@ import numpy as np
 from ..config import section_dataclass
 from .message import MessageError
 
-__all__ = ["Rejected", "ReceiveChecks", "RejectionLog", "REASONS", "check_rigid_pose"]
+__all__ = ["Rejected", "ReceiveChecks", "RejectionLog", "REASONS", "check_rigid_pose",
+           "largest_magnitude"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ class ReceiveChecks:
     @classmethod
     def from_dict(cls, d: dict | None) -> "ReceiveChecks":
         return section_dataclass(cls, d, "channel.checks")
+
+
+def largest_magnitude(t) -> float:
+    """max |t| of a tensor (0 for no values); NaN or inf when ``t`` holds one: one reduction, a
+    fraction of ``isfinite(t).all()``'s cost, decides both finiteness and bounds."""
+    return float(t.abs().amax()) if t.numel() else 0.0
 
 
 def check_rigid_pose(pose: np.ndarray, checks: ReceiveChecks, receiver_xyz=None,

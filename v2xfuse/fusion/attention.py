@@ -1,6 +1,6 @@
 """Attention-based intermediate fusion: AttFuse (OPV2V) and Where2comm.
 
-Both warp what arrived into the ego frame with :func:`~v2xfuse.models.bev.warp_to_ego` (the one
+Both warp what arrived into the ego frame with :func:`~v2xfuse.structures.bev.warp_to_ego` (the one
 shared warping routine) and fuse per BEV cell across agents.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.bev import warp_to_ego
+from ..structures.bev import warp_to_ego
 from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
 from .basic import DenseMapFusion, group_by_sample

@@ -42,31 +42,13 @@ import torch
 from torch import nn
 
 from ..comm.checks import Rejected
+from ..comm.received import Received
+from ..comm.wire import WireFormat
 from ..datasets.batch import CoopBatch
-from ..models.bev import BevGrid
+from ..structures.bev import BevGrid
 from .payload_checks import expect_finite
 
 __all__ = ["Received", "FusionState", "FusionMethod"]
-
-
-@dataclass
-class Received:
-    """One message as the ego sees it after the channel.
-
-    Attributes:
-        sample: index of the ego's sample in the batch.
-        sender: stacked index of the sending agent in the batch.
-        payload: the named tensors that arrived (decoded from bytes when a channel is used).
-        ego_from_sender: (4, 4) built from the pose the message carried (noisy if the channel
-            or the data pipeline perturbed it).
-        delay_s: age of the sender's observation.
-    """
-
-    sample: int
-    sender: int
-    payload: dict[str, torch.Tensor]
-    ego_from_sender: torch.Tensor
-    delay_s: float = 0.0
 
 
 @dataclass
@@ -94,7 +76,8 @@ class FusionState:
 class FusionMethod(nn.Module):
     stage = "intermediate"
     message_kind = "features"
-    #: payload name -> codec name (see v2xfuse.comm.codecs); the detector serialises with these.
+    #: payload name -> codec name (see v2xfuse.comm.codecs) of every array the method sends;
+    #: the channel serialises with these (:meth:`wire`) and refuses an array without one.
     codecs: dict[str, str] = {}
     #: payload name -> keyword arguments of its codec, over the channel's per-codec defaults
     #: (e.g. ``{"codes": {"bits": 6}}`` for a 64-entry codebook)
@@ -103,6 +86,12 @@ class FusionMethod(nn.Module):
     needs_confidence = False
     #: whether the detector runs the report/request rounds before ``encode`` (module docstring)
     handshake = False
+
+    def wire(self, kind: str | None = None) -> WireFormat:
+        """How messages of ``kind`` (default ``message_kind``) go on the wire: this method's
+        codecs and its receiver-side :meth:`check_payload`."""
+        return WireFormat(type(self).__name__, kind or self.message_kind, dict(self.codecs),
+                          dict(self.codec_kwargs), self.check_payload)
 
     def senders(self, batch: CoopBatch) -> list[int]:
         """Stacked indices of the agents that send (every non-ego agent by default)."""

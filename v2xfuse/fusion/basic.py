@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import torch
 
-from ..models.bev import warp_to_ego
+from ..structures.bev import warp_to_ego
 from ..registry import FUSION
 from .base import FusionMethod, FusionState, Received
 from .payload_checks import FeatureRange, expect, expect_finite, expect_magnitude, expect_within

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..comm.checks import Rejected
-from ..models.bev import warp_to_ego
+from ..structures.bev import warp_to_ego
 from ..registry import FUSION
 from .attention import scatter_cells, sparse_cell_attention
 from .base import FusionMethod, FusionState, Received

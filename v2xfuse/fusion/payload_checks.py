@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..comm.checks import Rejected
+from ..comm.checks import Rejected, largest_magnitude
 
 __all__ = ["expect", "expect_finite", "expect_within", "expect_indices", "expect_magnitude",
            "largest_magnitude", "FeatureRange"]
@@ -34,12 +34,6 @@ def expect(payload: dict[str, torch.Tensor], name: str, shape: tuple, kind: str 
         want = tuple("*" if s is None else s for s in shape)
         raise Rejected("shape", f"payload {name!r}: shape {tuple(t.shape)}, expected {want}")
     return t
-
-
-def largest_magnitude(t: torch.Tensor) -> float:
-    """max |t| (0 for no values); NaN or inf when ``t`` holds one: one reduction, a fraction of
-    ``isfinite(t).all()``'s cost, decides both finiteness and bounds."""
-    return float(t.abs().amax()) if t.numel() else 0.0
 
 
 def expect_finite(name: str, t: torch.Tensor) -> None:

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ..datasets.batch import CoopBatch
-from ..fusion.base import FusionMethod, FusionState, Received
+from ..comm.received import Received
+from ..fusion.base import FusionMethod, FusionState
 from ..structures.boxes import transform_boxes
 from ..utils.timing import null_timer
-from .bev import BevGrid
+from ..structures.bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
@@ -80,10 +81,11 @@ class CoopDetector(nn.Module):
 
     def forward(self, batch: CoopBatch, channel=None, timer=None) -> DetectorOutput:
         """``channel``: None (tensors pass straight through), or an object with
-        ``transmit(fusion, batch, senders, payloads) -> list[Received]`` that serialises,
-        counts and perturbs the messages (see v2xfuse.comm); for a handshake method also
-        ``transmit(..., kind="report")`` and ``request`` (see :func:`run_handshake`), and with
-        ``sender_frame="ego_aligned"`` ``request(..., kind="pose")`` for the ego's pose.
+        ``transmit(wire, batch, senders, payloads) -> list[Received]`` that serialises,
+        counts and perturbs the messages (see v2xfuse.comm; ``wire``: the method's
+        :class:`~v2xfuse.comm.wire.WireFormat` for the round); for a handshake method also
+        ``request(wire, ...)`` (see :func:`run_handshake`), used with
+        ``sender_frame="ego_aligned"`` for the ego's pose too.
 
         ``timer``: optional ``timer(stage) -> context manager`` (see v2xfuse.utils.timing) around
         the stages "encode" (encoder, backbone, what senders compute for their messages),
@@ -95,7 +97,7 @@ class CoopDetector(nn.Module):
         with stage("encode"):
             state, senders, payloads = self._encode(batch, channel)
         with stage("channel"):
-            received = (channel.transmit(fusion, batch, senders, payloads, state=state)
+            received = (channel.transmit(fusion.wire(), batch, senders, payloads, state=state)
                         if channel is not None else self.direct(batch, senders, payloads))
         with stage("fuse"):
             fused = fusion.fuse(state, received)
@@ -114,8 +116,8 @@ class CoopDetector(nn.Module):
         senders = self.fusion.senders(batch)
         if channel is not None and senders:  # the ego's pose must reach each sender first
             with stage("channel"):
-                arrived = channel.request(self.fusion, batch, senders, [{}] * len(senders),
-                                          kind="pose")
+                arrived = channel.request(self.fusion.wire("pose"), batch, senders,
+                                          [{}] * len(senders))
             senders = [i for i in senders if i in arrived]
         with stage("encode"):
             return ego_aligned_frames(batch, senders, self.feature_grid.cell)
@@ -224,9 +226,9 @@ def run_handshake(fusion: FusionMethod, state: FusionState, senders: list[int],
     """The control rounds of a method with ``handshake`` (see v2xfuse.fusion.base): each sender's
     report to its ego, then the ego's request to each sender; fills ``state.requests``.
 
-    With a channel both rounds are real messages (``channel.transmit(..., kind="report")``,
-    ``channel.request``), counted and perturbed like the payload; without one (training) the
-    tensors pass straight through.
+    With a channel both rounds are real messages (``channel.transmit`` of kind ``"report"``,
+    ``channel.request`` of kind ``"request"``), counted and perturbed like the payload; without
+    one (training) the tensors pass straight through.
     """
     batch = state.batch
     reports = fusion.report(state, senders)
@@ -234,8 +236,8 @@ def run_handshake(fusion: FusionMethod, state: FusionState, senders: list[int],
         asks = fusion.request(state, senders, CoopDetector.direct(batch, senders, reports))
         state.requests = {i: a for i, a in zip(senders, asks) if a is not None}
     else:
-        arrived = channel.transmit(fusion, batch, senders, reports, kind="report", state=state)
-        state.requests = channel.request(fusion, batch, senders,
+        arrived = channel.transmit(fusion.wire("report"), batch, senders, reports, state=state)
+        state.requests = channel.request(fusion.wire("request"), batch, senders,
                                          fusion.request(state, senders, arrived), state=state)
 
 

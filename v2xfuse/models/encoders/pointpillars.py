@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ...registry import ENCODERS
-from ..bev import BevGrid
+from ...structures.bev import BevGrid
 from ..voxelize import Voxelizer, Voxels
 
 __all__ = ["PillarFeatureNet", "PointPillars"]

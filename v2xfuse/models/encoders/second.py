@@ -15,7 +15,7 @@ from torch import nn
 
 from ...registry import ENCODERS
 from ...utils.spconv_compat import spconv_pytorch
-from ..bev import BevGrid
+from ...structures.bev import BevGrid
 from ..voxelize import Voxelizer
 
 __all__ = ["Second"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...registry import HEADS
 from ...structures.boxes import wrap_angle
-from ..bev import BevGrid
+from ...structures.bev import BevGrid
 
 __all__ = ["AnchorHead", "HeadOutput", "standup_iou", "encode_boxes", "decode_boxes"]
 

@@ -1,0 +1,28 @@
+"""What the ego holds after a channel round: one message's payload, checked, with its pose."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Received"]
+
+
+@dataclass
+class Received:
+    """One message as the ego sees it after the channel (or passed straight through in training).
+
+    Attributes:
+        sample: index of the ego's sample in the batch.
+        sender: stacked index of the sending agent in the batch.
+        payload: the named tensors that arrived (decoded from bytes when a channel is used).
+        ego_from_sender: (4, 4) built from the pose the message carried (noisy if the channel
+            or the data pipeline perturbed it).
+        delay_s: age of the sender's observation.
+    """
+
+    sample: int
+    sender: int
+    payload: dict[str, torch.Tensor]
+    ego_from_sender: torch.Tensor
+    delay_s: float = 0.0

@@ -1,7 +1,8 @@
 """Attention-based intermediate fusion: AttFuse (OPV2V) and Where2comm.
 
-Both warp what arrived into the ego frame with :func:`~v2xfuse.structures.bev.warp_to_ego` (the one
-shared warping routine) and fuse per BEV cell across agents.
+Both warp what arrived into the ego frame with :func:`~v2xfuse.structures.bev.warp_to_ego` (the
+one shared warping routine, through :func:`~v2xfuse.fusion.base.fuse_each_sample`, the one
+shared per-sample loop) and fuse per BEV cell across agents.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..structures.bev import warp_to_ego
+from ..comm.received import Received
 from ..registry import FUSION
-from .base import FusionMethod, FusionState, Received
-from .basic import DenseMapFusion, group_by_sample
+from ..structures.bev import warp_to_ego
+from .base import Arrivals, FusionMethod, FusionState, fuse_each_sample
+from .basic import DenseMapFusion
 from .payload_checks import FeatureRange, expect, expect_indices, expect_magnitude
 
 __all__ = ["AttFusion", "Where2comm", "cell_attention", "scatter_cells", "sparse_cell_attention"]
@@ -94,22 +96,15 @@ class AttFusion(DenseMapFusion):
         return [{"features": maps[i]} for i in senders]
 
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
-        ego = state.features[state.batch.ego_index()]
-        groups = group_by_sample(received)
-        out = []
-        for b in range(len(ego)):
-            msgs = groups.get(b, [])
-            if not msgs:
-                out.append(ego[b])
-                continue
-            feats = torch.stack([m.payload["features"].to(ego.dtype) for m in msgs])
-            poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
-            warped = warp_to_ego(feats, poses, state.grid)
-            covered = warp_to_ego(torch.ones_like(feats[:, :1]), poses, state.grid) > 0.5
-            stack = torch.cat([ego[b:b + 1], warped])
-            valid = torch.cat([torch.ones_like(covered[:1]), covered])
-            out.append(cell_attention(stack, valid))
-        return torch.stack(out)
+        return fuse_each_sample(state, received, self._fuse_one)
+
+    @staticmethod
+    def _fuse_one(arrived: Arrivals) -> torch.Tensor:
+        feats = arrived.stacked("features")
+        covered = arrived.warped(torch.ones_like(feats[:, :1])) > 0.5
+        stack = torch.cat([arrived.ego[None], arrived.warped(feats)])
+        valid = torch.cat([torch.ones_like(covered[:1]), covered])
+        return cell_attention(stack, valid)
 
 
 @FUSION.register("where2comm")
@@ -187,21 +182,12 @@ class Where2comm(FusionMethod):
         return out
 
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
-        ego = state.features[state.batch.ego_index()]
-        groups = group_by_sample(received)
-        out = []
-        for b in range(len(ego)):
-            msgs = groups.get(b, [])
-            if not msgs:
-                out.append(ego[b])
-                continue
-            dense, sent = [], []
-            for m in msgs:
-                canvas, mask = scatter_cells(m.payload["features"], m.payload["cells"].long(),
-                                             ego[b])
-                dense.append(canvas)
-                sent.append(mask)
-            poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
-            out.append(sparse_cell_attention(ego[b], torch.stack(dense), torch.stack(sent), poses,
-                                             state.grid))
-        return torch.stack(out)
+        return fuse_each_sample(state, received, self._fuse_one)
+
+    @staticmethod
+    def _fuse_one(arrived: Arrivals) -> torch.Tensor:
+        sparse = [scatter_cells(m.payload["features"], m.payload["cells"].long(), arrived.ego)
+                  for m in arrived.messages]
+        return sparse_cell_attention(arrived.ego, torch.stack([c for c, _ in sparse]),
+                                     torch.stack([m for _, m in sparse]), arrived.ego_from_sender,
+                                     arrived.grid)

@@ -36,7 +36,9 @@ shows each method what its senders sent (``observe``), so it learns those ranges
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -45,10 +47,11 @@ from ..comm.checks import Rejected
 from ..comm.received import Received
 from ..comm.wire import WireFormat
 from ..datasets.batch import CoopBatch
-from ..structures.bev import BevGrid
+from ..structures.bev import BevGrid, warp_to_ego
 from .payload_checks import expect_finite
 
-__all__ = ["Received", "FusionState", "FusionMethod"]
+__all__ = ["Received", "FusionState", "FusionMethod", "Arrivals", "group_by_sample",
+           "fuse_each_sample"]
 
 
 @dataclass
@@ -154,3 +157,59 @@ class FusionMethod(nn.Module):
     def aux_loss(self, state: FusionState) -> dict[str, torch.Tensor]:
         """Extra training losses of the method (e.g. a codebook's reconstruction loss)."""
         return {}
+
+
+def group_by_sample(received: list[Received]) -> dict[int, list[Received]]:
+    """Sample index -> the messages that arrived for that sample's ego, in arrival order."""
+    out: dict[int, list[Received]] = defaultdict(list)
+    for r in received:
+        out[r.sample].append(r)
+    return out
+
+
+@dataclass
+class Arrivals:
+    """What arrived for one sample's ego, as a map-fusing method needs it.
+
+    Attributes:
+        sample: the sample index.
+        ego: (C, H, W) the ego's own map.
+        messages: the L >= 1 messages that arrived for it.
+        ego_from_sender: (L, 4, 4) their poses, in ``ego``'s dtype.
+        grid: the grid of ``ego`` and of the senders' maps.
+    """
+
+    sample: int
+    ego: torch.Tensor
+    messages: list[Received]
+    ego_from_sender: torch.Tensor
+    grid: BevGrid
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """(L, ...) payload array ``name`` of every message, in ``ego``'s dtype."""
+        return torch.stack([m.payload[name].to(self.ego.dtype) for m in self.messages])
+
+    def warped(self, maps: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(L, C', H, W) senders' maps in their own frames -> the same on the ego's grid."""
+        return warp_to_ego(maps, self.ego_from_sender, self.grid, mode)
+
+
+def fuse_each_sample(state: FusionState, received: list[Received],
+                     fuse_one: Callable[[Arrivals], torch.Tensor]) -> torch.Tensor:
+    """The loop every map-fusing method shares: group what arrived by sample, and per sample
+    either keep the ego's map (nothing arrived) or ``fuse_one`` it with what arrived.
+
+    Returns:
+        (B, C, H, W) one fused map per sample, in the ego's frame.
+    """
+    ego = state.features[state.batch.ego_index()]
+    groups = group_by_sample(received)
+    out = []
+    for b in range(len(ego)):
+        msgs = groups.get(b)
+        if not msgs:
+            out.append(ego[b])
+            continue
+        poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
+        out.append(fuse_one(Arrivals(b, ego[b], msgs, poses, state.grid)))
+    return torch.stack(out)

@@ -1,24 +1,15 @@
 """Baselines: no fusion (ego only), early fusion (raw points), F-Cooper max fusion."""
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
-from ..structures.bev import warp_to_ego
+from ..comm.received import Received
 from ..registry import FUSION
-from .base import FusionMethod, FusionState, Received
+from .base import Arrivals, FusionMethod, FusionState, fuse_each_sample, group_by_sample
 from .payload_checks import FeatureRange, expect, expect_finite, expect_magnitude, expect_within
 
 __all__ = ["NoFusion", "EarlyFusion", "MaxFusion", "DenseMapFusion", "LateFusion",
            "group_by_sample", "check_boxes"]
-
-
-def group_by_sample(received: list[Received]) -> dict[int, list[Received]]:
-    out: dict[int, list[Received]] = defaultdict(list)
-    for r in received:
-        out[r.sample].append(r)
-    return out
 
 
 @FUSION.register("none")
@@ -134,21 +125,14 @@ class MaxFusion(DenseMapFusion):
         return [{"features": maps[i]} for i in senders]
 
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
-        ego = state.features[state.batch.ego_index()]
-        out = []
-        groups = group_by_sample(received)
-        for b in range(len(ego)):
-            msgs = groups.get(b, [])
-            if not msgs:
-                out.append(ego[b])
-                continue
-            feats = torch.stack([m.payload["features"].to(ego.dtype) for m in msgs])
-            poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
-            fused = ego[b]
-            for w in warp_to_ego(feats, poses, state.grid).unbind(0):
-                fused = torch.maximum(fused, w)
-            out.append(fused)
-        return torch.stack(out)
+        return fuse_each_sample(state, received, self._fuse_one)
+
+    @staticmethod
+    def _fuse_one(arrived: Arrivals) -> torch.Tensor:
+        fused = arrived.ego
+        for w in arrived.warped(arrived.stacked("features")).unbind(0):
+            fused = torch.maximum(fused, w)
+        return fused
 
 
 @FUSION.register("late")

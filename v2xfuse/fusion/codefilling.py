@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 
 from ..comm.checks import Rejected
-from ..structures.bev import warp_to_ego
+from ..comm.received import Received
 from ..registry import FUSION
+from ..structures.bev import warp_to_ego
 from .attention import scatter_cells, sparse_cell_attention
-from .base import FusionMethod, FusionState, Received
-from .basic import group_by_sample
+from .base import Arrivals, FusionMethod, FusionState, fuse_each_sample, group_by_sample
 from .codebook import ResidualCodebook
 from .payload_checks import expect
 
@@ -255,28 +255,22 @@ class CodeFilling(FusionMethod):
     # -- receiver ----------------------------------------------------------------------------
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
         features = state.features
-        ego = features[state.batch.ego_index()]
         straight_through = torch.is_grad_enabled() and features.requires_grad
-        groups = group_by_sample(received)
-        out = []
-        for b in range(len(ego)):
-            msgs = groups.get(b, [])
-            if not msgs:
-                out.append(ego[b])
-                continue
+
+        def fuse_one(arrived: Arrivals) -> torch.Tensor:
             dense, sent = [], []
-            for m in msgs:
+            for m in arrived.messages:
                 flat, values = self._dequantised(m.payload)
                 if straight_through:  # value: the codes; gradient: to the sender's features
                     x = features[m.sender].flatten(1)[:, flat].T
                     values = x + (values.to(x.dtype) - x).detach()
-                canvas, mask = scatter_cells(values.T, flat, ego[b])
+                canvas, mask = scatter_cells(values.T, flat, arrived.ego)
                 dense.append(canvas)
                 sent.append(mask)
-            poses = torch.stack([m.ego_from_sender.to(ego.dtype) for m in msgs])
-            out.append(sparse_cell_attention(ego[b], torch.stack(dense), torch.stack(sent), poses,
-                                             state.grid))
-        return torch.stack(out)
+            return sparse_cell_attention(arrived.ego, torch.stack(dense), torch.stack(sent),
+                                         arrived.ego_from_sender, arrived.grid)
+
+        return fuse_each_sample(state, received, fuse_one)
 
     def aux_loss(self, state: FusionState) -> dict[str, torch.Tensor]:
         """``loss_codebook``: the codebook's VQ-VAE loss on a random draw of the senders'

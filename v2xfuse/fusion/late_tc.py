@@ -34,7 +34,8 @@ from scipy.optimize import linear_sum_assignment
 from ..registry import FUSION
 from ..structures.boxes import transform_boxes
 from ..structures.transforms import invert_transform
-from .basic import LateFusion, check_boxes, group_by_sample
+from .base import group_by_sample
+from .basic import LateFusion, check_boxes
 from .payload_checks import expect, expect_within
 
 __all__ = ["TimeCompensatedLateFusion", "match_centres", "estimate_velocity", "fuse_matched"]

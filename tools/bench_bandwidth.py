@@ -228,17 +228,15 @@ def evaluate_point(method: str, point: SweepPoint, cfg: dict, state: dict, datas
                    device: str, frames: int | None) -> dict | None:
     """Build the model for ``point``, load the weights, score it; None (warned) if the method
     does not have the point's knob."""
-    from v2xfuse.builder import build_detector
+    from v2xfuse.engine.checkpoint import detector_from_state
 
     point_cfg = point_config(cfg, state["config"]["model"], point)
     try:
-        model = build_detector(point_cfg)
+        model = detector_from_state(state, point_cfg, device)
     except KeyError as exc:
         log.warning("%s %s=%s: skipped, the model does not take it (%s)", method, point.knob,
                     point.value, exc)
         return None
-    model.load_state_dict(state["model"])
-    model.to(device)
     if point.codecs:
         codecs = dict(model.fusion.codecs)
         missing = [name for name, _ in point.codecs if name not in codecs]

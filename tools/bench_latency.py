@@ -135,22 +135,18 @@ def load_model(args):
 
     from v2xfuse.builder import build_detector
     from v2xfuse.config import apply_overrides, load_config
-    from v2xfuse.engine.trainer import load_checkpoint
+    from v2xfuse.engine.checkpoint import load_detector
 
-    state = load_checkpoint(args.checkpoint, args.device) if args.checkpoint else None
-    if state is None and not args.config:
+    if not args.checkpoint and not args.config:
         raise SystemExit("give --config, --checkpoint or both")
-    cfg = load_config(args.config) if args.config else state["config"]
-    if state is not None:  # the weights fix the model: its section comes from the checkpoint
-        cfg["model"] = state["config"]["model"]
-    cfg = apply_overrides(cfg, args.overrides)
+    config = load_config(args.config) if args.config else None
+    if args.checkpoint:
+        cfg, model, state = load_detector(args.checkpoint, config, args.overrides, args.device)
+        return cfg, model, int(state.get("step", -1))
+    cfg = apply_overrides(config, args.overrides)
     torch.manual_seed(0)
-    model = build_detector(cfg)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    else:
-        log.warning("no --checkpoint: timing randomly initialised weights")
-    return cfg, model.to(args.device), (int(state.get("step", -1)) if state else None)
+    log.warning("no --checkpoint: timing randomly initialised weights")
+    return cfg, build_detector(cfg).to(args.device), None
 
 
 def write_outputs(out_dir: Path, meta: dict, results: list[dict]) -> None:

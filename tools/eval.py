@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--gt", help="ground-truth JSON, one entry per frame")
     ck = p.add_argument_group("what to score (checkpoint mode)")
     ck.add_argument("--checkpoint", help="a last.pt written by tools/train.py")
-    ck.add_argument("--config", help="experiment YAML (default: the config saved in the checkpoint)")
+    ck.add_argument("--config", help="experiment YAML (default: the config saved in the "
+                                     "checkpoint; the model section always comes from the "
+                                     "checkpoint, change it with --set)")
     ck.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (e.g. channel.loss=0.5, model.fusion.top_k=200)")
     ck.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -82,15 +84,15 @@ def evaluate_checkpoint(args) -> list[EvalResult]:
     config's ``eval.mode`` when None)."""
     import torch
 
-    from v2xfuse.builder import build_dataset, build_detector
-    from v2xfuse.config import ConfigError, apply_overrides, load_config
-    from v2xfuse.engine.checkpoint import load_checkpoint
+    from v2xfuse.builder import build_dataset
+    from v2xfuse.config import ConfigError, load_config
+    from v2xfuse.engine.checkpoint import checkpoint_config, detector_from_state, load_checkpoint
     from v2xfuse.engine.evaluate import (build_channel, dair_summary_key, evaluate_detector,
                                          predict_frames)
 
     state = load_checkpoint(args.checkpoint, args.device)
-    cfg = load_config(args.config, args.overrides) if args.config else \
-        apply_overrides(state["config"], args.overrides)
+    cfg = checkpoint_config(state, load_config(args.config) if args.config else None,
+                            args.overrides)
     eval_cfg = cfg.setdefault("eval", {})
     if args.mode:
         eval_cfg["mode"] = args.mode
@@ -108,8 +110,7 @@ def evaluate_checkpoint(args) -> list[EvalResult]:
                        ("iou_type", args.iou_type), ("range", args.eval_range)):
         if value is not None:
             eval_cfg[key] = list(value) if key == "range" else value
-    model = build_detector(cfg).to(args.device)
-    model.load_state_dict(state["model"])
+    model = detector_from_state(state, cfg, args.device, args.checkpoint)
     split = args.split or "val"
     dataset = build_dataset(cfg, split, train=False)
     results, summary = evaluate_detector(model, dataset, cfg, device=args.device,

@@ -42,22 +42,18 @@ def load_model(args):
 
     from v2xfuse.builder import build_detector
     from v2xfuse.config import apply_overrides, load_config
-    from v2xfuse.engine.trainer import load_checkpoint
+    from v2xfuse.engine.checkpoint import load_detector
 
-    state = load_checkpoint(args.checkpoint, args.device) if args.checkpoint else None
-    if state is None and not args.config:
+    if not args.checkpoint and not args.config:
         raise SystemExit("give --config, --checkpoint or both")
-    cfg = load_config(args.config) if args.config else state["config"]
-    if state is not None:
-        cfg["model"] = state["config"]["model"]
-    cfg = apply_overrides(cfg, args.overrides)
+    config = load_config(args.config) if args.config else None
+    if args.checkpoint:
+        cfg, model, state = load_detector(args.checkpoint, config, args.overrides, args.device)
+        return cfg, model.eval()
+    cfg = apply_overrides(config, args.overrides)
     torch.manual_seed(0)
-    model = build_detector(cfg)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    else:
-        log.warning("no --checkpoint: drawing the detections of randomly initialised weights")
-    return cfg, model.to(args.device).eval()
+    log.warning("no --checkpoint: drawing the detections of randomly initialised weights")
+    return cfg, build_detector(cfg).to(args.device).eval()
 
 
 def run_frame(model, sample, cfg: dict, device="cpu"):

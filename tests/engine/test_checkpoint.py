@@ -89,3 +89,27 @@ def test_config_changes_list_every_difference_but_the_allowed():
     assert "model.fusion.heads: (absent) (checkpoint) -> 2 (now)" in text
     assert "pipeline: (absent) (checkpoint) -> {'a': 1} (now)" in text
     assert ckpt.config_changes(saved, saved, ("model", "train")) == []
+
+
+def test_load_detector_builds_the_checkpoints_model_with_its_weights(tmp_path, tiny_detector_cfg):
+    from v2xfuse.builder import build_detector
+    from v2xfuse.engine.checkpoint import load_detector
+
+    torch.manual_seed(3)
+    cfg = tiny_detector_cfg("where2comm")
+    trained = build_detector(cfg)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": trained.state_dict(), "config": cfg, "step": 7})
+    # another experiment config: its model section is replaced by the checkpoint's, then --set
+    other = tiny_detector_cfg("max")
+    other["eval"] = {"order": "local"}
+    got_cfg, model, state = load_detector(path, other, ["model.fusion.threshold=0.3"])
+    assert state["step"] == 7 and got_cfg["eval"] == {"order": "local"}
+    assert got_cfg["model"]["fusion"] == {"type": "where2comm", "threshold": 0.3}
+    assert type(model.fusion).__name__ == "Where2comm" and model.fusion.threshold == 0.3
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    # weights that do not fit the model the config builds: an error naming the file
+    with pytest.raises(CheckpointError, match="last.pt: the weights do not fit"):
+        load_detector(path, None, ["model.backbone.layer_channels=[16]",
+                                   "model.backbone.upsample_channels=[16]"])

@@ -28,6 +28,9 @@ __all__ = [
     "PREVIOUS_NAME",
     "save_checkpoint",
     "load_checkpoint",
+    "load_detector",
+    "detector_from_state",
+    "checkpoint_config",
     "remove_stale_temporaries",
     "atomic_write_text",
     "config_changes",
@@ -159,6 +162,50 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a v2xfuse checkpoint ({what} without "
                               f"{', '.join(repr(k) for k in missing)}).{_previous_hint(path)}")
     return state
+
+
+def checkpoint_config(state: dict, config: dict | None = None,
+                      overrides: Sequence[str] = ()) -> dict:
+    """The config to run a checkpoint with: ``config`` (default: the one saved in it) with the
+    saved ``model`` section, since the weights fix the model, then ``overrides``
+    (``key.path=value``, so ``--set model.fusion.threshold=0.1`` still changes the model)."""
+    from ..config import apply_overrides
+
+    cfg = dict(config if config is not None else state["config"])
+    cfg["model"] = state["config"]["model"]
+    return apply_overrides(cfg, list(overrides))
+
+
+def detector_from_state(state: dict, cfg: dict, device="cpu", path=None):
+    """The detector of ``cfg`` with the checkpoint's weights, on ``device``.
+
+    Raises:
+        CheckpointError: the weights do not fit the model ``cfg`` builds (naming ``path``)."""
+    from ..builder import build_detector
+
+    model = build_detector(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        where = f"{path}: " if path is not None else ""
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{where}the weights do not fit the model the config builds "
+                              f"({detail})") from exc
+    return model.to(device)
+
+
+def load_detector(path: str | os.PathLike, config: dict | None = None,
+                  overrides: Sequence[str] = (), device="cpu"):
+    """What every tool that runs a trained detector does: read the checkpoint
+    (:func:`load_checkpoint`), take its config (:func:`checkpoint_config`) and build the
+    detector with its weights (:func:`detector_from_state`).
+
+    Returns:
+        (config, detector on ``device``, the checkpoint's state dict).
+    """
+    state = load_checkpoint(path, device)
+    cfg = checkpoint_config(state, config, overrides)
+    return cfg, detector_from_state(state, cfg, device, path), state
 
 
 # --- the config a checkpoint was trained with ----------------------------------------------------

@@ -113,7 +113,7 @@ def test_decode_rejects_named_fields():
     assert good.count(b"z") == 1
     cases = {
         "magic": b"XXXX" + good[4:],
-        "version": good[:4] + b"\x02" + good[5:],
+        "version": good[:4] + b"\x03" + good[5:],
         "trailing": good + b"\x00",
         "header": good[:50],
         "bool": good[:-1] + b"\x02",

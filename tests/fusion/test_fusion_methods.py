@@ -57,7 +57,7 @@ def test_a_perturbed_sender_pose_moves_the_fused_features(method, tiny_detector_
     batch = random_points_batch(_poses(2))
     state = FusionState(batch, torch.cat([ego, collab]), grid,
                         {"confidence": torch.cat([ego[:, :1], collab[:, :1]])})
-    if fusion.handshake:  # report and request, straight through
+    if fusion.contract.handshake:  # report and request, straight through
         run_handshake(fusion, state, [1])
     payload = fusion.encode(state, [1])[0]
     identity = torch.eye(4)

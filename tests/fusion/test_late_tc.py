@@ -32,14 +32,17 @@ def _batch(sequence: str, sender_time_us: int, delay_s: float):
 
 
 def _send(method, batch, boxes, channel=None):
-    """The collaborator (stacked index 1) detected ``boxes`` (its frame): encode, transmit, fuse."""
-    state = FusionState(batch, None, None)
+    """The collaborator (stacked index 1) detected ``boxes`` (its frame): encode, transmit,
+    fuse with an ego that detected nothing. Returns (payloads, (boxes, scores) fused)."""
+    state = FusionState(batch, None, None, nms=Detections, point="detections")
     state.extras["detections"] = [Detections(torch.tensor(boxes, dtype=torch.float32),
                                              torch.full((len(boxes),), 0.9))]
+    state.extras["ego_detections"] = [Detections(torch.zeros(0, 7), torch.zeros(0))]
     payloads = method.encode(state, [1])
     received = (channel.transmit(method.wire(), batch, [1], payloads) if channel is not None
                 else CoopDetector.direct(batch, [1], payloads))
-    return payloads, method.fuse(state, received)[0]
+    fused = method.fuse(state, received)[0]
+    return payloads, (fused.boxes, fused.scores)
 
 
 def test_a_moving_object_is_moved_to_the_egos_time():

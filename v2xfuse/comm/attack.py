@@ -96,7 +96,8 @@ class Attacker:
     def tamper(self, frame: Hashable, msg: Message, blob: bytes, receiver: str) -> list[bytes]:
         """The bytes that go on air in place of ``blob`` (``msg`` serialised): ``[blob]`` when
         the sender is honest this frame, else one or more tampered copies."""
-        link = (_scope(frame), msg.sender, receiver, msg.kind)
+        link = (_scope(frame), msg.sender, receiver, msg.kind,
+                None if msg.packet is None else msg.packet[0])
         first = self._first.setdefault(link, blob)
         if not self.hostile(frame, msg.sender):
             return [blob]

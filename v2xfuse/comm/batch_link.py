@@ -21,7 +21,7 @@ the message as ``malformed``), then every float value finite and within
 ``checks.max_abs``, then the method's own ``check_payload``. A message that fails is dropped and
 counted in ``ledger.rejected``; the ego fuses what remains.
 
-Handshake methods (``FusionMethod.handshake``) also send reports (a ``transmit`` of kind
+Handshake methods (``contract.handshake``) also send reports (a ``transmit`` of kind
 ``"report"``) and the ego's requests (:meth:`BatchChannel.request`, link ego -> sender, kind
 ``"request"``): real messages through the same codecs, counted in the same ledger.
 """
@@ -114,13 +114,18 @@ class BatchChannel:
         return int(stamps[local])
 
     def transmit(self, wire: WireFormat, batch, senders: list[int],
-                 payloads: list[dict[str, torch.Tensor] | None], state=None) -> list[Received]:
+                 payloads: list[dict[str, torch.Tensor] | list[dict] | None],
+                 state=None) -> list[Received]:
         """wire: the round's wire format (its kind, codecs and receiver check); batch: a
-        CoopBatch; senders: stacked agent indices; payloads: one dict per sender (None: that
-        sender sends nothing); state: the receiving ego's, handed to ``wire.check``.
+        CoopBatch; senders: stacked agent indices; payloads: one per sender: a dict (one
+        message), a list of dicts (one message split into that many packets, each serialised
+        with its own header) or None (that sender sends nothing); state: the receiving ego's,
+        handed to ``wire.check``.
 
-        Returns what arrived and passed every check; each ``Received.delay_s`` is the ego's
-        clock minus the message's timestamp."""
+        Returns what arrived and passed every check, one :class:`Received` per sender; for a
+        split message its ``payload`` is the list of packets that arrived and passed, in packet
+        order (``packets`` their indices, ``num_packets`` how many were sent). Each
+        ``Received.delay_s`` is the ego's clock minus the message's timestamp."""
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
         device = batch.ego_from_agent.device
@@ -140,10 +145,16 @@ class BatchChannel:
                 local = i - ego_index[b]
                 pose = batch.ego_from_agent[i].detach().cpu().double().numpy()
                 pose[3] = (0.0, 0.0, 0.0, 1.0)
-                with self.timer("serialise"):
-                    entries = self._entries(wire, p)
                 ts = self._clock(meta, local, float(batch.time_delay_s[i]))
-                msgs.append(Message(ids[local], wire.kind, ts, pose, entries))
+                with self.timer("serialise"):
+                    if isinstance(p, dict):
+                        msgs.append(Message(ids[local], wire.kind, ts, pose,
+                                            self._entries(wire, p)))
+                    else:
+                        msgs.append([Message(ids[local], wire.kind, ts, pose,
+                                             self._entries(wire, q), packet=(k, len(p)))
+                                     for k, q in enumerate(p)])
+            arrived: dict[str, Received] = {}
             for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=wire.method,
                                             timer=self.timer, now_us=now,
                                             receiver_xyz=np.zeros(3),
@@ -152,9 +163,30 @@ class BatchChannel:
                     payload = self._accepted(wire, rx, state, b, device)
                 if payload is None:
                     continue
+                if rx.packet is not None and rx.sender in arrived:
+                    got = arrived[rx.sender]
+                    if got.num_packets == rx.packet[1] and got.timestamp_us == rx.timestamp_us:
+                        got.payload.append(payload)
+                        got.packets.append(rx.packet[0])
+                    else:  # a packet of another message than the first one: not fused with it
+                        self.ledger.rejected.add(Rejected(
+                            "shape", f"packet {rx.packet} does not belong to the message of "
+                                     f"{got.num_packets} packets at {got.timestamp_us} us"),
+                            rx.sender, rx.kind)
+                    continue
                 pose = torch.from_numpy(rx.world_from_lidar).to(device, batch.ego_from_agent.dtype)
-                out.append(Received(b, index_of[rx.sender], payload, pose,
-                                    (now - rx.timestamp_us) / 1e6))
+                received = Received(b, index_of[rx.sender], payload, pose,
+                                    (now - rx.timestamp_us) / 1e6, rx.timestamp_us)
+                if rx.packet is not None:
+                    received.payload, received.packets = [payload], [rx.packet[0]]
+                    received.num_packets = rx.packet[1]
+                arrived[rx.sender] = received
+            for r in arrived.values():
+                if r.packets is not None:  # packet order, whatever order they arrived in
+                    order = sorted(range(len(r.packets)), key=r.packets.__getitem__)
+                    r.payload = [r.payload[k] for k in order]
+                    r.packets = [r.packets[k] for k in order]
+            out += arrived.values()
         return out
 
     def request(self, wire: WireFormat, batch, senders: list[int],

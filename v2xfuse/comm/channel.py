@@ -9,7 +9,10 @@ Per message handed to :meth:`Channel.transmit` in frame ``t`` on link sender -> 
    later, smaller ones;
 3. otherwise it goes on air: its bytes are counted in the :class:`Ledger` for frame ``t``, the
    link and the kind. With probability ``loss`` it is lost (``"lost"``; the bytes still count,
-   they were sent);
+   they were sent). A message split into packets (a list of :class:`Message` with ``packet``
+   set) shares one fate under the budget, ``loss``, the delay and the pose noise; each of its
+   packets is besides lost on its own with probability ``packet_loss`` (so is an unsplit
+   message, one packet), and the receiver gets the packets that arrived;
 4. the link keeps a history of what it carried; what the receiver gets in frame ``t`` is the
    entry from ``delay`` frames ago (or the newest one at least ``delay`` microseconds older
    than the current message), decoded from its bytes, so it carries its own, older, timestamp
@@ -58,6 +61,7 @@ class LinkConfig:
         delay: fixed delay, or (lo, hi) sampled uniformly (inclusive) per link and frame.
         delay_unit: ``"frames"`` or ``"us"`` (microseconds, compared with message timestamps).
         loss: probability in [0, 1] that a message is lost whole.
+        packet_loss: probability in [0, 1] that each packet is lost, independently.
         xy_std_m: std of the Gaussian x and y offsets added to the received pose, metres.
         yaw_std_deg: std of the Gaussian yaw rotation applied to the received pose, degrees.
     """
@@ -65,6 +69,7 @@ class LinkConfig:
     delay: int | tuple[int, int] = 0
     delay_unit: str = "frames"
     loss: float = 0.0
+    packet_loss: float = 0.0
     xy_std_m: float = 0.0
     yaw_std_deg: float = 0.0
 
@@ -74,8 +79,9 @@ class LinkConfig:
             raise ValueError(f"delay must be >= 0 with lo <= hi, got {self.delay}")
         if self.delay_unit not in ("frames", "us"):
             raise ValueError(f"delay_unit must be 'frames' or 'us', got {self.delay_unit!r}")
-        if not 0.0 <= self.loss <= 1.0:
-            raise ValueError(f"loss must be in [0, 1], got {self.loss}")
+        for name in ("loss", "packet_loss"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.xy_std_m < 0 or self.yaw_std_deg < 0:
             raise ValueError("noise stds must be >= 0")
 
@@ -86,8 +92,9 @@ class LinkConfig:
 
 @dataclass(frozen=True)
 class TxRecord:
-    """One message handed to the channel. ``status``: ``"sent"`` (on air, arrives after its
-    delay), ``"lost"`` (on air, never arrives) or ``"budget"`` (not sent: over the budget)."""
+    """One message (or one packet of a split message: ``packet`` is its index) handed to the
+    channel. ``status``: ``"sent"`` (on air, arrives after its delay), ``"lost"`` (on air,
+    never arrives) or ``"budget"`` (not sent: over the budget)."""
 
     frame: Hashable
     sender: str
@@ -96,6 +103,7 @@ class TxRecord:
     method: str
     num_bytes: int
     status: str
+    packet: int | None = None
 
     @property
     def on_air(self) -> bool:
@@ -184,7 +192,9 @@ class Ledger:
 @dataclass
 class _Entry:
     timestamp_us: int
-    data: list[bytes] | None  # what went on air (several copies if duplicated); None: lost
+    # what arrives of one message: the bytes of each packet not lost (several copies if
+    # duplicated); None: the message was lost whole
+    data: list[bytes] | None
 
 
 class Channel:
@@ -236,15 +246,18 @@ class Channel:
         if self.attacker is not None:
             self.attacker.reset()
 
-    def transmit(self, frame: Hashable, messages: Sequence[Message], receiver: str = "ego",
+    def transmit(self, frame: Hashable, messages: Sequence[Message | Sequence[Message]],
+                 receiver: str = "ego",
                  method: str = "", timer=None, now_us: int | None = None,
                  receiver_xyz=None, attackable: bool = True,
                  dedup_scope: Hashable = _NEVER) -> list[Message]:
-        """Send ``messages`` (one per sender and kind) to ``receiver`` in frame ``frame``.
+        """Send ``messages`` (one per sender and kind; a list of packets for a split message)
+        to ``receiver`` in frame ``frame``.
 
         Returns what the receiver gets this frame and accepts, decoded from bytes, in input
-        order: for each message that arrives, the one its link carried ``delay`` ago, with noisy
-        pose, if it passes the receiver's checks. ``method`` labels the bytes in
+        order: for each message that arrives, the one its link carried ``delay`` ago (each of
+        its packets that arrived, for a split one), with noisy pose, if it passes the
+        receiver's checks. ``method`` labels the bytes in
         ``ledger.per_method()``. ``timer``: optional ``timer(stage)`` context
         (v2xfuse.utils.timing); encoding to bytes and decoding from them are timed as stage
         "serialise". ``now_us``: the receiver's clock, for the age check (None: no age check).
@@ -256,7 +269,8 @@ class Channel:
         ``frame`` when timestamps restart every frame, so only copies within it are refused).
         """
         timer = timer or null_timer
-        keys = [(m.sender, receiver, m.kind) for m in messages]
+        groups = [[m] if isinstance(m, Message) else list(m) for m in messages]
+        keys = [(g[0].sender, receiver, g[0].kind) for g in groups]
         for key in keys:
             if key[0] == receiver:
                 raise ValueError(f"sender {key[0]!r} is the receiver: the ego sends nothing")
@@ -264,21 +278,25 @@ class Channel:
                 raise ValueError(f"two messages on link {key} in frame {frame!r}")
         self.ledger.begin_frame(frame)
         with timer("serialise"):
-            wires = [[encode(m)] for m in messages]
+            # per message, per packet: the copies that go on air
+            wires = [[[encode(p)] for p in g] for g in groups]
         if self.attacker is not None and attackable:
-            wires = [self.attacker.tamper(frame, m, w[0], receiver) for m, w in zip(messages, wires)]
-        sizes = [sum(len(b) for b in w) for w in wires]
-        order = list(range(len(messages)))
+            wires = [[self.attacker.tamper(frame, p, w[0], receiver) for p, w in zip(g, gw)]
+                     for g, gw in zip(groups, wires)]
+        packet_sizes = [[sum(len(b) for b in copies) for copies in gw] for gw in wires]
+        sizes = [sum(ps) for ps in packet_sizes]
+        order = list(range(len(groups)))
         if self.budget_order == "smallest_first":
             order.sort(key=lambda i: sizes[i])
-        admitted = [False] * len(messages)
+        admitted = [False] * len(groups)
         for i in order:
             spent = self._spent.get(frame, 0)
             if self.budget is None or spent + sizes[i] <= self.budget:
                 self._spent[frame] = spent + sizes[i]
                 admitted[i] = True
         out = []
-        for msg, key, wire, size, ok in zip(messages, keys, wires, sizes, admitted):
+        for group, key, wire, psizes, ok in zip(groups, keys, wires, packet_sizes, admitted):
+            msg = group[0]
             self._last_frame[key] = frame
             cfg = self.config(msg.sender, receiver)
             # fixed number of draws per message whatever its fate: one seed, one outcome.
@@ -286,12 +304,19 @@ class Channel:
             lo, hi = cfg.delay_range()
             delay = int(self.rng.integers(lo, hi + 1))
             noise = self.rng.standard_normal(3)
+            packet_lost = (self.rng.random(len(group)) < cfg.packet_loss if cfg.packet_loss > 0
+                           else np.zeros(len(group), bool))
             lost = u_loss < cfg.loss
-            status = "budget" if not ok else ("lost" if lost else "sent")
-            self.ledger.records.append(TxRecord(frame, msg.sender, receiver, msg.kind, method,
-                                                size, status))
+            arrived: list[bytes] = []
+            for packet, copies, size, gone in zip(group, wire, psizes, packet_lost):
+                status = "budget" if not ok else ("lost" if lost or gone else "sent")
+                self.ledger.records.append(TxRecord(
+                    frame, msg.sender, receiver, msg.kind, method, size, status,
+                    None if packet.packet is None else packet.packet[0]))
+                if status == "sent":
+                    arrived += copies
             hist = self._links.setdefault(key, deque(maxlen=self.history))
-            hist.append(_Entry(msg.timestamp_us, wire if status == "sent" else None))
+            hist.append(_Entry(msg.timestamp_us, arrived if ok and not lost else None))
             entry = self._pick(hist, delay, cfg.delay_unit)
             if entry is None:
                 self.ledger.not_ready[frame] += 1
@@ -336,10 +361,12 @@ class Channel:
             scope = frame[:-1] if isinstance(frame, tuple) and len(frame) >= 2 else None
         seen = self._accepted.setdefault((scope, *link),
                                          deque(maxlen=self.checks.duplicate_window))
-        if rx.timestamp_us in seen:
-            raise Rejected("duplicate", f"timestamp {rx.timestamp_us} us already accepted from "
-                                        f"{sender!r}")
-        seen.append(rx.timestamp_us)
+        stamp = rx.timestamp_us if rx.packet is None else (rx.timestamp_us, rx.packet[0])
+        if stamp in seen:
+            what = "" if rx.packet is None else f" (packet {rx.packet[0]})"
+            raise Rejected("duplicate", f"timestamp {rx.timestamp_us} us{what} already accepted "
+                                        f"from {sender!r}")
+        seen.append(stamp)
         return rx
 
     @staticmethod

@@ -4,7 +4,8 @@ A message from another agent is untrusted input, so the format is plain fixed-wi
 (no pickle) and :func:`decode` checks every field and every claimed length against the bytes
 that remain *before* it allocates anything. Communication volume is ``len(encode(msg))``.
 
-Wire format, version 1, all integers little-endian::
+Wire format, all integers little-endian (version 1: a whole message; version 2: one packet of a
+message split into packets, the same fields plus the packet's place after the pose)::
 
     offset size  field
     0      4     magic            b"V2XM"
@@ -14,7 +15,10 @@ Wire format, version 1, all integers little-endian::
     7      1     kind_len         1..MAX_ID_BYTES
     8      8     timestamp_us     int64
     16     96    world_from_lidar rows 0..2 of the 4x4 pose, 12 x float64 (row 3 is [0, 0, 0, 1])
-    112    ...   sender (utf-8), kind (utf-8)
+    version 2 only:
+    112    2     packet_index     uint16, < packet_count
+    114    2     packet_count     uint16, 1..MAX_PACKETS
+    112|116 ...  sender (utf-8), kind (utf-8)
     then n_arrays times:
            1     name_len         1..MAX_NAME_BYTES
            1     dtype code       see DTYPE_CODES
@@ -23,7 +27,9 @@ Wire format, version 1, all integers little-endian::
            ...   name (utf-8)
            ...   data             prod(shape) * itemsize raw little-endian bytes, C order
 
-Fixed overhead: ``HEADER_BYTES + len(sender) + len(kind)`` per message and
+Fixed overhead: ``HEADER_BYTES + len(sender) + len(kind)`` per message (plus
+``PACKET_HEADER_BYTES`` per packet of a split message: every packet carries the whole header, so
+the receiver can use each one that arrives on its own) and
 ``3 + 4 * ndim + len(name)`` per array (see :func:`overhead_bytes`). No padding, no checksum
 (link layers carry their own).
 """
@@ -38,10 +44,12 @@ import numpy as np
 
 __all__ = ["Message", "MessageError", "encode", "decode", "as_numpy", "overhead_bytes",
            "MAGIC", "VERSION", "HEADER_BYTES", "DTYPE_CODES", "MAX_ARRAYS", "MAX_NDIM",
-           "MAX_NAME_BYTES", "MAX_ID_BYTES"]
+           "MAX_NAME_BYTES", "MAX_ID_BYTES", "MAX_PACKETS", "PACKET_HEADER_BYTES"]
 
 MAGIC = b"V2XM"
-VERSION = 1
+VERSION = 1           # a whole message
+PACKET_VERSION = 2    # one packet of a split message
+MAX_PACKETS = 65535
 MAX_ARRAYS = 64
 MAX_NDIM = 6
 MAX_NAME_BYTES = 64
@@ -58,6 +66,8 @@ DTYPE_CODES: dict[str, int] = {dt.name: code for code, dt in _CODE_TO_DTYPE.item
 _HEAD = struct.Struct("<4sBBBBq12d")
 _ARRAY_HEAD = struct.Struct("<BBB")
 HEADER_BYTES = _HEAD.size  # 112
+_PACKET = struct.Struct("<HH")
+PACKET_HEADER_BYTES = _PACKET.size  # 4
 _LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
 
 
@@ -91,6 +101,8 @@ class Message:
         world_from_lidar: (4, 4) float64 sender pose, a rigid transform (last row [0, 0, 0, 1]).
         payload: name -> array; names are 1..MAX_NAME_BYTES utf-8 bytes, dtypes from
             ``DTYPE_CODES``, at most MAX_NDIM dims. Torch tensors are converted on construction.
+        packet: ``(index, count)`` when this is one packet of a message split into ``count``
+            (sent as format version 2), else None.
     """
 
     sender: str
@@ -98,9 +110,12 @@ class Message:
     timestamp_us: int
     world_from_lidar: np.ndarray
     payload: dict[str, np.ndarray] = field(default_factory=dict)
+    packet: tuple[int, int] | None = None
 
     def __post_init__(self):
         self.timestamp_us = int(self.timestamp_us)
+        if self.packet is not None:
+            self.packet = (int(self.packet[0]), int(self.packet[1]))
         self.world_from_lidar = np.asarray(as_numpy(self.world_from_lidar), dtype=np.float64)
         self.payload = {k: as_numpy(v) for k, v in self.payload.items()}
 
@@ -125,6 +140,8 @@ class Message:
 def overhead_bytes(msg: Message) -> int:
     """Bytes of ``encode(msg)`` that are not array data: header, ids, per-array headers."""
     n = HEADER_BYTES + len(msg.sender.encode()) + len(msg.kind.encode())
+    if msg.packet is not None:
+        n += PACKET_HEADER_BYTES
     for name, arr in msg.payload.items():
         n += _ARRAY_HEAD.size + 4 * np.ndim(arr) + len(name.encode())
     return n
@@ -153,8 +170,16 @@ def encode(msg: Message) -> bytes:
         raise MessageError(f"timestamp_us: {msg.timestamp_us} does not fit int64")
     if len(msg.payload) > MAX_ARRAYS:
         raise MessageError(f"payload: {len(msg.payload)} arrays, at most {MAX_ARRAYS}")
-    parts = [_HEAD.pack(MAGIC, VERSION, len(msg.payload), len(sender), len(kind),
-                        msg.timestamp_us, *pose[:3].ravel()), sender, kind]
+    version = VERSION if msg.packet is None else PACKET_VERSION
+    parts = [_HEAD.pack(MAGIC, version, len(msg.payload), len(sender), len(kind),
+                        msg.timestamp_us, *pose[:3].ravel())]
+    if msg.packet is not None:
+        index, count = msg.packet
+        if not (1 <= count <= MAX_PACKETS and 0 <= index < count):
+            raise MessageError(f"packet: ({index}, {count}), need 0 <= index < count <= "
+                               f"{MAX_PACKETS}")
+        parts.append(_PACKET.pack(index, count))
+    parts += [sender, kind]
     for name, arr in msg.payload.items():
         nb = _id_bytes(name, "payload name", MAX_NAME_BYTES)
         arr = as_numpy(arr)
@@ -213,8 +238,9 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     magic, version, n_arrays, sender_len, kind_len, ts, *pose12 = _HEAD.unpack(head)
     if magic != MAGIC:
         raise MessageError(f"magic: {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise MessageError(f"version: {version}, this reader knows {VERSION}")
+    if version not in (VERSION, PACKET_VERSION):
+        raise MessageError(f"version: {version}, this reader knows {VERSION} and "
+                           f"{PACKET_VERSION}")
     _check_len(n_arrays, 0, MAX_ARRAYS, "n_arrays")
     _check_len(sender_len, 1, MAX_ID_BYTES, "sender_len")
     _check_len(kind_len, 1, MAX_ID_BYTES, "kind_len")
@@ -222,6 +248,12 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         raise MessageError("world_from_lidar: non-finite value")
     pose = np.eye(4)
     pose[:3] = np.array(pose12).reshape(3, 4)
+    packet = None
+    if version == PACKET_VERSION:
+        index, count = _PACKET.unpack(r.take(_PACKET.size, "packet header"))
+        _check_len(count, 1, MAX_PACKETS, "packet_count")
+        _check_len(index, 0, count - 1, "packet_index")
+        packet = (index, count)
     sender = r.text(sender_len, "sender")
     kind = r.text(kind_len, "kind")
     payload: dict[str, np.ndarray] = {}
@@ -247,4 +279,4 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         payload[name] = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape).copy()
     if r.remaining():
         raise MessageError(f"trailing bytes: {r.remaining()} after the last array")
-    return Message(sender, kind, ts, pose, payload)
+    return Message(sender, kind, ts, pose, payload, packet)

@@ -34,8 +34,7 @@ def predict_frames(model, dataset, device="cpu", max_frames: int | None = None,
     from tqdm import tqdm
 
     model.eval()
-    if hasattr(model.fusion, "reset"):  # methods with memory across frames start afresh
-        model.fusion.reset()
+    model.fusion.reset()  # methods with memory across frames start afresh
     sent_before = sum(channel.ledger.bytes_per_frame()) if channel is not None else 0
     n = len(dataset) if not max_frames else min(max_frames, len(dataset))
     for i in tqdm(range(n), desc="eval", unit="frame", disable=not progress, leave=False,

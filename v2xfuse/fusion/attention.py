@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..comm.received import Received
 from ..registry import FUSION
 from ..structures.bev import warp_to_ego
-from .base import Arrivals, FusionMethod, FusionState, fuse_each_sample
+from .base import Arrivals, Contract, FusionMethod, FusionState, fuse_each_sample
 from .basic import DenseMapFusion
 from .payload_checks import FeatureRange, expect, expect_indices, expect_magnitude
 
@@ -126,21 +126,28 @@ class Where2comm(FusionMethod):
     The receiver accepts cells inside its grid and feature values within the range its
     senders produced in training, clamped to it (as :class:`DenseMapFusion`).
 
+    With ``cells_per_packet`` > 0 a message is split into packets of that many cells (the last
+    one shorter), each with its own header: a packet the channel drops (``channel.packet_loss``)
+    costs the ego those cells only, and the ego fuses the cells of the packets that arrived.
+
     Args:
         threshold: confidence above which a cell is sent at inference.
         top_k: if > 0, send exactly the ``top_k`` most confident cells instead.
+        cells_per_packet: if > 0, split each message into packets of this many cells.
         channels: C (injected by the builder); None: no feature range is kept.
         clamp_features, max_strength_ratio: as :class:`DenseMapFusion` (the cells received
             are compared with as many of the ego's most active cells).
     """
 
-    needs_confidence = True
+    contract = Contract(fuses_at=("bev",), services={"confidence"})
     message_kind = "sparse_features"
     codecs = {"features": "float32", "cells": "raw"}
 
     def __init__(self, threshold: float = 0.01, top_k: int = 0, channels: int | None = None,
-                 clamp_features: bool = True, max_strength_ratio: float = 10.0):
+                 clamp_features: bool = True, max_strength_ratio: float = 10.0,
+                 cells_per_packet: int = 0):
         super().__init__()
+        self.cells_per_packet = int(cells_per_packet)
         self.max_strength_ratio = float(max_strength_ratio)
         self.threshold = float(threshold)
         self.top_k = int(top_k)
@@ -178,16 +185,30 @@ class Where2comm(FusionMethod):
         out = []
         for i in senders:
             cells = self.select(conf[i, 0].detach())
-            out.append({"features": maps[i].flatten(1)[:, cells], "cells": cells.to(torch.int32)})
+            payload = {"features": maps[i].flatten(1)[:, cells], "cells": cells.to(torch.int32)}
+            out.append(self.packets(payload) if self.cells_per_packet > 0 else payload)
         return out
+
+    def packets(self, payload: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """One message's cells split into packets of ``cells_per_packet`` (at least one)."""
+        size = self.cells_per_packet
+        count = max(1, -(-len(payload["cells"]) // size))
+        return [{"features": payload["features"][:, k * size:(k + 1) * size],
+                 "cells": payload["cells"][k * size:(k + 1) * size]} for k in range(count)]
+
+    @staticmethod
+    def cells_of(message: Received) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, K) features and (K,) long cells of a message, over the packets that arrived."""
+        parts = message.payload if isinstance(message.payload, list) else [message.payload]
+        return (torch.cat([q["features"] for q in parts], 1),
+                torch.cat([q["cells"].long() for q in parts]))
 
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
         return fuse_each_sample(state, received, self._fuse_one)
 
     @staticmethod
     def _fuse_one(arrived: Arrivals) -> torch.Tensor:
-        sparse = [scatter_cells(m.payload["features"], m.payload["cells"].long(), arrived.ego)
-                  for m in arrived.messages]
+        sparse = [scatter_cells(*Where2comm.cells_of(m), arrived.ego) for m in arrived.messages]
         return sparse_cell_attention(arrived.ego, torch.stack([c for c, _ in sparse]),
                                      torch.stack([m for _, m in sparse]), arrived.ego_from_sender,
                                      arrived.grid)

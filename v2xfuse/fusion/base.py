@@ -10,7 +10,7 @@ A method has a sender side and a receiver side::
 serialised bytes and what is fused is what the receiver decoded. Without a channel (training)
 the tensors pass straight through, keeping gradients.
 
-A method that negotiates what to send (``handshake = True``, e.g. CodeFilling's
+A method that negotiates what to send (``contract.handshake``, e.g. CodeFilling's
 information-filling selection) runs two control rounds before ``encode``, each a real message
 when a channel is attached (so its bytes are counted like the payload's)::
 
@@ -28,11 +28,34 @@ saw), which may also sanitise it (clamp features to the trained range). A payloa
 dropped and counted; ``fuse`` only ever sees payloads that passed. In training the detector
 shows each method what its senders sent (``observe``), so it learns those ranges.
 
-``stage`` tells the detector where the method sits:
-* ``"none"``: no communication, the ego's own features go to the head;
-* ``"early"``: raw points are sent and the ego encodes the union (``fuse`` returns points);
-* ``"intermediate"``: BEV features (or parts of them) are sent and fused before the head;
-* ``"late"``: detections are sent and merged after each agent's own head.
+**The contract.** A method declares what it needs from the detector and where it fuses, in one
+:class:`Contract` (``FusionMethod.contract``); the detector reads nothing else about it::
+
+    contract = Contract(fuses_at=("bev",), services={"confidence"}, handshake=True)
+
+Fusion points, walked by the detector in this order (each point is its own channel round,
+counted in bytes; :attr:`FusionState.point` says which one a call is for):
+
+* ``"points"``: before encoding: raw points are sent and ``fuse`` returns the union the ego
+  encodes, (P, 5) [sample, x, y, z, intensity] in each sample's ego frame;
+* ``"bev"``: every agent's BEV map is encoded; ``fuse`` returns the (B, C, H, W) map the head
+  runs on;
+* ``"decoder:<L>"``: inside a query head's decoder, after layer L (a head with
+  ``decoder_layers``): the ego's queries are in ``state.extras["queries"]`` and ``fuse`` returns
+  them updated;
+* ``"detections"``: after the ego's head, at inference: the ego's own decoded detections are in
+  ``state.extras["ego_detections"]`` (per sample, before NMS) and ``fuse`` returns, per sample,
+  the :class:`~v2xfuse.models.detector.Detections` that NMS turns into the output.
+
+No point at all means the ego works alone (collaborators are not even encoded).
+
+Services the detector computes before the first point that needs agents' maps (see
+:data:`SERVICES`): ``"confidence"`` (N, 1, H, W) per-agent detection confidence in
+``state.extras["confidence"]``; ``"detections"``: each sender's own detections (its frame,
+after NMS, inference only) in ``state.extras["detections"]``; ``"passes"``: ``passes``
+stochastic forward passes of the head's confidence with dropout on the maps,
+``state.extras["confidence_passes"]`` (K, N, 1, H, W); ``"history"``: each agent's earlier
+observations encoded (``state.extras["history"]``, see :class:`Contract`).
 """
 from __future__ import annotations
 
@@ -50,8 +73,63 @@ from ..datasets.batch import CoopBatch
 from ..structures.bev import BevGrid, warp_to_ego
 from .payload_checks import expect_finite
 
-__all__ = ["Received", "FusionState", "FusionMethod", "Arrivals", "group_by_sample",
-           "fuse_each_sample"]
+__all__ = ["Received", "FusionState", "FusionMethod", "Contract", "SERVICES", "FUSION_POINTS",
+           "Arrivals", "group_by_sample", "fuse_each_sample"]
+
+#: where a method may fuse, in the order the detector walks them ("decoder:<L>" for any layer L)
+FUSION_POINTS = ("points", "bev", "decoder", "detections")
+#: what a method may ask the detector to compute for it (module docstring)
+SERVICES = ("confidence", "detections", "passes", "history")
+
+
+def point_order(point: str) -> tuple[int, int]:
+    """Sort key of a fusion point: its place in :data:`FUSION_POINTS`, then the decoder layer."""
+    name, _, layer = point.partition(":")
+    return FUSION_POINTS.index(name), int(layer or 0)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a fusion method needs from the detector and where it fuses (module docstring).
+
+    Attributes:
+        fuses_at: fusion points, each one channel round, in walking order; () for ego only.
+        services: names from :data:`SERVICES`.
+        handshake: run the report/request rounds before the first point's ``encode``.
+        passes: K for the ``"passes"`` service; ``pass_dropout`` its dropout probability.
+        history_frames: how many earlier observations per agent the ``"history"`` service
+            encodes (at most ``dataset.history_frames``).
+    """
+
+    fuses_at: tuple[str, ...] = ("bev",)
+    services: frozenset[str] = frozenset()
+    handshake: bool = False
+    passes: int = 0
+    pass_dropout: float = 0.1
+    history_frames: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "fuses_at", tuple(self.fuses_at))
+        object.__setattr__(self, "services", frozenset(self.services))
+        for point in self.fuses_at:
+            name, sep, layer = point.partition(":")
+            if name not in FUSION_POINTS or (name == "decoder") != bool(sep) or \
+                    (sep and not layer.isdigit()):
+                raise ValueError(f"fusion point {point!r}: not one of 'points', 'bev', "
+                                 f"'decoder:<layer>', 'detections'")
+        if list(self.fuses_at) != sorted(self.fuses_at, key=point_order) or \
+                len(set(self.fuses_at)) != len(self.fuses_at):
+            raise ValueError(f"fusion points {self.fuses_at}: each once, in the order "
+                             f"{FUSION_POINTS}")
+        if "points" in self.fuses_at and len(self.fuses_at) > 1:
+            raise ValueError("a method that fuses raw points fuses nowhere else")
+        unknown = sorted(self.services - set(SERVICES))
+        if unknown:
+            raise ValueError(f"services {unknown}: not among {SERVICES}")
+        if ("passes" in self.services) != (self.passes > 0):
+            raise ValueError("the 'passes' service and passes > 0 go together")
+        if ("history" in self.services) != (self.history_frames > 0):
+            raise ValueError("the 'history' service and history_frames > 0 go together")
 
 
 @dataclass
@@ -67,6 +145,7 @@ class FusionState:
             (N, 1, H, W) from a per-agent head).
         requests: handshake methods only: stacked sender index -> the request payload that
             sender received from its ego (absent: no request arrived).
+        point: the fusion point the current ``encode``/``fuse`` call is for.
     """
 
     batch: CoopBatch
@@ -74,10 +153,14 @@ class FusionState:
     grid: BevGrid | None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     requests: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    point: str = "bev"
+    #: the detector's NMS, ``nms(boxes, scores) -> Detections`` (for methods fusing detections)
+    nms: Callable | None = None
 
 
 class FusionMethod(nn.Module):
-    stage = "intermediate"
+    #: what the method needs and where it fuses (module docstring)
+    contract = Contract()
     message_kind = "features"
     #: payload name -> codec name (see v2xfuse.comm.codecs) of every array the method sends;
     #: the channel serialises with these (:meth:`wire`) and refuses an array without one.
@@ -85,10 +168,15 @@ class FusionMethod(nn.Module):
     #: payload name -> keyword arguments of its codec, over the channel's per-codec defaults
     #: (e.g. ``{"codes": {"bits": 6}}`` for a 64-entry codebook)
     codec_kwargs: dict[str, dict] = {}
-    #: whether the detector must compute per-agent detection confidences (FusionState.extras)
-    needs_confidence = False
-    #: whether the detector runs the report/request rounds before ``encode`` (module docstring)
-    handshake = False
+
+    def kind_at(self, point: str) -> str:
+        """The kind of the messages sent at fusion point ``point``: ``message_kind`` for a method
+        that fuses at one point, ``"<message_kind>@<point>"`` for one that fuses at several."""
+        return self.message_kind if len(self.contract.fuses_at) <= 1 else \
+            f"{self.message_kind}@{point}"
+
+    def reset(self) -> None:
+        """Forget anything kept across frames (evaluation calls it before a new pass)."""
 
     def wire(self, kind: str | None = None) -> WireFormat:
         """How messages of ``kind`` (default ``message_kind``) go on the wire: this method's

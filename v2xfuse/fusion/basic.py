@@ -5,7 +5,9 @@ import torch
 
 from ..comm.received import Received
 from ..registry import FUSION
-from .base import Arrivals, FusionMethod, FusionState, fuse_each_sample, group_by_sample
+from ..structures.boxes import transform_boxes
+from .base import (Arrivals, Contract, FusionMethod, FusionState, fuse_each_sample,
+                   group_by_sample)
 from .payload_checks import FeatureRange, expect, expect_finite, expect_magnitude, expect_within
 
 __all__ = ["NoFusion", "EarlyFusion", "MaxFusion", "DenseMapFusion", "LateFusion",
@@ -16,7 +18,7 @@ __all__ = ["NoFusion", "EarlyFusion", "MaxFusion", "DenseMapFusion", "LateFusion
 class NoFusion(FusionMethod):
     """Ego only: nothing is sent, the ego's own BEV features go to the head."""
 
-    stage = "none"
+    contract = Contract(fuses_at=())
 
     def senders(self, batch):
         return []
@@ -25,7 +27,7 @@ class NoFusion(FusionMethod):
         return []
 
     def fuse(self, state: FusionState, received):
-        return state.features[state.batch.ego_index()]
+        raise RuntimeError("NoFusion fuses nowhere")
 
 
 @FUSION.register("early")
@@ -39,7 +41,7 @@ class EarlyFusion(FusionMethod):
     (the ego's encoder would otherwise pay for whatever a collaborator chose to send).
     """
 
-    stage = "early"
+    contract = Contract(fuses_at=("points",))
     message_kind = "points"
     codecs = {"points": "raw"}
 
@@ -141,7 +143,9 @@ class LateFusion(FusionMethod):
     frame and merges them with its own before NMS.
 
     Payload ``boxes``: (K, 7) float32 in the sender's LiDAR frame; ``scores``: (K,) float32.
-    Training is single-agent (the ego's head on its own map); boxes are exchanged at inference.
+    Training is single-agent (the ego's head on its own map); boxes are exchanged at inference,
+    at the ``detections`` point: the received ones join the ego's (decoded, before NMS), and
+    the detector's NMS runs on the union.
 
     The receiver accepts at most ``max_boxes`` boxes per message, each finite, with sizes in
     (0, ``max_box_size_m``] and centres within ``max_point_range_m`` of the sender, and scores
@@ -149,7 +153,7 @@ class LateFusion(FusionMethod):
     or hide NaN in what reaches NMS.
     """
 
-    stage = "late"
+    contract = Contract(fuses_at=("detections",), services={"detections"})
     message_kind = "boxes"
     codecs = {"boxes": "raw", "scores": "raw"}
 
@@ -172,17 +176,24 @@ class LateFusion(FusionMethod):
             return []
         return [{"boxes": d.boxes.float(), "scores": d.scores.float()} for d in dets]
 
-    def fuse(self, state: FusionState, received: list[Received]):
-        """-> per sample, (boxes (K, 7), scores (K,)) in the ego frame, or None."""
-        from ..structures.boxes import transform_boxes
-
-        out: list = [None] * state.batch.batch_size
-        for b, msgs in group_by_sample(received).items():
-            boxes = [transform_boxes(m.ego_from_sender.to(torch.float32),
-                                     m.payload["boxes"].float()) for m in msgs]
-            scores = [m.payload["scores"].float() for m in msgs]
-            out[b] = (torch.cat(boxes), torch.cat(scores))
+    def fuse(self, state: FusionState, received: list[Received]) -> list:
+        """-> per sample, the ego's detections and every received box in the ego frame."""
+        groups = group_by_sample(received)
+        out = []
+        for b, own in enumerate(state.extras["ego_detections"]):
+            msgs = groups.get(b)
+            if msgs:
+                boxes, scores = self.received_boxes(msgs)
+                own = type(own)(torch.cat([own.boxes, boxes.to(own.boxes.dtype)]),
+                                torch.cat([own.scores, scores.to(own.scores.dtype)]))
+            out.append(own)
         return out
+
+    def received_boxes(self, msgs: list[Received]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 7) boxes in the ego frame and (K,) scores of one sample's messages."""
+        boxes = [transform_boxes(m.ego_from_sender.to(torch.float32), m.payload["boxes"].float())
+                 for m in msgs]
+        return torch.cat(boxes), torch.cat([m.payload["scores"].float() for m in msgs])
 
 
 def check_boxes(payload: dict[str, torch.Tensor], name: str, max_boxes: int, max_size_m: float,

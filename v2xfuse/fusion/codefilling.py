@@ -33,7 +33,8 @@ from ..comm.received import Received
 from ..registry import FUSION
 from ..structures.bev import warp_to_ego
 from .attention import scatter_cells, sparse_cell_attention
-from .base import Arrivals, FusionMethod, FusionState, fuse_each_sample, group_by_sample
+from .base import (Arrivals, Contract, FusionMethod, FusionState, fuse_each_sample,
+                   group_by_sample)
 from .codebook import ResidualCodebook
 from .payload_checks import expect
 
@@ -123,8 +124,7 @@ class CodeFilling(FusionMethod):
             (0: all).
     """
 
-    needs_confidence = True
-    handshake = True
+    contract = Contract(fuses_at=("bev",), services={"confidence"}, handshake=True)
     message_kind = "codes"
     codecs = {"conf_cells": "cells", "conf_levels": "codes", "request": "cells",
               "cells": "cells", "codes": "codes"}

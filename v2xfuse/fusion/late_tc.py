@@ -151,23 +151,31 @@ class TimeCompensatedLateFusion(LateFusion):
         return payloads
 
     def fuse(self, state, received):
-        """-> per sample, (boxes (K, 7), scores (K,)) moved to the ego's time and frame, or None."""
-        out: list = [None] * state.batch.batch_size
-        for b, msgs in group_by_sample(received).items():
-            boxes, scores = [], []
-            for m in msgs:
-                own = m.payload["boxes"].double()
-                if "prev_boxes" in m.payload and m.delay_s > 0:
-                    dt = float(m.payload["prev_dt"].reshape(-1)[0])
-                    vel = estimate_velocity(own, m.payload["prev_boxes"].double(), dt)
-                    own = own.clone()
-                    own[:, :2] += vel * float(m.delay_s)
-                boxes.append(transform_boxes(m.ego_from_sender.double(), own).float())
-                scores.append(m.payload["scores"].float())
-            out[b] = (torch.cat(boxes), torch.cat(scores))
+        """-> per sample, the ego's detections (after the detector's NMS) with the received
+        boxes moved to the ego's time and frame joined by matching (module docstring)."""
+        groups = group_by_sample(received)
+        out = []
+        for b, own in enumerate(state.extras["ego_detections"]):
+            msgs = groups.get(b)
+            if not msgs:
+                out.append(own)
+                continue
+            boxes, scores = self.compensated(msgs)
+            own = state.nms(own.boxes, own.scores)
+            merged = fuse_matched(own.boxes, own.scores, boxes, scores, self.unmatched_score_scale)
+            out.append(type(own)(*merged))
         return out
 
-    def merge(self, ego_boxes, ego_scores, late):
-        """The detector's hook for how received boxes join the ego's (before NMS)."""
-        boxes, scores = late
-        return fuse_matched(ego_boxes, ego_scores, boxes, scores, self.unmatched_score_scale)
+    def compensated(self, msgs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 7) received boxes moved to the ego's time and frame, (K,) their scores."""
+        boxes, scores = [], []
+        for m in msgs:
+            own = m.payload["boxes"].double()
+            if "prev_boxes" in m.payload and m.delay_s > 0:
+                dt = float(m.payload["prev_dt"].reshape(-1)[0])
+                vel = estimate_velocity(own, m.payload["prev_boxes"].double(), dt)
+                own = own.clone()
+                own[:, :2] += vel * float(m.delay_s)
+            boxes.append(transform_boxes(m.ego_from_sender.double(), own).float())
+            scores.append(m.payload["scores"].float())
+        return torch.cat(boxes), torch.cat(scores)

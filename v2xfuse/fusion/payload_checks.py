@@ -121,10 +121,11 @@ class FeatureRange(nn.Module):
 
     def observe_payloads(self, payloads: list[dict[str, torch.Tensor] | None],
                          name: str = "features") -> None:
-        """``observe`` the ``name`` entry of every payload sent (None: nothing sent)."""
+        """``observe`` the ``name`` entry of every payload sent (None: nothing sent; a list:
+        every packet of a split message)."""
         for p in payloads:
-            if p is not None:
-                self.observe(p[name])
+            for packet in ([] if p is None else p if isinstance(p, list) else [p]):
+                self.observe(packet[name])
 
     def sanitise(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """x: (C, ...) received features -> the same, clamped per channel to the range."""

@@ -1,18 +1,25 @@
 """One cooperative detector; the fusion method is a plug-in chosen by config.
 
-    points of every agent -> encoder -> BEV backbone -> (sender) fusion.encode -> [channel]
-                          -> (receiver) fusion.fuse -> head -> decode -> rotated NMS -> boxes
+    points of every agent -> encoder -> BEV backbone -> [services] -> at each fusion point the
+    method declares: (senders) encode -> channel round -> (ego) fuse -> head -> decode -> NMS
+
+The detector reads one thing about the method, its :class:`~v2xfuse.fusion.base.Contract`:
+the points where it fuses (``points`` before encoding, ``bev`` before the head,
+``decoder:<L>`` inside a query head, ``detections`` after it) and the services it needs
+(per-agent confidence, per-agent detections, stochastic passes, history). It walks the points
+in order; it never branches on a method's name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..datasets.batch import CoopBatch
 from ..comm.received import Received
-from ..fusion.base import FusionMethod, FusionState
+from ..fusion.base import FusionMethod, FusionState, point_order
 from ..structures.boxes import transform_boxes
 from ..utils.timing import null_timer
 from ..structures.bev import BevGrid
@@ -34,11 +41,25 @@ class Detections:
 
 @dataclass
 class DetectorOutput:
+    """What one forward pass produced.
+
+    Attributes:
+        head: the head's output on the fused (B, C, H, W) maps (or the ego's own).
+        state: what the fusion method saw (features, services, requests).
+        rounds: fusion point -> the messages that arrived in that point's round.
+        detections: a method fusing at ``detections``: per sample, the boxes before NMS
+            (``predict`` only runs NMS on them); None otherwise.
+    """
+
     head: HeadOutput
     state: FusionState
-    received: list[Received] = field(default_factory=list)
-    #: late fusion: per sample, (boxes (K, 7), scores (K,)) received, in the ego frame
-    late_boxes: list | None = None
+    rounds: dict[str, list[Received]] = field(default_factory=dict)
+    detections: list[Detections] | None = None
+
+    @property
+    def received(self) -> list[Received]:
+        """Every message that arrived, over all rounds."""
+        return [r for arrived in self.rounds.values() for r in arrived]
 
 
 class CoopDetector(nn.Module):
@@ -75,6 +96,20 @@ class CoopDetector(nn.Module):
         self.agent_loss_weight = float(agent_loss_weight)
         self.sender_frame = sender_frame
         self.feature_grid: BevGrid = encoder.grid.scaled(backbone.out_stride)
+        self._check_contract()
+
+    def _check_contract(self) -> None:
+        """Refuse, at build time, a method whose contract this detector cannot serve."""
+        contract = self.fusion.contract
+        decoder = [p for p in contract.fuses_at if p.startswith("decoder:")]
+        layers = getattr(self.head, "decoder_layers", 0)
+        for point in decoder:
+            if int(point.split(":")[1]) >= layers:
+                raise ValueError(f"{type(self.fusion).__name__} fuses at {point!r}: the "
+                                 f"{type(self.head).__name__} head has {layers} decoder layers")
+        if "passes" in contract.services and not hasattr(self.head, "confidence"):
+            raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes of the "
+                             f"head's confidence; {type(self.head).__name__} has none")
 
     def bev(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
         return self.backbone(self.encoder(points, num_agents))
@@ -88,32 +123,74 @@ class CoopDetector(nn.Module):
         ``sender_frame="ego_aligned"`` for the ego's pose too.
 
         ``timer``: optional ``timer(stage) -> context manager`` (see v2xfuse.utils.timing) around
-        the stages "encode" (encoder, backbone, what senders compute for their messages),
-        "channel", "fuse" and "head"."""
+        the stages "encode" (encoder, backbone, services, what senders compute for their
+        messages), "channel", "fuse" and "head"."""
         fusion = self.fusion
+        points = fusion.contract.fuses_at
         stage = timer or null_timer
-        if self.sender_frame == "ego_aligned" and fusion.stage == "intermediate":
-            batch = self._ego_aligned(batch, channel, stage)
-        with stage("encode"):
-            state, senders, payloads = self._encode(batch, channel)
-        with stage("channel"):
-            received = (channel.transmit(fusion.wire(), batch, senders, payloads, state=state)
-                        if channel is not None else self.direct(batch, senders, payloads))
-        with stage("fuse"):
-            fused = fusion.fuse(state, received)
-        if fusion.stage == "early":
+        senders = fusion.senders(batch)
+        # only maps are sent in the sender's frame: raw points and boxes are moved by the ego
+        if self.sender_frame == "ego_aligned" and any(p == "bev" or p.startswith("decoder:")
+                                                      for p in points):
+            batch = self._ego_aligned(batch, senders, channel, stage)
+        state = FusionState(batch, None, None, nms=self._nms)
+        rounds: dict[str, list[Received]] = {}
+        if "points" in points:
+            cloud = self._round("points", state, senders, channel, stage, rounds)
             with stage("encode"):
-                fused = self.bev(fused, batch.batch_size)
+                fused = self.bev(cloud, batch.batch_size)
+        else:
+            with stage("encode"):
+                self._encode_agents(state, senders)
+                self._services(state, senders)
+            ego = state.features[batch.ego_index()]
+            fused = self._round("bev", state, senders, channel, stage, rounds) \
+                if "bev" in points else ego
+        hooks = {int(p.split(":")[1]): self._decoder_hook(p, state, senders, channel, stage,
+                                                           rounds)
+                 for p in points if p.startswith("decoder:")}
         with stage("head"):
-            if fusion.stage == "late":  # the ego's own map; received boxes are merged in predict
-                return DetectorOutput(self.head(state.features[batch.ego_index()]), state,
-                                      received, late_boxes=fused)
-            return DetectorOutput(self.head(fused), state, received)
+            head = self.head(fused, hooks=hooks) if hooks else self.head(fused)
+        out = DetectorOutput(head, state, rounds)
+        if "detections" in points and not self.training:
+            with stage("head"):
+                state.extras["ego_detections"] = [
+                    Detections(*self.head.decode(head, b, self.score_threshold))
+                    for b in range(batch.batch_size)]
+            out.detections = self._round("detections", state, senders, channel, stage, rounds)
+        return out
 
-    def _ego_aligned(self, batch: CoopBatch, channel, stage) -> CoopBatch:
+    def _round(self, point: str, state: FusionState, senders: list[int], channel, stage,
+               rounds: dict[str, list[Received]]):
+        """One fusion point: (handshake before the first,) the senders' payloads, one channel
+        round (or straight through), the ego's fusion. Returns what ``fuse`` made."""
+        fusion, batch = self.fusion, state.batch
+        state.point = point
+        with stage("encode"):
+            if fusion.contract.handshake and senders and point == fusion.contract.fuses_at[0]:
+                run_handshake(fusion, state, senders, channel)
+            payloads = fusion.encode(state, senders) if senders else []
+            if self.training and senders:
+                fusion.observe(senders, payloads)
+        with stage("channel"):
+            received = (channel.transmit(fusion.wire(fusion.kind_at(point)), batch, senders,
+                                         payloads, state=state)
+                        if channel is not None else self.direct(batch, senders, payloads))
+        rounds[point] = received
+        with stage("fuse"):
+            return fusion.fuse(state, received)
+
+    def _decoder_hook(self, point, state, senders, channel, stage, rounds):
+        """``hook(queries) -> queries`` the head calls after its decoder layer: the ego's
+        queries go in ``state.extras["queries"]`` for the method's round at ``point``."""
+        def hook(queries):
+            state.extras["queries"] = queries
+            return self._round(point, state, senders, channel, stage, rounds)
+        return hook
+
+    def _ego_aligned(self, batch: CoopBatch, senders: list[int], channel, stage) -> CoopBatch:
         """The batch with every sender that knows the ego's pose in its ego-aligned frame; the
         ego's pose message is timed as "channel", the senders' point transform as "encode"."""
-        senders = self.fusion.senders(batch)
         if channel is not None and senders:  # the ego's pose must reach each sender first
             with stage("channel"):
                 arrived = channel.request(self.fusion.wire("pose"), batch, senders,
@@ -122,32 +199,30 @@ class CoopDetector(nn.Module):
         with stage("encode"):
             return ego_aligned_frames(batch, senders, self.feature_grid.cell)
 
-    def _encode(self, batch: CoopBatch, channel=None) -> tuple[FusionState, list[int], list[dict]]:
-        """Every agent's BEV features and what each sender puts in its message (after the
-        handshake rounds of a method that has them)."""
-        fusion = self.fusion
-        if fusion.stage == "early":
-            state = FusionState(batch, None, None)
-        elif fusion.stage == "none" and not (self.training and self.agent_loss_weight > 0):
-            # Ego only: collaborators' points are never encoded (their maps stay zero).
-            ego = batch.ego_index()
-            agent = batch.points[:, 0].long()
-            own = batch.points[torch.isin(agent, ego)]
-            features = self.bev(own, batch.num_agents)
-            state = FusionState(batch, features, self.feature_grid)
+    def _encode_agents(self, state: FusionState, senders: list[int]) -> None:
+        """Every agent's BEV map into ``state.features``; only the egos' when nobody sends
+        and no loss needs the others (their maps stay zero)."""
+        batch = state.batch
+        if senders or (self.training and self.agent_loss_weight > 0):
+            state.features = self.bev(batch.points, batch.num_agents)
         else:
-            state = FusionState(batch, self.bev(batch.points, batch.num_agents), self.feature_grid)
-            if fusion.needs_confidence:
-                state.extras["confidence"] = self.head.confidence(state.features)
-        senders = fusion.senders(batch)
-        if fusion.stage == "late" and senders and not self.training:
-            state.extras["detections"] = self.detect_agents(state.features, senders)
-        if fusion.handshake and senders:
-            run_handshake(fusion, state, senders, channel)
-        payloads = fusion.encode(state, senders) if senders else []
-        if self.training and senders:
-            fusion.observe(senders, payloads)
-        return state, senders, payloads
+            own = batch.points[torch.isin(batch.points[:, 0].long(), batch.ego_index())]
+            state.features = self.bev(own, batch.num_agents)
+        state.grid = self.feature_grid
+
+    def _services(self, state: FusionState, senders: list[int]) -> None:
+        """What the method's contract asks the detector to compute (see v2xfuse.fusion.base)."""
+        contract = self.fusion.contract
+        features = state.features
+        if "confidence" in contract.services:
+            state.extras["confidence"] = self.head.confidence(features)
+        if "passes" in contract.services:
+            with torch.no_grad():
+                state.extras["confidence_passes"] = torch.stack([
+                    self.head.confidence(F.dropout(features, contract.pass_dropout, True))
+                    for _ in range(contract.passes)])
+        if "detections" in contract.services and senders and not self.training:
+            state.extras["detections"] = self.detect_agents(features, senders)
 
     @torch.no_grad()
     def detect_agents(self, features: torch.Tensor, agents: list[int]) -> list[Detections]:
@@ -200,22 +275,17 @@ class CoopDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, out: DetectorOutput, timer=None) -> list[Detections]:
-        """Final boxes per sample in the ego frame: decode, merge any late-fusion boxes, NMS.
-        ``timer``: as in :meth:`forward`, stages "head" (decoding) and "nms"."""
+        """Final boxes per sample in the ego frame: decode (or take what a method fusing at
+        ``detections`` made of them), then NMS. ``timer``: as in :meth:`forward`, stages
+        "head" (decoding) and "nms"."""
         stage = timer or null_timer
         dets = []
         for b in range(out.head.cls.shape[0]):
-            with stage("head"):
-                boxes, scores = self.head.decode(out.head, b, self.score_threshold)
-                if out.late_boxes is not None and out.late_boxes[b] is not None:
-                    merge = getattr(self.fusion, "merge", None)
-                    if merge is not None:  # the method's own rule (e.g. TCLF's matching),
-                        own = self._nms(boxes, scores)  # on the ego's final detections
-                        boxes, scores = merge(own.boxes, own.scores, out.late_boxes[b])
-                    else:
-                        extra_boxes, extra_scores = out.late_boxes[b]
-                        boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])
-                        scores = torch.cat([scores, extra_scores.to(scores.dtype)])
+            if out.detections is not None:
+                boxes, scores = out.detections[b].boxes, out.detections[b].scores
+            else:
+                with stage("head"):
+                    boxes, scores = self.head.decode(out.head, b, self.score_threshold)
             with stage("nms"):
                 dets.append(self._nms(boxes, scores))
         return dets

@@ -16,6 +16,7 @@ from ..structures.boxes import transform_boxes
 from ..utils.timing import null_timer
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
+from .inputs import AgentInputs
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
            "SENDER_FRAMES"]
@@ -43,7 +44,7 @@ class DetectorOutput:
 class CoopDetector(nn.Module):
     """
     Args:
-        encoder: points (P, 5) [agent, x, y, z, i], num agents -> (N, C, H, W) BEV maps.
+        encoder: :class:`AgentInputs` of N agents -> (N, C, H, W) BEV maps.
         backbone: (N, C, H, W) -> (N, C', H', W').
         fusion: the fusion method.
         head: detection head on the fused (B, C', H', W') maps.
@@ -75,8 +76,9 @@ class CoopDetector(nn.Module):
         self.sender_frame = sender_frame
         self.feature_grid: BevGrid = encoder.grid.scaled(backbone.out_stride)
 
-    def bev(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
-        return self.backbone(self.encoder(points, num_agents))
+    def bev(self, inputs: AgentInputs) -> torch.Tensor:
+        """(N, C', H', W') feature maps of the N agents of ``inputs``."""
+        return self.backbone(self.encoder(inputs))
 
     def forward(self, batch: CoopBatch, channel=None, timer=None) -> DetectorOutput:
         """``channel``: None (tensors pass straight through), or an object with
@@ -101,7 +103,7 @@ class CoopDetector(nn.Module):
             fused = fusion.fuse(state, received)
         if fusion.stage == "early":
             with stage("encode"):
-                fused = self.bev(fused, batch.batch_size)
+                fused = self.bev(AgentInputs.early(batch, fused))
         with stage("head"):
             if fusion.stage == "late":  # the ego's own map; received boxes are merged in predict
                 return DetectorOutput(self.head(state.features[batch.ego_index()]), state,
@@ -128,13 +130,10 @@ class CoopDetector(nn.Module):
             state = FusionState(batch, None, None)
         elif fusion.stage == "none" and not (self.training and self.agent_loss_weight > 0):
             # Ego only: collaborators' points are never encoded (their maps stay zero).
-            ego = batch.ego_index()
-            agent = batch.points[:, 0].long()
-            own = batch.points[torch.isin(agent, ego)]
-            features = self.bev(own, batch.num_agents)
+            features = self.bev(AgentInputs.from_batch(batch).only(batch.ego_index()))
             state = FusionState(batch, features, self.feature_grid)
         else:
-            state = FusionState(batch, self.bev(batch.points, batch.num_agents), self.feature_grid)
+            state = FusionState(batch, self.bev(AgentInputs.from_batch(batch)), self.feature_grid)
             if fusion.needs_confidence:
                 state.extras["confidence"] = self.head.confidence(state.features)
         senders = fusion.senders(batch)

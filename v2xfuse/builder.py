@@ -120,10 +120,16 @@ def build_adapter(dataset_cfg: dict, split: str, **extra):
 
 
 def build_dataset(cfg: dict, split: str, train: bool, seed: int = 0, **extra) -> CoopSampler:
-    """A map-style dataset of :class:`~v2xfuse.datasets.Sample` for ``split``."""
+    """A map-style dataset of :class:`~v2xfuse.datasets.Sample` for ``split``.
+
+    With ``pipeline.cameras`` the adapter decodes images (``load_images``); without, it never
+    does, so LiDAR-only training pays nothing for cameras."""
     ensure_synthetic(cfg["dataset"])
+    pipeline = PipelineConfig.from_dict(cfg.get("pipeline"))
+    if pipeline.cameras is not None:
+        extra.setdefault("load_images", True)
     adapter = build_adapter(cfg["dataset"], split, **extra)
-    return CoopSampler(adapter, PipelineConfig.from_dict(cfg.get("pipeline")), train=train, seed=seed)
+    return CoopSampler(adapter, pipeline, train=train, seed=seed)
 
 
 def build_detector(cfg: dict) -> CoopDetector:

@@ -6,12 +6,64 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from ..structures.coop import CameraObs
 from .base import SkippedSample
 from .pipeline import Sample
 
-__all__ = ["CoopBatch", "collate"]
+__all__ = ["CoopBatch", "CameraBatch", "collate"]
 
 KIND_CODES = {"vehicle": 0, "infrastructure": 1}
+
+
+@dataclass
+class CameraBatch:
+    """K camera images of a batch, each tied to the stacked observation it belongs to.
+
+    Attributes:
+        images: (K, 3, H, W) uint8 RGB, resized and cropped by the pipeline
+            (``pipeline.cameras``).
+        agent: (K,) int64 index of the observation (a stacked agent of ``CoopBatch``) whose
+            LiDAR frame ``lidar_from_camera`` refers to.
+        intrinsics: (K, 3, 3) float64 K of the resized, cropped image: ``[u, v, 1]^T ~ K p_cam``.
+        lidar_from_camera: (K, 4, 4) float64, the camera (OpenCV axes) into that LiDAR frame as
+            the batch has it, augmentation included: an augmented frame is ``A`` times the
+            sensor's (a similarity that may reflect and scale), so this is ``A @ L`` and not
+            rigid; ``K @ inv(lidar_from_camera) @ p`` still lands on the pixel that saw ``p``.
+    """
+
+    images: torch.Tensor
+    agent: torch.Tensor
+    intrinsics: torch.Tensor
+    lidar_from_camera: torch.Tensor
+
+    @property
+    def num_cameras(self) -> int:
+        return len(self.agent)
+
+    @classmethod
+    def stack(cls, owners: list[int], cameras: list[CameraObs],
+              image_size: tuple[int, int]) -> "CameraBatch":
+        """``cameras[k]`` (with pixels of ``image_size``) belongs to observation ``owners[k]``."""
+        h, w = image_size
+        images = np.zeros((len(cameras), h, w, 3), np.uint8)
+        for k, cam in enumerate(cameras):
+            if cam.image is None or cam.image.shape[:2] != (h, w):
+                got = None if cam.image is None else cam.image.shape[:2]
+                raise ValueError(f"camera {cam.name}: expected a {h}x{w} image, got {got}")
+            images[k] = cam.image
+        return cls(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                   torch.tensor(owners, dtype=torch.int64).reshape(-1),
+                   torch.from_numpy(np.array([c.intrinsic for c in cameras]).reshape(-1, 3, 3)),
+                   torch.from_numpy(np.array([c.lidar_from_camera for c in cameras]).reshape(-1, 4, 4)))
+
+    def select(self, keep: torch.Tensor) -> "CameraBatch":
+        """The cameras where ``keep`` (K,) bool is true."""
+        return CameraBatch(self.images[keep], self.agent[keep], self.intrinsics[keep],
+                           self.lidar_from_camera[keep])
+
+    def to(self, device) -> "CameraBatch":
+        return CameraBatch(*(getattr(self, f.name).to(device, non_blocking=True)
+                             for f in fields(self)))
 
 
 @dataclass
@@ -32,6 +84,8 @@ class CoopBatch:
             agent's own pose and sensor time, numpy.
         true_ego_from_agent: (N, 4, 4) float32 without localisation noise (for supervision
             in each agent's frame; never used by fusion).
+        cameras: every agent's cameras (:class:`CameraBatch`, ``agent`` indexing the N
+            stacked agents), or None when the pipeline loads no images (``pipeline.cameras``).
         skipped: the :class:`SkippedSample` markers this batch's indices produced (bad frames
             dropped under ``skip_bad_frames``, each with its file and reason). They are not in
             the batch, so ``batch_size`` may be smaller than the loader's (0 when every
@@ -48,6 +102,7 @@ class CoopBatch:
     meta: list[dict]
     true_ego_from_agent: torch.Tensor | None = None
     skipped: list[SkippedSample] = field(default_factory=list)
+    cameras: CameraBatch | None = None
 
     @property
     def batch_size(self) -> int:
@@ -70,8 +125,8 @@ class CoopBatch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device, non_blocking=True)
+            if isinstance(v, (torch.Tensor, CameraBatch)):
+                v = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v.to(device)
             elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
                 v = [t.to(device, non_blocking=True) for t in v]
             moved[f.name] = v
@@ -84,11 +139,15 @@ def collate(samples: list[Sample | SkippedSample]) -> CoopBatch:
     skipped = [s for s in samples if isinstance(s, SkippedSample)]
     samples = [s for s in samples if not isinstance(s, SkippedSample)]
     points, ego_from_agent, kinds, delays, meta, true_pose = [], [], [], [], [], []
+    camera_owners, cameras = [], []
     agent = 0
     for s in samples:
-        for p in s.points:
+        for i, p in enumerate(s.points):
             idx = np.full((len(p), 1), agent, dtype=np.float32)
             points.append(np.concatenate([idx, p[:, :4]], axis=1))
+            if s.image_size is not None:
+                cameras += s.cameras[i]
+                camera_owners += [agent] * len(s.cameras[i])
             agent += 1
         ego_from_agent.append(s.ego_from_agent)
         true_pose.append(s.ego_from_agent if s.true_ego_from_agent is None
@@ -103,6 +162,9 @@ def collate(samples: list[Sample | SkippedSample]) -> CoopBatch:
             return torch.zeros(empty_shape)
         return torch.from_numpy(np.concatenate(arrays).astype(np.float32))
 
+    sizes = {s.image_size for s in samples if s.image_size is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"collate: samples with images of different sizes {sorted(sizes)}")
     return CoopBatch(
         points=stacked(points, (0, 5)),
         record_len=torch.tensor([len(s.points) for s in samples], dtype=torch.int64),
@@ -114,4 +176,5 @@ def collate(samples: list[Sample | SkippedSample]) -> CoopBatch:
         meta=meta,
         true_ego_from_agent=stacked(true_pose, (0, 4, 4)),
         skipped=skipped,
+        cameras=CameraBatch.stack(camera_owners, cameras, sizes.pop()) if sizes else None,
     )

@@ -158,7 +158,8 @@ class DairV2XCAdapter(CoopAdapter):
         duplicates: ``"keep"`` | ``"first"`` | ``"last"`` for repeated vehicle frames.
         cameras: attach the front camera (intrinsic, extrinsic, image path and size); off by
             default because released infrastructure images are partly missing (issue #113).
-        load_images: decode JPEGs into ``CameraObs.image`` (else only their path and size).
+        load_images: decode JPEGs into ``CameraObs.image`` (else only their path and size);
+            implies ``cameras`` (pixels of a camera not attached would go nowhere).
         side_labels: also read each side's own LiDAR labels into ``AgentObs.boxes``.
         intensity_scale: stored intensity is divided by this.
         skip_bad_frames: drop index rows that cannot be read (listed in ``dropped_rows``) and
@@ -185,7 +186,7 @@ class DairV2XCAdapter(CoopAdapter):
         self.root = root
         self.offset_source = offset_source
         self.load_images = load_images
-        self.cameras = cameras
+        self.cameras = cameras or load_images
         self.side_labels = side_labels
         self.intensity_scale = intensity_scale
         self.points = PointCache(cache_points_mb)

@@ -247,7 +247,8 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
     ``A = [R | t - s]`` for ``ego_from_agent = [R | t]`` and the snapped shift ``s``, and every
     pose (received and true) becomes ``pose @ inv(A)``. Works with whichever pose the ego sent
     and the sender believes (``ego_from_agent``, noisy or not); the true poses follow the same
-    ``A`` so supervision stays exact.
+    ``A`` so supervision stays exact. The agents' cameras move with their frames
+    (``lidar_from_camera' = A @ lidar_from_camera``), so a point still projects onto its pixel.
     """
     if not agents:
         return batch
@@ -269,5 +270,9 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
     true_pose = batch.true_ego_from_agent
     if true_pose is not None:
         true_pose = (true_pose.to(torch.float64) @ a_inv).to(true_pose.dtype)
+    cameras = batch.cameras
+    if cameras is not None:
+        cameras = replace(cameras, lidar_from_camera=(a[cameras.agent] @ cameras.lidar_from_camera
+                                                      .to(torch.float64)).to(cameras.lidar_from_camera.dtype))
     return replace(batch, points=points, ego_from_agent=(pose.to(torch.float64) @ a_inv).to(dtype),
-                   true_ego_from_agent=true_pose)
+                   true_ego_from_agent=true_pose, cameras=cameras)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..datasets.batch import CoopBatch
+from ..datasets.batch import CameraBatch, CoopBatch
 
 __all__ = ["AgentInputs"]
 
@@ -23,26 +23,38 @@ class AgentInputs:
         num_agents: N, the number of maps to produce (agents without data included).
         points: (P, 5) float32 [agent, x, y, z, intensity], xyz in that agent's LiDAR frame,
             or None when no agent has a LiDAR input.
+        cameras: the agents' cameras (:class:`~v2xfuse.datasets.batch.CameraBatch`: images
+            (K, 3, H, W) uint8, agent (K,) int64 in ``0..N-1``, intrinsics (K, 3, 3),
+            lidar_from_camera (K, 4, 4) into that agent's LiDAR frame), or None.
     """
 
     num_agents: int
     points: torch.Tensor | None = None
+    cameras: CameraBatch | None = None
 
     @classmethod
     def from_batch(cls, batch: CoopBatch) -> "AgentInputs":
         """Every agent of ``batch`` with its current observation."""
-        return cls(batch.num_agents, batch.points)
+        return cls(batch.num_agents, batch.points, batch.cameras)
 
     @classmethod
     def early(cls, batch: CoopBatch, points: torch.Tensor) -> "AgentInputs":
         """Early fusion's inputs: one "agent" per sample, the points its ego gathered (P, 5)
-        [sample, x, y, z, intensity] in the ego frame."""
-        return cls(batch.batch_size, points)
+        [sample, x, y, z, intensity] in the ego frame, and the ego's own cameras (raw points
+        are what early fusion sends; images stay with their agent)."""
+        cameras = batch.cameras
+        if cameras is not None:
+            ego = batch.ego_index()
+            cameras = cameras.select(torch.isin(cameras.agent, ego))
+            cameras.agent = torch.searchsorted(ego, cameras.agent)
+        return cls(batch.batch_size, points, cameras)
 
     def only(self, agents: torch.Tensor) -> "AgentInputs":
         """The same N agents with the data of those not in ``agents`` (K,) int64 removed (their
         maps come out zero); the numbering is unchanged."""
-        points = self.points
+        points, cameras = self.points, self.cameras
         if points is not None:
             points = points[torch.isin(points[:, 0].long(), agents)]
-        return AgentInputs(self.num_agents, points)
+        if cameras is not None:
+            cameras = cameras.select(torch.isin(cameras.agent, agents))
+        return AgentInputs(self.num_agents, points, cameras)

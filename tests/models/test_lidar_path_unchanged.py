@@ -53,7 +53,7 @@ def _quickstart_as_encoders() -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("layout", ["encoder"])
+@pytest.mark.parametrize("layout", ["encoder", "encoders"])
 def test_quickstart_lidar_maps_are_the_ones_the_old_code_computed(layout):
     cfg = load_config(QUICKSTART) if layout == "encoder" else _quickstart_as_encoders()
     model = _model(cfg)
@@ -74,7 +74,8 @@ def test_a_state_dict_of_the_old_layout_loads_into_both_config_layouts():
     old = _model(load_config(QUICKSTART))
     state = old.state_dict()
     assert [k for k in state if k.startswith("encoder.")] == OLD_ENCODER_KEYS
-    new = _model(load_config(QUICKSTART))
+    new = _model(_quickstart_as_encoders())
+    assert list(new.state_dict()) == list(state)  # no fuser layer for a single sensor
     with torch.no_grad():
         for p in new.parameters():
             p.add_(1.0)  # a load that skipped a tensor would leave it differing

@@ -12,7 +12,10 @@ import torch
 
 from ..datasets.batch import CameraBatch, CoopBatch
 
-__all__ = ["AgentInputs"]
+__all__ = ["AgentInputs", "SENSORS"]
+
+#: the sensors an encoder can read (its ``sensor`` attribute), in the order the fuser sees them
+SENSORS = ("lidar", "camera")
 
 
 @dataclass
@@ -48,6 +51,19 @@ class AgentInputs:
             cameras = cameras.select(torch.isin(cameras.agent, ego))
             cameras.agent = torch.searchsorted(ego, cameras.agent)
         return cls(batch.batch_size, points, cameras)
+
+    def present(self, sensor: str) -> torch.Tensor:
+        """(N,) bool: which agents have data of ``sensor`` (``"lidar"``: a point; ``"camera"``: a
+        camera)."""
+        if sensor == "lidar":
+            owner = None if self.points is None else self.points[:, 0].long()
+        elif sensor == "camera":
+            owner = None if self.cameras is None else self.cameras.agent
+        else:
+            raise KeyError(f"unknown sensor {sensor!r}; known: {SENSORS}")
+        if owner is None:
+            return torch.zeros(self.num_agents, dtype=torch.bool)
+        return torch.bincount(owner, minlength=self.num_agents)[:self.num_agents] > 0
 
     def only(self, agents: torch.Tensor) -> "AgentInputs":
         """The same N agents with the data of those not in ``agents`` (K,) int64 removed (their

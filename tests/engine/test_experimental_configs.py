@@ -56,3 +56,29 @@ def test_lidar_camera_trains_a_step_on_images_and_evaluates(tmp_path):
     assert not torch.equal(state["encoder.encoders.camera.image_net.0.weight"],
                            fresh["encoder.encoders.camera.image_net.0.weight"])
     assert "encoder.fuser.conv.0.weight" in state
+
+
+def test_history_trains_a_step_and_evaluates_with_histories_in_every_batch(tmp_path, monkeypatch):
+    from v2xfuse.models.detector import CoopDetector
+
+    seen = []
+    forward = CoopDetector.forward
+
+    def recording(self, batch, *args, **kwargs):
+        seen.append((self.training, batch.history.length.tolist(), batch.ego_index().tolist(),
+                     batch.history.num_observations))
+        return forward(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(CoopDetector, "forward", recording)
+    cfg = _tiny("history", tmp_path, cameras=False)
+    cfg["train"]["val_frames"] = 3  # the whole validation scenario: frames 0, 1, 2
+    assert cfg["dataset"]["history_frames"] == 2 and cfg["pipeline"]["delay_frames"] == 1
+    results = _fit(cfg, tmp_path / "work")
+    assert results["frames"] == 3 and "ap_50" in results
+    assert [t for t, *_ in seen] == [True, False, False, False]  # one step, 3 validation frames
+    lengths = [n for _, length, _, _ in seen for n in length]
+    assert max(lengths) == 2 and min(lengths) == 0  # frame 0 of a scenario: none yet
+    for _, length, egos, count in seen:
+        assert count == sum(length)
+        # a collaborator one frame late has at most one older frame before frame 2
+        assert all(n <= (2 if i in egos else 1) for i, n in enumerate(length))

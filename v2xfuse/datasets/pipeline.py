@@ -17,6 +17,13 @@ projects onto the pixel that saw it. After a flip the augmented LiDAR frame is l
 code that projects must invert it as a matrix (never transpose its rotation). Not flipping the
 images keeps every pixel a real view and the projection exact.
 
+History (``dataset.history_frames``): each agent's older observations (see
+:mod:`v2xfuse.datasets.base`) become :class:`PastObs`: points in the LiDAR frame of their own
+moment, and ``agent_from_past`` from the agent's own poses (its localisation; the noise of (2)
+is the ego's view of others). The same ``A`` augments them (points, cameras, and
+``agent_from_past`` becomes ``A T inv(A)``), the same crop applies (height through
+``ego_from_agent @ agent_from_past``), and images are fitted alike.
+
 Randomness comes from an explicit generator seeded by ``(seed, epoch, index)``: reproducible
 with any number of DataLoader workers, and nothing reseeds a global RNG.
 
@@ -38,7 +45,7 @@ from ..structures.transforms import invert_transform, make_transform, rotation_z
 from .base import CoopAdapter, DatasetError, SkippedSample
 from .images import CameraConfig, fit_image
 
-__all__ = ["PipelineConfig", "Sample", "CoopSampler", "augmentation_matrix"]
+__all__ = ["PipelineConfig", "Sample", "PastObs", "CoopSampler", "augmentation_matrix"]
 
 
 @dataclass
@@ -73,6 +80,26 @@ class PipelineConfig:
 
 
 @dataclass
+class PastObs:
+    """One older observation of an agent, processed like the current one.
+
+    Attributes:
+        points: (P, 4) float32 [x, y, z, intensity] in the agent's LiDAR frame at that time
+            (augmented, cropped).
+        agent_from_past: (4, 4) float64, that frame into the agent's current one (augmented:
+            ``A T inv(A)``, rigid).
+        timestamp_us: its sensor time.
+        cameras: its CameraObs (``lidar_from_camera`` into that older frame, augmented; images
+            fitted when the pipeline has cameras).
+    """
+
+    points: np.ndarray
+    agent_from_past: np.ndarray
+    timestamp_us: int
+    cameras: list = field(default_factory=list)
+
+
+@dataclass
 class Sample:
     """One processed sample (numpy), the unit :func:`v2xfuse.datasets.batch.collate` stacks.
 
@@ -93,6 +120,8 @@ class Sample:
             (time-compensated late fusion) use these two on the sender side.
         image_size: (H, W) of every image when the pipeline has cameras, else None (collate
             then stacks no camera).
+        history: per agent, its :class:`PastObs` newest first (possibly fewer than
+            ``history_frames``, none at a sequence start), or None without history.
     """
 
     points: list[np.ndarray]
@@ -108,6 +137,7 @@ class Sample:
     world_from_agent: np.ndarray | None = None
     timestamp_us: np.ndarray | None = None
     image_size: tuple[int, int] | None = None
+    history: list[list[PastObs]] | None = None
 
 
 def augmentation_matrix(flip: bool, rotate_rad: float, scale: float) -> np.ndarray:
@@ -198,6 +228,9 @@ class CoopSampler:
         points = [a.points for a in frame.agents]
         cameras = [a.cameras for a in frame.agents]
         gt = frame.gt_boxes
+        history = ([[PastObs(p.points, invert_transform(agent.world_from_lidar) @ p.world_from_lidar,
+                             p.timestamp_us, p.cameras) for p in agent.history]
+                    for agent in frame.agents] if self.adapter.history_frames else None)
         # (3) augmentation, training only.
         if self.train and (cfg.flip_prob > 0 or cfg.rotate_deg > 0 or cfg.scale != (1.0, 1.0)):
             flip = bool(rng.random() < cfg.flip_prob)
@@ -205,6 +238,10 @@ class CoopSampler:
             scale = float(rng.uniform(*cfg.scale))
             a = augmentation_matrix(flip, rot, scale)
             a_inv = np.linalg.inv(a)
+            if history is not None:
+                history = [[PastObs(_transform_xyz(a, p.points), a @ p.agent_from_past @ a_inv,
+                                    p.timestamp_us, [_move_camera(a, c) for c in p.cameras])
+                            for p in past] for past in history]
             points = [_transform_xyz(a, p) for p in points]
             ego_from_agent = np.einsum("ab,nbc,cd->nad", a, ego_from_agent, a_inv)
             true_ego_from_agent = np.einsum("ab,nbc,cd->nad", a, true_ego_from_agent, a_inv)
@@ -215,15 +252,19 @@ class CoopSampler:
         # -6 m, which a crop in its own frame would cut off with the cars on it); boxes by centre
         # in the ego frame.
         lr = cfg.lidar_range
-        points = [p[(p[:, 0] >= lr[0]) & (p[:, 0] < lr[3]) & (p[:, 1] >= lr[1]) & (p[:, 1] < lr[4])
-                    & (p[:, 2] + dz >= lr[2]) & (p[:, 2] + dz < lr[5])]
-                  for p, dz in zip(points, ego_from_agent[:, 2, 3].astype(np.float32))]
+        points = [_crop(p, lr, dz) for p, dz in zip(points, ego_from_agent[:, 2, 3].astype(np.float32))]
+        if history is not None:
+            history = [[replace(p, points=_crop(p.points, lr, np.float32((pose @ p.agent_from_past)[2, 3])))
+                        for p in past] for past, pose in zip(history, ego_from_agent)]
         gr = cfg.gt_range or lr
         keep = (gt[:, 0] >= gr[0]) & (gt[:, 0] < gr[3]) & (gt[:, 1] >= gr[1]) & (gt[:, 1] < gr[4])
         gt, gt_ids = gt[keep], frame.gt_ids[keep]
         # (5) images, last: nothing above moves a pixel.
         if cfg.cameras is not None:
             cameras = [[fit_image(c, cfg.cameras) for c in cams] for cams in cameras]
+            if history is not None:
+                history = [[replace(p, cameras=[fit_image(c, cfg.cameras) for c in p.cameras])
+                            for p in past] for past in history]
         delay_s = np.array([(ego.timestamp_us - a.timestamp_us) / 1e6 for a in frame.agents])
         return Sample(points, ego_from_agent, gt, gt_ids, [a.agent_id for a in frame.agents],
                       [a.kind for a in frame.agents], delay_s,
@@ -231,7 +272,14 @@ class CoopSampler:
                       cameras, true_ego_from_agent,
                       np.stack([a.world_from_lidar for a in frame.agents]),
                       np.array([a.timestamp_us for a in frame.agents], dtype=np.int64),
-                      None if cfg.cameras is None else cfg.cameras.image_size)
+                      None if cfg.cameras is None else cfg.cameras.image_size, history)
+
+
+def _crop(points: np.ndarray, lr, dz) -> np.ndarray:
+    """(P, 4) points of one LiDAR frame inside ``lidar_range`` in x, y and in height above the
+    ego's LiDAR (z plus ``dz``, the frame's height in the ego frame)."""
+    return points[(points[:, 0] >= lr[0]) & (points[:, 0] < lr[3]) & (points[:, 1] >= lr[1])
+                  & (points[:, 1] < lr[4]) & (points[:, 2] + dz >= lr[2]) & (points[:, 2] + dz < lr[5])]
 
 
 def _move_camera(a: np.ndarray, cam):

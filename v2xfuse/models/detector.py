@@ -248,7 +248,9 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
     pose (received and true) becomes ``pose @ inv(A)``. Works with whichever pose the ego sent
     and the sender believes (``ego_from_agent``, noisy or not); the true poses follow the same
     ``A`` so supervision stays exact. The agents' cameras move with their frames
-    (``lidar_from_camera' = A @ lidar_from_camera``), so a point still projects onto its pixel.
+    (``lidar_from_camera' = A @ lidar_from_camera``), so a point still projects onto its pixel,
+    and so do their older observations (``agent_from_past' = A @ agent_from_past``; the older
+    points and cameras stay in their own frames).
     """
     if not agents:
         return batch
@@ -274,5 +276,8 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
     if cameras is not None:
         cameras = replace(cameras, lidar_from_camera=(a[cameras.agent] @ cameras.lidar_from_camera
                                                       .to(torch.float64)).to(cameras.lidar_from_camera.dtype))
+    history = batch.history
+    if history is not None:
+        history = replace(history, agent_from_past=a[history.agent] @ history.agent_from_past)
     return replace(batch, points=points, ego_from_agent=(pose.to(torch.float64) @ a_inv).to(dtype),
-                   true_ego_from_agent=true_pose, cameras=cameras)
+                   true_ego_from_agent=true_pose, cameras=cameras, history=history)

@@ -41,6 +41,17 @@ class AgentInputs:
         return cls(batch.num_agents, batch.points, batch.cameras)
 
     @classmethod
+    def of_history(cls, batch: CoopBatch) -> "AgentInputs":
+        """The batch's older observations as H "agents" (``batch.history``; H may be 0): an
+        encoder maps them to (H, C, ny, nx) in their own frames, which
+        ``history.agent_from_past`` takes to their agents' current frames (e.g.
+        :func:`~v2xfuse.models.bev.warp_to_ego`)."""
+        history = batch.history
+        if history is None:
+            raise ValueError("the batch has no history (dataset.history_frames)")
+        return cls(history.num_observations, history.points, history.cameras)
+
+    @classmethod
     def early(cls, batch: CoopBatch, points: torch.Tensor) -> "AgentInputs":
         """Early fusion's inputs: one "agent" per sample, the points its ego gathered (P, 5)
         [sample, x, y, z, intensity] in the ego frame, and the ego's own cameras (raw points

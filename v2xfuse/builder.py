@@ -13,6 +13,7 @@ from .datasets import CoopSampler, DatasetError, Opv2vAdapter, PipelineConfig
 from .models.backbone import BevBackbone
 from .models.detector import CoopDetector
 from .models.encoders.fuser import MultiSensorEncoder, sensors_of
+from .models.inputs import SENSORS
 from .models.heads.anchor_head import AnchorHead
 from .registry import DATASETS, ENCODERS, FUSION, SENSOR_FUSERS
 
@@ -143,8 +144,6 @@ def build_encoder(model: dict, point_range):
     With a single sensor and no ``sensor_fuser`` the encoder is returned as it is: no fuser
     layer, the parameter names and maps of a LiDAR-only model from before per-sensor encoders.
     """
-    from .models.inputs import SENSORS
-
     if model.get("encoder") is not None and model.get("encoders") is not None:
         raise KeyError("model: give either `encoder` (the LiDAR encoder) or `encoders` (one per "
                        "sensor), not both (set the other to null)")

@@ -114,8 +114,26 @@ def test_a_lidar_camera_detector_trains_on_a_batch_with_camera_only_agents(tiny_
     keep = batch.points[:, 0] != 1  # agent 1 is camera-only
     batch = replace(batch, points=batch.points[keep],
                     cameras=_cameras([0, 1, 1], [_front_camera(), _front_camera(), _front_camera(yaw=2.0)]))
+    assert model.modality_mask(batch).tolist() == [[True, True], [False, True], [True, False]]
     out = model(batch)
     loss = model.loss(out, batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss)
     assert model.encoder.encoders["camera"].image_net[0].weight.grad.abs().sum() > 0
+
+
+def test_early_fusion_keeps_each_ego_s_own_cameras_numbered_by_sample(random_points_batch):
+    from dataclasses import replace
+
+    from v2xfuse.structures.transforms import pose_from_xyz_rpy
+
+    batch = random_points_batch([pose_from_xyz_rpy(i, 0, 0, 0, 0, 0) for i in range(3)])
+    batch = replace(batch, record_len=torch.tensor([1, 2]),  # sample 0: agent 0; 1: agents 1, 2
+                    cameras=_cameras([0, 1, 2, 2], [_front_camera()] * 4))
+    fused = torch.zeros((0, 5))
+    inputs = AgentInputs.early(batch, fused)
+    assert inputs.num_agents == 2 and inputs.cameras.agent.tolist() == [0, 1]
+    assert torch.equal(inputs.cameras.images, batch.cameras.images[:2])
+    only_ego = AgentInputs.from_batch(batch).only(batch.ego_index())
+    assert only_ego.cameras.agent.tolist() == [0, 1] and only_ego.num_agents == 3
+    assert set(only_ego.points[:, 0].long().tolist()) == {0, 1}

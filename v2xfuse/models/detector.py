@@ -16,6 +16,7 @@ from ..structures.boxes import transform_boxes
 from ..utils.timing import null_timer
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
+from .encoders.fuser import modality_mask
 from .inputs import AgentInputs
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
@@ -79,6 +80,11 @@ class CoopDetector(nn.Module):
     def bev(self, inputs: AgentInputs) -> torch.Tensor:
         """(N, C', H', W') feature maps of the N agents of ``inputs``."""
         return self.backbone(self.encoder(inputs))
+
+    def modality_mask(self, batch: CoopBatch) -> torch.Tensor:
+        """(N, S) bool: which of the encoder's S sensors (``encoders.fuser.sensors_of``) each
+        of the batch's N agents has data for; an agent without one still has a map."""
+        return modality_mask(self.encoder, AgentInputs.from_batch(batch))
 
     def forward(self, batch: CoopBatch, channel=None, timer=None) -> DetectorOutput:
         """``channel``: None (tensors pass straight through), or an object with

@@ -98,7 +98,8 @@ class CameraBev(nn.Module):
         pts = torch.stack([xs.reshape(1, -1).expand(len(z), -1), ys.reshape(1, -1).expand(len(z), -1),
                            z[:, None].expand(-1, xs.numel())], -1)        # (Z, M, 3)
         cam_from_lidar = torch.linalg.inv(lidar_from_camera.to(torch.float64))
-        p = torch.einsum("kij,zmj->kzmi", cam_from_lidar[:, :3, :3], pts) + cam_from_lidar[:, None, None, :3, 3]
+        p = (torch.einsum("kij,zmj->kzmi", cam_from_lidar[:, :3, :3], pts)
+             + cam_from_lidar[:, None, None, :3, 3])
         uvw = torch.einsum("kij,kzmj->kzmi", intrinsics.to(torch.float64), p)
         depth = p[..., 2]
         uv = uvw[..., :2] / depth.clamp(min=1e-6)[..., None]

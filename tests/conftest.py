@@ -1,5 +1,6 @@
 """Fixtures shared across test folders: a tiny detector config and a one-frame batch of random
-points, for tests that run whole models on CPU in well under a second."""
+points, for tests that run whole models on CPU in well under a second; a tiny synthetic OPV2V
+dataset with camera images."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,31 @@ import pytest
 
 from v2xfuse.datasets import collate
 from v2xfuse.datasets.pipeline import Sample
+
+
+def small_sim_config(cameras: bool):
+    """Generator settings for test data: 16-beam LiDARs, cameras at a quarter of their size
+    (100 x 75 on vehicles, 120 x 67 on the roadside unit)."""
+    from v2xfuse.sim import SimConfig
+
+    sim = SimConfig.from_dict({"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
+                               "rsu_lidar": {"azimuth_steps": 360, "beams": 16}})
+    sim.cameras = cameras
+    for cam in sim.vehicle_cameras + sim.rsu_cameras:
+        cam.width, cam.height = cam.width // 4, cam.height // 4
+    return sim
+
+
+@pytest.fixture(scope="session")
+def camera_opv2v_root(tmp_path_factory):
+    """A synthetic OPV2V dataset with camera images: 2 scenes of 3 frames (scene 0 "train",
+    scene 1 "validate"), 3 CAVs and a roadside unit each (about 6 s to generate)."""
+    from v2xfuse.sim import generate_dataset
+
+    root = tmp_path_factory.mktemp("opv2v_cameras")
+    generate_dataset("opv2v", root, n_scenes=2, n_frames=3, seed=11, cfg=small_sim_config(True),
+                     splits={"train": 0.5, "validate": 0.5}, progress=False, workers=1)
+    return root
 
 
 @pytest.fixture

@@ -10,8 +10,10 @@ from v2xfuse.config import load_config
 from v2xfuse.datasets import DatasetError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Experiment configs: the top level and methods/ (datasets/ and recipes/ hold sections only).
-EXPERIMENTS = sorted([*CONFIGS.glob("*.yaml"), *(CONFIGS / "methods").glob("*.yaml")])
+# Experiment configs: the top level, methods/ and experimental/ (datasets/ and recipes/ hold
+# sections only).
+EXPERIMENTS = sorted([*CONFIGS.glob("*.yaml"), *(CONFIGS / "methods").glob("*.yaml"),
+                      *(CONFIGS / "experimental").glob("*.yaml")])
 REAL = {"opv2v": "opv2v", "dair_v2x": "dair_v2x_c", "v2x_seq": "v2x_seq_spd"}
 
 

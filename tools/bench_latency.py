@@ -54,7 +54,7 @@ def select_agents(sample, count: int):
         sample, points=sample.points[:count], ego_from_agent=cut(sample.ego_from_agent),
         agent_ids=list(sample.agent_ids[:count]), agent_kinds=list(sample.agent_kinds[:count]),
         time_delay_s=cut(sample.time_delay_s), cameras=sample.cameras[:count],
-        true_ego_from_agent=cut(sample.true_ego_from_agent))
+        true_ego_from_agent=cut(sample.true_ego_from_agent), history=cut(sample.history))
 
 
 def measure(model, samples: list, cfg: dict, count: int, frames: int, warmup: int,

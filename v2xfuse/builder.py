@@ -12,13 +12,15 @@ from pathlib import Path
 from .datasets import CoopSampler, DatasetError, Opv2vAdapter, PipelineConfig
 from .models.backbone import BevBackbone
 from .models.detector import CoopDetector
+from .models.encoders.fuser import MultiSensorEncoder, sensors_of
+from .models.inputs import SENSORS
 from .models.heads.anchor_head import AnchorHead
-from .registry import DATASETS, ENCODERS, FUSION
+from .registry import DATASETS, ENCODERS, FUSION, SENSOR_FUSERS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_adapter", "build_dataset", "build_detector", "ensure_synthetic",
-           "synthetic_target", "kwargs_for"]
+__all__ = ["build_adapter", "build_dataset", "build_detector", "build_encoder",
+           "ensure_synthetic", "synthetic_target", "kwargs_for"]
 
 
 def _register_builtin() -> None:
@@ -120,24 +122,75 @@ def build_adapter(dataset_cfg: dict, split: str, **extra):
 
 
 def build_dataset(cfg: dict, split: str, train: bool, seed: int = 0, **extra) -> CoopSampler:
-    """A map-style dataset of :class:`~v2xfuse.datasets.Sample` for ``split``."""
+    """A map-style dataset of :class:`~v2xfuse.datasets.Sample` for ``split``.
+
+    With ``pipeline.cameras`` the adapter decodes images (``load_images``); without, it never
+    does, so LiDAR-only training pays nothing for cameras."""
     ensure_synthetic(cfg["dataset"])
+    pipeline = PipelineConfig.from_dict(cfg.get("pipeline"))
+    if pipeline.cameras is not None:
+        extra.setdefault("load_images", True)
     adapter = build_adapter(cfg["dataset"], split, **extra)
-    return CoopSampler(adapter, PipelineConfig.from_dict(cfg.get("pipeline")), train=train, seed=seed)
+    return CoopSampler(adapter, pipeline, train=train, seed=seed)
+
+
+def build_encoder(model: dict, point_range):
+    """The per-agent encoder of a ``model`` section.
+
+    ``model.encoders: {lidar: {type: ...}, camera: {type: ...}}`` names one encoder per sensor
+    (``SENSORS`` order; the first one's grid is the others', so a camera encoder without its
+    own ``cell`` takes the LiDAR one's) and ``model.sensor_fuser`` (default ``{type: conv}``)
+    fuses their maps. The older ``model.encoder: {type: ...}`` is the LiDAR encoder alone.
+    With a single sensor and no ``sensor_fuser`` the encoder is returned as it is: no fuser
+    layer, the parameter names and maps of a LiDAR-only model from before per-sensor encoders.
+    """
+    if model.get("encoder") is not None and model.get("encoders") is not None:
+        raise KeyError("model: give either `encoder` (the LiDAR encoder) or `encoders` (one per "
+                       "sensor), not both (set the other to null)")
+    sections = dict(model.get("encoders") or {"lidar": model.get("encoder")})
+    sections = {k: v for k, v in sections.items() if v is not None}
+    unknown = set(sections) - set(SENSORS)
+    if unknown or not sections:
+        raise KeyError(f"model.encoders: sensors must be among {SENSORS}, got {sorted(sections)}")
+    encoders, grid = {}, None
+    for sensor in (s for s in SENSORS if s in sections):
+        where = f"model.encoders.{sensor}" if model.get("encoders") else "model.encoder"
+        section = dict(sections[sensor])
+        cls = ENCODERS.get(section["type"])
+        if getattr(cls, "sensor", None) != sensor:
+            raise KeyError(f"{where}: {section['type']!r} encodes {getattr(cls, 'sensor', '?')}, "
+                           f"not {sensor}")
+        kwargs = kwargs_for(cls, section, where)
+        if grid is not None and "cell" in inspect.signature(cls.__init__).parameters:
+            kwargs.setdefault("cell", grid.cell)
+        encoders[sensor] = cls(point_range=point_range, **kwargs)
+        grid = grid or encoders[sensor].grid
+        if encoders[sensor].grid != grid:
+            raise ValueError(f"{where}: grid {encoders[sensor].grid} differs from the first "
+                             f"encoder's {grid}")
+    if len(encoders) == 1 and model.get("sensor_fuser") is None:
+        return next(iter(encoders.values()))
+    fuser_cfg = dict(model.get("sensor_fuser") or {"type": "conv"})
+    fuser_cls = SENSOR_FUSERS.get(fuser_cfg.get("type", "conv"))
+    fuser = fuser_cls([e.out_channels for e in encoders.values()],
+                      **kwargs_for(fuser_cls, fuser_cfg, "model.sensor_fuser"))
+    return MultiSensorEncoder(encoders, fuser)
 
 
 def build_detector(cfg: dict) -> CoopDetector:
     """The detector of ``cfg["model"]`` on the range ``cfg["pipeline"]["lidar_range"]``.
 
     Shapes flow forward: the encoder tells the backbone its channels, the backbone tells the
-    fusion method and the head theirs; the config never repeats them.
+    fusion method and the head theirs; the config never repeats them. The encoder is
+    :func:`build_encoder`'s.
     """
     _register_builtin()
     model = cfg["model"]
-    point_range = PipelineConfig.from_dict(cfg.get("pipeline")).lidar_range
-    enc_cfg = dict(model["encoder"])
-    enc_cls = ENCODERS.get(enc_cfg["type"])
-    encoder = enc_cls(point_range=point_range, **kwargs_for(enc_cls, enc_cfg, "model.encoder"))
+    pipeline = PipelineConfig.from_dict(cfg.get("pipeline"))
+    encoder = build_encoder(model, pipeline.lidar_range)
+    if "camera" in sensors_of(encoder) and pipeline.cameras is None:
+        raise KeyError("model.encoders.camera reads images: set pipeline.cameras "
+                       "(image_size: [H, W]) so that the batches carry them")
     backbone = BevBackbone(encoder.out_channels,
                            **kwargs_for(BevBackbone, model.get("backbone", {}), "model.backbone"))
     fusion_cfg = dict(model.get("fusion", {"type": "none"}))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-__all__ = ["Registry", "FUSION", "ENCODERS", "HEADS", "DATASETS"]
+__all__ = ["Registry", "FUSION", "ENCODERS", "SENSOR_FUSERS", "HEADS", "DATASETS"]
 
 T = TypeVar("T")
 
@@ -45,5 +45,6 @@ class Registry:
 
 FUSION = Registry("fusion method")
 ENCODERS = Registry("encoder")
+SENSOR_FUSERS = Registry("sensor fuser")
 HEADS = Registry("detection head")
 DATASETS = Registry("dataset")

@@ -4,6 +4,7 @@ import torch
 
 from v2xfuse.models.encoders.pointpillars import PointPillars
 from v2xfuse.models.encoders.second import Second
+from v2xfuse.models.inputs import AgentInputs
 from v2xfuse.utils.spconv_compat import spconv_pytorch
 
 
@@ -59,7 +60,7 @@ def test_second_and_pointpillars_give_per_agent_bev_maps_and_gradients():
     rng = (-19.2, -19.2, -4.0, 19.2, 19.2, 2.0)
     for enc in (Second(rng, voxel_size=(0.8, 0.8, 0.5), channels=(8, 16)),
                 PointPillars(rng, voxel_size=(0.8, 0.8), out_channels=8)):
-        out = enc(_points(), 3)  # agent 2 has no points: an all-zero map, not an error
+        out = enc(AgentInputs(3, _points()))  # agent 2 has no points: an all-zero map, not an error
         assert out.shape == (3, enc.out_channels, enc.grid.ny, enc.grid.nx) == (3, enc.out_channels, 48, 48)
         assert out[:2].abs().sum() > 0
         out.sum().backward()

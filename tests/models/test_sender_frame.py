@@ -8,6 +8,7 @@ from v2xfuse.builder import build_detector
 from v2xfuse.comm.batch_link import BatchChannel
 from v2xfuse.comm.channel import Channel, LinkConfig
 from v2xfuse.models.detector import ego_aligned_frames
+from v2xfuse.models.inputs import AgentInputs
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
 
 CELL = 0.8  # the voxel size of the tiny_detector_cfg fixture (tests/conftest.py)
@@ -64,8 +65,8 @@ def test_a_sender_s_features_do_not_depend_on_which_way_it_faces(tiny_detector_c
         batch = random_points_batch([pose_from_xyz_rpy(0, 0, 0, 0, 0, 0), pose], [ego_pts, own])
         aligned = ego_aligned_frames(batch, [1], CELL)
         with torch.no_grad():
-            maps[yaw, "own"] = model.encoder(batch.points, 2)[1]
-            maps[yaw, "aligned"] = model.encoder(aligned.points, 2)[1]
+            maps[yaw, "own"] = model.encoder(AgentInputs(2, batch.points))[1]
+            maps[yaw, "aligned"] = model.encoder(AgentInputs(2, aligned.points))[1]
     assert not torch.allclose(maps[0.0, "own"], maps[np.pi / 2, "own"], atol=1e-3)
     torch.testing.assert_close(maps[0.0, "aligned"], maps[np.pi / 2, "aligned"], atol=1e-4,
                                rtol=1e-4)

@@ -25,6 +25,15 @@ no sample (the loops in :mod:`v2xfuse.engine` do not skip it yet).
 Problems found while building the index (a DAIR row naming no point cloud) are different: the
 index is built once, before any worker exists, so under ``skip_bad_frames`` such rows are left
 out of it there and then (``DairV2XCAdapter.dropped_rows``).
+
+**History** (``history_frames`` = k > 0): every agent of a loaded frame carries in
+``AgentObs.history`` its k observations before the one served, newest first, from the same
+sequence (OPV2V scenario, DAIR-V2X batch segment, V2X-Seq sequence). A collaborator served
+``d`` samples late has history from ``d + 1`` samples back. Where the sequence starts later
+the history is shorter, never padded with repeats; the sample says how long each one is. A
+history frame the index lists but whose files are bad makes the whole sample bad (a
+:class:`DatasetError` naming the file, skipped like any bad frame under ``skip_bad_frames``):
+a silently shorter history would look like a sequence start to a temporal model.
 """
 from __future__ import annotations
 
@@ -41,7 +50,7 @@ import numpy as np
 import yaml
 
 from ..io.pcd import read_points
-from ..structures.coop import CoopFrame
+from ..structures.coop import AgentObs, CoopFrame
 
 __all__ = ["DatasetError", "SkippedSample", "CoopAdapter", "PointCache", "load_point_file",
            "reading", "error_message", "READ_ERRORS"]
@@ -160,13 +169,19 @@ class CoopAdapter(abc.ABC):
     ``skip_bad_frames`` does not change what ``load`` returns: it tells the sampler to turn a
     bad sample into a :class:`SkippedSample` (see :meth:`skip` and the module docstring), so
     one bad file costs that frame only, and no other frame is counted twice.
+
+    ``history_frames`` (k): each agent's older observations in ``AgentObs.history`` (module
+    docstring); adapters that serve history implement :meth:`_past`.
     """
 
     name: str = "dataset"
     frame_period_us: int = 100_000
 
-    def __init__(self, skip_bad_frames: bool = False):
+    def __init__(self, skip_bad_frames: bool = False, history_frames: int = 0):
+        if int(history_frames) < 0:
+            raise ValueError(f"history_frames must be >= 0, got {history_frames}")
         self.skip_bad_frames = skip_bad_frames
+        self.history_frames = int(history_frames)
         self.bad_frames: dict[int, str] = {}
 
     @abc.abstractmethod
@@ -174,6 +189,12 @@ class CoopAdapter(abc.ABC):
 
     @abc.abstractmethod
     def _load(self, idx: int, delays: Mapping[str, int] | None) -> CoopFrame: ...
+
+    def _past(self, idx: int, agent_id: str, steps: int) -> AgentObs | None:
+        """Agent ``agent_id``'s observation ``steps`` (>= 1) samples before sample ``idx``'s
+        time, from the same sequence, or None where the sequence starts later. The samples are
+        those a delay counts: ``_load(idx, {agent_id: steps})`` would serve the same one."""
+        raise NotImplementedError(f"{self.name}: this adapter serves no history (history_frames)")
 
     def agent_ids(self, idx: int) -> list[str]:
         """Ids of the agents sample ``idx`` would contain, ego first (cheap: no point clouds)."""
@@ -189,7 +210,23 @@ class CoopAdapter(abc.ABC):
             raise IndexError(f"{self.name}: index {idx} out of range for {n} samples")
         idx %= n
         with self.sample_errors(idx):
-            return self._load(idx, delays)
+            frame = self._load(idx, delays)
+            if self.history_frames:
+                self._attach_history(idx, frame, delays)
+            return frame
+
+    def _attach_history(self, idx: int, frame: CoopFrame, delays: Mapping[str, int] | None) -> None:
+        """Fill each agent's ``history``: ``history_frames`` observations before the one served
+        (the ego's from 1 sample back, a collaborator late by ``d`` from ``d + 1``), fewer where
+        the sequence starts."""
+        for i, agent in enumerate(frame.agents):
+            delay = 0 if i == 0 or not delays else int(delays.get(agent.agent_id, 0))
+            agent.history = []
+            for steps in range(delay + 1, delay + 1 + self.history_frames):
+                past = self._past(idx, agent.agent_id, steps)
+                if past is None:
+                    break
+                agent.history.append(past)
 
     @contextlib.contextmanager
     def sample_errors(self, idx: int):

@@ -30,6 +30,10 @@ Facts and sources are in shared/reference/dair-v2x.md; the choices this adapter 
   offset is kept (the official TCLF reuses it). Where fewer than k earlier frames exist the
   earliest one is used (the official code drops such samples); the age actually served is in
   the timestamps.
+* **History** (``history_frames``): each side's earlier frames in its own segment (the same
+  timestamp order asynchrony uses; the vehicle's segment from its row's batch bounds). An
+  earlier roadside frame gets the sample's offset and, for V2X-Seq, the correction through the
+  sample's vehicle pose, as a delayed one does.
 * **Intensity** is stored 0..255; it is divided by ``intensity_scale`` (255, as the KITTI
   converters; the official ``read_pcd`` uses 256).
 
@@ -158,11 +162,13 @@ class DairV2XCAdapter(CoopAdapter):
         duplicates: ``"keep"`` | ``"first"`` | ``"last"`` for repeated vehicle frames.
         cameras: attach the front camera (intrinsic, extrinsic, image path and size); off by
             default because released infrastructure images are partly missing (issue #113).
-        load_images: decode JPEGs into ``CameraObs.image`` (else only their path and size).
+        load_images: decode JPEGs into ``CameraObs.image`` (else only their path and size);
+            implies ``cameras`` (pixels of a camera not attached would go nowhere).
         side_labels: also read each side's own LiDAR labels into ``AgentObs.boxes``.
         intensity_scale: stored intensity is divided by this.
         skip_bad_frames: drop index rows that cannot be read (listed in ``dropped_rows``) and
             let the sampler skip samples whose files are bad (:mod:`v2xfuse.datasets.base`).
+        history_frames: older frames per agent (:mod:`v2xfuse.datasets.base`).
     """
 
     name = "dair-v2x-c"
@@ -173,8 +179,9 @@ class DairV2XCAdapter(CoopAdapter):
     def __init__(self, root: str | Path, split: str = "train", split_file: str | Path | None = None,
                  offset_source: str = "pair", duplicates: str = "keep", load_images: bool = False,
                  cameras: bool = False, side_labels: bool = False, intensity_scale: float = 255.0,
-                 skip_bad_frames: bool = False, cache_points_mb: float = 0.0):
-        super().__init__(skip_bad_frames)
+                 skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
+                 history_frames: int = 0):
+        super().__init__(skip_bad_frames, history_frames)
         if offset_source not in ("pair", "calib", "none"):
             raise ValueError(f"offset_source must be 'pair', 'calib' or 'none', got {offset_source!r}")
         if duplicates not in ("keep", "first", "last"):
@@ -185,7 +192,7 @@ class DairV2XCAdapter(CoopAdapter):
         self.root = root
         self.offset_source = offset_source
         self.load_images = load_images
-        self.cameras = cameras
+        self.cameras = cameras or load_images
         self.side_labels = side_labels
         self.intensity_scale = intensity_scale
         self.points = PointCache(cache_points_mb)
@@ -197,6 +204,7 @@ class DairV2XCAdapter(CoopAdapter):
         self.vehicle_rows = side_rows(root / VEHICLE_SIDE, dropped)
         self.infra_rows = side_rows(root / INFRA_SIDE, dropped)
         self.infra_segments = self._segments(self.infra_rows, root / INFRA_SIDE / "data_info.json")
+        self.vehicle_segments = self._vehicle_segments()
 
         coop_path = self.index_path = root / "cooperative" / "data_info.json"
         rows = read_json(coop_path, "data_info")
@@ -263,6 +271,13 @@ class DairV2XCAdapter(CoopAdapter):
                 out[fid] = (key, order)
         return out
 
+    def _vehicle_segments(self) -> dict:
+        """:meth:`_segments` of the vehicle side; only history reads them, so without it the
+        index is not built."""
+        if not self.history_frames:
+            return {}
+        return self._segments(self.vehicle_rows, self.root / VEHICLE_SIDE / "data_info.json")
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -315,11 +330,40 @@ class DairV2XCAdapter(CoopAdapter):
         return segment_of(vehicle_row, vid)[0]
 
     def _earlier_infra(self, iid: str, k: int, where: str) -> str:
-        if iid not in self.infra_segments:
-            raise DatasetError(f"{where}: infrastructure frame {iid} is not in "
-                               f"{self.root / INFRA_SIDE / 'data_info.json'}")
-        _, order = self.infra_segments[iid]
-        return order[max(order.index(iid) - k, 0)]
+        """The roadside frame ``k`` before ``iid``, or its segment's first (VIC-Async-k)."""
+        earlier = self._frame_before(INFRA, iid, k, where)
+        return earlier if earlier is not None else self.infra_segments[iid][1][0]
+
+    def _frame_before(self, kind: str, fid: str, k: int, where: str) -> str | None:
+        """The ``kind`` side's frame ``k`` before ``fid`` in its segment, None before its start."""
+        segments, side = ((self.infra_segments, INFRA_SIDE) if kind == INFRA
+                          else (self.vehicle_segments, VEHICLE_SIDE))
+        if fid not in segments:
+            raise DatasetError(f"{where}: {kind} frame {fid} is not in "
+                               f"{self.root / side / 'data_info.json'}")
+        _, order = segments[fid]
+        pos = order.index(fid) - k
+        return order[pos] if pos >= 0 else None
+
+    def _past(self, idx: int, agent_id: str, steps: int) -> AgentObs | None:
+        s = self.samples[idx]
+        where = f"{self.index_path}: row {s['_row']}"
+        vid = s["_vehicle_id"]
+        vrow = self._side_row(self.vehicle_rows, vid, VEHICLE_SIDE, where)
+        if agent_id == VEHICLE:
+            fid = self._frame_before(VEHICLE, vid, steps, where)
+            if fid is None:
+                return None
+            row = self._side_row(self.vehicle_rows, fid, VEHICLE_SIDE, where)
+            return self._agent(VEHICLE, VEHICLE_SIDE, fid, row, self._pose(VEHICLE, VEHICLE_SIDE, fid, row))
+        fid = self._frame_before(INFRA, s["_infra_id"], steps, where)
+        if fid is None:
+            return None
+        row = self._side_row(self.infra_rows, fid, INFRA_SIDE, where)
+        pose = self._corrected_infra_pose(self._pose(INFRA, INFRA_SIDE, fid, row),
+                                          self._pose(VEHICLE, VEHICLE_SIDE, vid, vrow),
+                                          self._offset(s, fid, where))
+        return self._agent(INFRA, INFRA_SIDE, fid, row, pose)
 
     def _offset(self, sample: dict, iid: str, where: str) -> tuple[float, float]:
         if self.offset_source == "pair":

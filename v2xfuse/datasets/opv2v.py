@@ -3,6 +3,7 @@
 Indexing: ``<root>/<split>/<scenario>/<agent id>/<key>.yaml|.pcd|_camera<i>.png``. Keys are
 CARLA frame numbers (six digits, +2 per 10 Hz sample); they are treated as opaque sorted
 strings and delays count samples, not key arithmetic. A sample's time is ``int(key) * 50 ms``.
+A scenario is one sequence: history (``history_frames``) is an agent's earlier keys in it.
 
 Agent selection (stated rule, not sort order): the ego is a connected vehicle (``ego``:
 ``"first"`` = the smallest non-negative id, numerically; ``"each"`` = every vehicle of the
@@ -71,8 +72,8 @@ class Opv2vAdapter(CoopAdapter):
                  comm_range: float = 70.0, ego: str = "first", include_rsu: bool = True,
                  camera_names: tuple[str, ...] = CAMERA_NAMES,
                  load_images: bool = False, skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
-                 meta_cache_size: int = 65536):
-        super().__init__(skip_bad_frames)
+                 meta_cache_size: int = 65536, history_frames: int = 0):
+        super().__init__(skip_bad_frames, history_frames)
         if ego not in ("first", "each"):
             raise ValueError(f"ego must be 'first' or 'each', got {ego!r}")
         if max_agents < 1:
@@ -158,13 +159,25 @@ class Opv2vAdapter(CoopAdapter):
                     gt_ids.append(int(oid))
                     gt_boxes_world.append(box)
             delay = 0 if aid == ego_id or not delays else int(delays.get(aid, 0))
-            keys = self.scenarios[scenario][aid]
-            obs_key = keys[max(keys.index(key) - delay, 0)]
+            # a delay reaching before the agent's first frame serves that first frame
+            obs_key = self._key_before(scenario, aid, key, delay) or self.scenarios[scenario][aid][0]
             agents.append(self._agent(scenario, aid, obs_key))
         ego_from_world = invert_transform(agents[0].world_from_lidar)
         gt = transform_boxes(ego_from_world, np.array(gt_boxes_world).reshape(-1, 7))
         return CoopFrame(self.name, scenario, key, agents, gt, np.array(gt_ids, np.int64),
                          tuple("car" for _ in gt_ids))
+
+    def _key_before(self, scenario: str, aid: str, key: str, steps: int) -> str | None:
+        """The key ``steps`` samples before ``key`` in agent ``aid``'s folder, None before its
+        first (a scenario is one sequence)."""
+        keys = self.scenarios[scenario][aid]
+        pos = keys.index(key) - steps
+        return keys[pos] if pos >= 0 else None
+
+    def _past(self, idx: int, agent_id: str, steps: int) -> AgentObs | None:
+        scenario, ego_id, k = self.samples[idx]
+        key = self._key_before(scenario, agent_id, self.scenarios[scenario][ego_id][k], steps)
+        return None if key is None else self._agent(scenario, agent_id, key)
 
     def _agent(self, scenario: str, aid: str, key: str) -> AgentObs:
         adir = self._agent_dir(scenario, aid)

@@ -2,12 +2,27 @@
 
 Order matters and is fixed: (1) per-agent time delay (the adapter serves older observations),
 (2) localisation noise on the poses the ego *receives* (points stay true, so features land in
-the wrong place, as with a real GNSS error), (3) augmentation, (4) range crop.
+the wrong place, as with a real GNSS error), (3) augmentation, (4) range crop, (5) images
+resized and cropped to ``pipeline.cameras.image_size`` (:mod:`v2xfuse.datasets.images`).
 
 Augmentation is one similarity ``A`` (flip about x, rotation about z, uniform scale) applied
 in every agent's own LiDAR frame; the pairwise transforms become ``A @ T @ inv(A)``, which is
 still rigid, so warping features between agents stays exact. Poses are re-expressed with the
 augmented ego frame as the world.
+
+Cameras follow the LiDAR frame and the images stay as they are: ``lidar_from_camera`` becomes
+``A @ lidar_from_camera``, so ``K @ inv(A @ L) @ (A p) = K @ inv(L) @ p``: an augmented point
+projects onto the pixel that saw it. After a flip the augmented LiDAR frame is left-handed and
+``A @ L`` contains a reflection (and the scale); it is an affine map, not a rigid pose, and
+code that projects must invert it as a matrix (never transpose its rotation). Not flipping the
+images keeps every pixel a real view and the projection exact.
+
+History (``dataset.history_frames``): each agent's older observations (see
+:mod:`v2xfuse.datasets.base`) become :class:`PastObs`: points in the LiDAR frame of their own
+moment, and ``agent_from_past`` from the agent's own poses (its localisation; the noise of (2)
+is the ego's view of others). The same ``A`` augments them (points, cameras, and
+``agent_from_past`` becomes ``A T inv(A)``), the same crop applies (height through
+``ego_from_agent @ agent_from_past``), and images are fitted alike.
 
 Randomness comes from an explicit generator seeded by ``(seed, epoch, index)``: reproducible
 with any number of DataLoader workers, and nothing reseeds a global RNG.
@@ -20,7 +35,7 @@ frame: :mod:`v2xfuse.datasets.base`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,8 +43,9 @@ from ..structures.boxes import transform_boxes, wrap_angle
 from ..structures.coop import CoopFrame
 from ..structures.transforms import invert_transform, make_transform, rotation_z
 from .base import CoopAdapter, DatasetError, SkippedSample
+from .images import CameraConfig, fit_image
 
-__all__ = ["PipelineConfig", "Sample", "CoopSampler", "augmentation_matrix"]
+__all__ = ["PipelineConfig", "Sample", "PastObs", "CoopSampler", "augmentation_matrix"]
 
 
 @dataclass
@@ -46,6 +62,8 @@ class PipelineConfig:
     delay_frames: int = 0                          # max delay of each non-ego agent, in samples
     delay_mode: str = "fixed"                      # "fixed": every collaborator late by delay_frames;
                                                    # "uniform": each one late by U{0..delay_frames}
+    cameras: CameraConfig | None = None            # images in the batch (None: LiDAR only,
+                                                   # no image is decoded)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PipelineConfig":
@@ -57,7 +75,28 @@ class PipelineConfig:
         for k in ("lidar_range", "gt_range", "scale"):
             if d.get(k) is not None:
                 d[k] = tuple(float(v) for v in d[k])
+        d["cameras"] = CameraConfig.from_dict(d.get("cameras"))
         return cls(**d)
+
+
+@dataclass
+class PastObs:
+    """One older observation of an agent, processed like the current one.
+
+    Attributes:
+        points: (P, 4) float32 [x, y, z, intensity] in the agent's LiDAR frame at that time
+            (augmented, cropped).
+        agent_from_past: (4, 4) float64, that frame into the agent's current one (augmented:
+            ``A T inv(A)``, rigid).
+        timestamp_us: its sensor time.
+        cameras: its CameraObs (``lidar_from_camera`` into that older frame, augmented; images
+            fitted when the pipeline has cameras).
+    """
+
+    points: np.ndarray
+    agent_from_past: np.ndarray
+    timestamp_us: int
+    cameras: list = field(default_factory=list)
 
 
 @dataclass
@@ -71,12 +110,18 @@ class Sample:
         agent_ids, agent_kinds: per agent (kinds: "vehicle" | "infrastructure").
         time_delay_s: (L,) how old each agent's observation is relative to the ego's.
         frame: the source frame's (dataset, sequence_id, frame_id).
-        cameras: per agent, the list of CameraObs (images only when the adapter loads them).
+        cameras: per agent, its CameraObs with ``lidar_from_camera`` following the augmentation
+            (see the module docstring); their images resized and cropped to ``image_size``
+            when the pipeline has cameras, else as the adapter gave them (usually none).
         true_ego_from_agent: (L, 4, 4) the true transforms (before localisation noise).
         world_from_agent: (L, 4, 4) each agent's own pose in the dataset's world frame, as that
             agent knows it (its own localisation; the noise the ego sees is not on it).
         timestamp_us: (L,) int64 each agent's sensor time. Methods with memory across frames
             (time-compensated late fusion) use these two on the sender side.
+        image_size: (H, W) of every image when the pipeline has cameras, else None (collate
+            then stacks no camera).
+        history: per agent, its :class:`PastObs` newest first (possibly fewer than
+            ``history_frames``, none at a sequence start), or None without history.
     """
 
     points: list[np.ndarray]
@@ -91,6 +136,8 @@ class Sample:
     true_ego_from_agent: np.ndarray | None = None
     world_from_agent: np.ndarray | None = None
     timestamp_us: np.ndarray | None = None
+    image_size: tuple[int, int] | None = None
+    history: list[list[PastObs]] | None = None
 
 
 def augmentation_matrix(flip: bool, rotate_rad: float, scale: float) -> np.ndarray:
@@ -179,7 +226,11 @@ class CoopSampler:
                                        (*rng.normal(0, cfg.loc_noise_xyz_std, 2), 0.0))
                 ego_from_agent[i] = ego_from_agent[i] @ noise
         points = [a.points for a in frame.agents]
+        cameras = [a.cameras for a in frame.agents]
         gt = frame.gt_boxes
+        history = ([[PastObs(p.points, invert_transform(agent.world_from_lidar) @ p.world_from_lidar,
+                             p.timestamp_us, p.cameras) for p in agent.history]
+                    for agent in frame.agents] if self.adapter.history_frames else None)
         # (3) augmentation, training only.
         if self.train and (cfg.flip_prob > 0 or cfg.rotate_deg > 0 or cfg.scale != (1.0, 1.0)):
             flip = bool(rng.random() < cfg.flip_prob)
@@ -187,28 +238,53 @@ class CoopSampler:
             scale = float(rng.uniform(*cfg.scale))
             a = augmentation_matrix(flip, rot, scale)
             a_inv = np.linalg.inv(a)
+            if history is not None:
+                history = [[PastObs(_transform_xyz(a, p.points), a @ p.agent_from_past @ a_inv,
+                                    p.timestamp_us, [_move_camera(a, c) for c in p.cameras])
+                            for p in past] for past in history]
             points = [_transform_xyz(a, p) for p in points]
             ego_from_agent = np.einsum("ab,nbc,cd->nad", a, ego_from_agent, a_inv)
             true_ego_from_agent = np.einsum("ab,nbc,cd->nad", a, true_ego_from_agent, a_inv)
             gt = _apply_similarity_to_boxes(a, gt, flip, scale)
+            cameras = [[_move_camera(a, c) for c in cams] for cams in cameras]
         # (4) crop: points by x, y in each agent's own frame and by height above the ego's LiDAR
         # (z plus the agent's height in the ego frame: a roadside LiDAR 6 m up sees the ground at
         # -6 m, which a crop in its own frame would cut off with the cars on it); boxes by centre
         # in the ego frame.
         lr = cfg.lidar_range
-        points = [p[(p[:, 0] >= lr[0]) & (p[:, 0] < lr[3]) & (p[:, 1] >= lr[1]) & (p[:, 1] < lr[4])
-                    & (p[:, 2] + dz >= lr[2]) & (p[:, 2] + dz < lr[5])]
-                  for p, dz in zip(points, ego_from_agent[:, 2, 3].astype(np.float32))]
+        points = [_crop(p, lr, dz) for p, dz in zip(points, ego_from_agent[:, 2, 3].astype(np.float32))]
+        if history is not None:
+            history = [[replace(p, points=_crop(p.points, lr, np.float32((pose @ p.agent_from_past)[2, 3])))
+                        for p in past] for past, pose in zip(history, ego_from_agent)]
         gr = cfg.gt_range or lr
         keep = (gt[:, 0] >= gr[0]) & (gt[:, 0] < gr[3]) & (gt[:, 1] >= gr[1]) & (gt[:, 1] < gr[4])
         gt, gt_ids = gt[keep], frame.gt_ids[keep]
+        # (5) images, last: nothing above moves a pixel.
+        if cfg.cameras is not None:
+            cameras = [[fit_image(c, cfg.cameras) for c in cams] for cams in cameras]
+            if history is not None:
+                history = [[replace(p, cameras=[fit_image(c, cfg.cameras) for c in p.cameras])
+                            for p in past] for past in history]
         delay_s = np.array([(ego.timestamp_us - a.timestamp_us) / 1e6 for a in frame.agents])
         return Sample(points, ego_from_agent, gt, gt_ids, [a.agent_id for a in frame.agents],
                       [a.kind for a in frame.agents], delay_s,
                       (frame.dataset, frame.sequence_id, frame.frame_id),
-                      [a.cameras for a in frame.agents], true_ego_from_agent,
+                      cameras, true_ego_from_agent,
                       np.stack([a.world_from_lidar for a in frame.agents]),
-                      np.array([a.timestamp_us for a in frame.agents], dtype=np.int64))
+                      np.array([a.timestamp_us for a in frame.agents], dtype=np.int64),
+                      None if cfg.cameras is None else cfg.cameras.image_size, history)
+
+
+def _crop(points: np.ndarray, lr, dz) -> np.ndarray:
+    """(P, 4) points of one LiDAR frame inside ``lidar_range`` in x, y and in height above the
+    ego's LiDAR (z plus ``dz``, the frame's height in the ego frame)."""
+    return points[(points[:, 0] >= lr[0]) & (points[:, 0] < lr[3]) & (points[:, 1] >= lr[1])
+                  & (points[:, 1] < lr[4]) & (points[:, 2] + dz >= lr[2]) & (points[:, 2] + dz < lr[5])]
+
+
+def _move_camera(a: np.ndarray, cam):
+    """The camera of a LiDAR frame moved by ``a``: ``A @ lidar_from_camera`` (module docstring)."""
+    return replace(cam, lidar_from_camera=a @ cam.lidar_from_camera)
 
 
 def _transform_xyz(a: np.ndarray, points: np.ndarray) -> np.ndarray:

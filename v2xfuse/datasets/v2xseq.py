@@ -56,6 +56,7 @@ class V2XSeqAdapter(DairV2XCAdapter):
                 if str(row.get("frame_id", fid)) != fid:
                     rows[str(row["frame_id"])] = rows.pop(fid)
         self.infra_segments = self._segments(self.infra_rows, self.root / "infrastructure-side" / "data_info.json")
+        self.vehicle_segments = self._vehicle_segments()
 
     @staticmethod
     def row_ids(row: dict, where: str) -> tuple[str, str]:

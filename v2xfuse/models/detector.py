@@ -19,11 +19,13 @@ from torch import nn
 
 from ..datasets.batch import CoopBatch
 from ..comm.received import Received
-from ..fusion.base import FusionMethod, FusionState, point_order
+from ..fusion.base import FusionMethod, FusionState
 from ..structures.boxes import transform_boxes
 from ..utils.timing import null_timer
 from ..structures.bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
+from .encoders.fuser import modality_mask
+from .inputs import AgentInputs
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
            "SENDER_FRAMES"]
@@ -65,7 +67,7 @@ class DetectorOutput:
 class CoopDetector(nn.Module):
     """
     Args:
-        encoder: points (P, 5) [agent, x, y, z, i], num agents -> (N, C, H, W) BEV maps.
+        encoder: :class:`AgentInputs` of N agents -> (N, C, H, W) BEV maps.
         backbone: (N, C, H, W) -> (N, C', H', W').
         fusion: the fusion method.
         head: detection head on the fused (B, C', H', W') maps.
@@ -111,8 +113,14 @@ class CoopDetector(nn.Module):
             raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes of the "
                              f"head's confidence; {type(self.head).__name__} has none")
 
-    def bev(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
-        return self.backbone(self.encoder(points, num_agents))
+    def bev(self, inputs: AgentInputs) -> torch.Tensor:
+        """(N, C', H', W') feature maps of the N agents of ``inputs``."""
+        return self.backbone(self.encoder(inputs))
+
+    def modality_mask(self, batch: CoopBatch) -> torch.Tensor:
+        """(N, S) bool: which of the encoder's S sensors (``encoders.fuser.sensors_of``) each
+        of the batch's N agents has data for; an agent without one still has a map."""
+        return modality_mask(self.encoder, AgentInputs.from_batch(batch))
 
     def forward(self, batch: CoopBatch, channel=None, timer=None) -> DetectorOutput:
         """``channel``: None (tensors pass straight through), or an object with
@@ -138,7 +146,7 @@ class CoopDetector(nn.Module):
         if "points" in points:
             cloud = self._round("points", state, senders, channel, stage, rounds)
             with stage("encode"):
-                fused = self.bev(cloud, batch.batch_size)
+                fused = self.bev(AgentInputs.early(batch, cloud))
         else:
             with stage("encode"):
                 self._encode_agents(state, senders)
@@ -203,11 +211,10 @@ class CoopDetector(nn.Module):
         """Every agent's BEV map into ``state.features``; only the egos' when nobody sends
         and no loss needs the others (their maps stay zero)."""
         batch = state.batch
-        if senders or (self.training and self.agent_loss_weight > 0):
-            state.features = self.bev(batch.points, batch.num_agents)
-        else:
-            own = batch.points[torch.isin(batch.points[:, 0].long(), batch.ego_index())]
-            state.features = self.bev(own, batch.num_agents)
+        inputs = AgentInputs.from_batch(batch)
+        if not (senders or (self.training and self.agent_loss_weight > 0)):
+            inputs = inputs.only(batch.ego_index())
+        state.features = self.bev(inputs)
         state.grid = self.feature_grid
 
     def _services(self, state: FusionState, senders: list[int]) -> None:
@@ -320,7 +327,10 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
     ``A = [R | t - s]`` for ``ego_from_agent = [R | t]`` and the snapped shift ``s``, and every
     pose (received and true) becomes ``pose @ inv(A)``. Works with whichever pose the ego sent
     and the sender believes (``ego_from_agent``, noisy or not); the true poses follow the same
-    ``A`` so supervision stays exact.
+    ``A`` so supervision stays exact. The agents' cameras move with their frames
+    (``lidar_from_camera' = A @ lidar_from_camera``), so a point still projects onto its pixel,
+    and so do their older observations (``agent_from_past' = A @ agent_from_past``; the older
+    points and cameras stay in their own frames).
     """
     if not agents:
         return batch
@@ -342,5 +352,12 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
     true_pose = batch.true_ego_from_agent
     if true_pose is not None:
         true_pose = (true_pose.to(torch.float64) @ a_inv).to(true_pose.dtype)
+    cameras = batch.cameras
+    if cameras is not None:
+        cameras = replace(cameras, lidar_from_camera=(a[cameras.agent] @ cameras.lidar_from_camera
+                                                      .to(torch.float64)).to(cameras.lidar_from_camera.dtype))
+    history = batch.history
+    if history is not None:
+        history = replace(history, agent_from_past=a[history.agent] @ history.agent_from_past)
     return replace(batch, points=points, ego_from_agent=(pose.to(torch.float64) @ a_inv).to(dtype),
-                   true_ego_from_agent=true_pose)
+                   true_ego_from_agent=true_pose, cameras=cameras, history=history)

@@ -76,6 +76,8 @@ class AgentObs:
             dataset has per-agent labels.
         box_ids: (M,) int64 object ids of ``boxes`` (-1 where the dataset has none).
         speed_mps: the agent's own speed in m/s (0 for roadside units).
+        history: the agent's older observations from the same sequence, newest first (empty
+            unless the adapter has ``history_frames``; shorter at a sequence's start).
     """
 
     agent_id: str
@@ -87,6 +89,7 @@ class AgentObs:
     boxes: np.ndarray | None = None
     box_ids: np.ndarray | None = None
     speed_mps: float = 0.0
+    history: list["AgentObs"] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.agent_id = str(self.agent_id)

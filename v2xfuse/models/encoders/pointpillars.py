@@ -6,6 +6,7 @@ from torch import nn
 
 from ...registry import ENCODERS
 from ...structures.bev import BevGrid
+from ..inputs import AgentInputs
 from ..voxelize import Voxelizer, Voxels
 
 __all__ = ["PillarFeatureNet", "PointPillars"]
@@ -72,6 +73,8 @@ class PillarFeatureNet(nn.Module):
 class PointPillars(nn.Module):
     """Points of N agents -> (N, C, ny, nx) pseudo-images on ``grid`` (one per agent)."""
 
+    sensor = "lidar"
+
     def __init__(self, point_range, voxel_size=(0.4, 0.4), out_channels: int = 32,
                  max_points_per_pillar: int = 32, max_pillars: int = 32000):
         super().__init__()
@@ -82,10 +85,14 @@ class PointPillars(nn.Module):
         self.out_channels = out_channels
         self.grid = BevGrid(point_range[0], point_range[1], point_range[3], point_range[4], voxel_size[0])
 
-    def forward(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
-        voxels = self.voxelizer(points, num_agents)
+    def forward(self, inputs: AgentInputs) -> torch.Tensor:
+        """``inputs.points`` (P, 5) [agent, x, y, z, intensity] -> (N, C, ny, nx); an agent
+        without points (or ``points`` None) gets a zero map."""
+        num_agents, ny, nx = inputs.num_agents, self.grid.ny, self.grid.nx
+        if inputs.points is None or len(inputs.points) == 0:  # BN cannot normalise no pillar
+            return self.pfn.linear.weight.new_zeros((num_agents, self.out_channels, ny, nx))
+        voxels = self.voxelizer(inputs.points, num_agents)
         feats = self.pfn(voxels)
-        ny, nx = self.grid.ny, self.grid.nx
         canvas = feats.new_zeros((num_agents * ny * nx, self.out_channels))
         c = voxels.coords.long()
         canvas[c[:, 0] * ny * nx + c[:, 2] * nx + c[:, 3]] = feats

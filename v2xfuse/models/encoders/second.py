@@ -16,6 +16,7 @@ from torch import nn
 from ...registry import ENCODERS
 from ...utils.spconv_compat import spconv_pytorch
 from ...structures.bev import BevGrid
+from ..inputs import AgentInputs
 from ..voxelize import Voxelizer
 
 __all__ = ["Second"]
@@ -35,6 +36,8 @@ class Second(nn.Module):
         channels: widths of the sparse stages; each stage after the first halves z.
         max_points_per_voxel, max_voxels: voxeliser limits (per agent).
     """
+
+    sensor = "lidar"
 
     def __init__(self, point_range, voxel_size=(0.4, 0.4, 0.4), channels=(16, 32, 32),
                  max_points_per_voxel: int = 8, max_voxels: int = 60000):
@@ -64,10 +67,15 @@ class Second(nn.Module):
         self.grid = BevGrid(point_range[0], point_range[1], point_range[3], point_range[4],
                             voxel_size[0])
 
-    def forward(self, points: torch.Tensor, num_agents: int) -> torch.Tensor:
-        """points: (P, 5) [agent, x, y, z, intensity] -> (num_agents, C * D, ny, nx)."""
+    def forward(self, inputs: AgentInputs) -> torch.Tensor:
+        """``inputs.points`` (P, 5) [agent, x, y, z, intensity] -> (N, C * D, ny, nx); an agent
+        without points (or ``points`` None) gets a zero map."""
         sp = spconv_pytorch()
-        voxels = self.voxelizer(points, num_agents)
+        num_agents = inputs.num_agents
+        if inputs.points is None or len(inputs.points) == 0:  # spconv cannot convolve no voxel
+            return next(self.parameters()).new_zeros((num_agents, self.out_channels,
+                                                      self.grid.ny, self.grid.nx))
+        voxels = self.voxelizer(inputs.points, num_agents)
         n = voxels.num_points.clamp(min=1).to(voxels.features.dtype)
         mean = voxels.features.sum(dim=1) / n[:, None]  # padding rows are zeros
         x = sp.SparseConvTensor(mean, voxels.coords, self.sparse_shape, num_agents)

@@ -1,0 +1,84 @@
+"""The configs of configs/experimental/ train a step and evaluate through the real builder,
+trainer and evaluation, on tiny synthetic data their own ``dataset.synthetic`` section makes."""
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from v2xfuse.config import load_config
+from v2xfuse.engine.trainer import Trainer, load_checkpoint
+from v2xfuse.sim.config import default_rsu_cameras, default_vehicle_cameras
+
+EXPERIMENTAL = Path(__file__).resolve().parents[2] / "configs" / "experimental"
+
+
+def _quarter(cameras) -> list[dict]:
+    return [dict(dataclasses.asdict(c), width=c.width // 4, height=c.height // 4) for c in cameras]
+
+
+def _tiny(name: str, tmp_path: Path, cameras: bool, **dataset) -> dict:
+    """configs/experimental/<name>.yaml on 2 scenes of 3 frames, +-12.8 m, one step."""
+    cfg = load_config(EXPERIMENTAL / f"{name}.yaml")
+    sim = {"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
+           "rsu_lidar": {"azimuth_steps": 360, "beams": 16}}
+    if cameras:
+        sim.update(vehicle_cameras=_quarter(default_vehicle_cameras()),
+                   rsu_cameras=_quarter(default_rsu_cameras()))
+    cfg["dataset"].update(root=str(tmp_path / "data"), comm_range=200.0, cache_points_mb=0,
+                          synthetic={"scenes": 2, "frames": 3, "seed": 11, "cameras": cameras,
+                                     "splits": {"train": 0.5, "validate": 0.5}, "sim": sim},
+                          **dataset)
+    cfg["pipeline"]["lidar_range"] = [-12.8, -12.8, -5.0, 12.8, 12.8, 3.0]
+    cfg["train"].update(steps=1, batch_size=2, num_workers=0, checkpoint_every=1, val_frames=2,
+                        log_every=1)
+    return cfg
+
+
+def _fit(cfg: dict, work: Path) -> dict:
+    Trainer(cfg, work, tensorboard=False, progress=False).fit()
+    return json.loads((work / "results_val.json").read_text())
+
+
+def test_lidar_camera_trains_a_step_on_images_and_evaluates(tmp_path):
+    cfg = _tiny("lidar_camera", tmp_path, cameras=True)
+    cfg["pipeline"]["cameras"]["image_size"] = [32, 56]
+    results = _fit(cfg, tmp_path / "work")
+    assert results["frames"] == 2 and "ap_50" in results and results["bytes_per_frame"] > 0
+    state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
+    # the image network ran on training images (its batch norm counted the step) and its
+    # weights moved (AdamW leaves a parameter without a gradient alone)
+    assert int(state["encoder.encoders.camera.image_net.1.num_batches_tracked"]) == 1
+    torch.manual_seed(cfg["train"]["seed"])
+    from v2xfuse.builder import build_detector
+
+    fresh = build_detector(cfg).state_dict()
+    assert not torch.equal(state["encoder.encoders.camera.image_net.0.weight"],
+                           fresh["encoder.encoders.camera.image_net.0.weight"])
+    assert "encoder.fuser.conv.0.weight" in state
+
+
+def test_history_trains_a_step_and_evaluates_with_histories_in_every_batch(tmp_path, monkeypatch):
+    from v2xfuse.models.detector import CoopDetector
+
+    seen = []
+    forward = CoopDetector.forward
+
+    def recording(self, batch, *args, **kwargs):
+        seen.append((self.training, batch.history.length.tolist(), batch.ego_index().tolist(),
+                     batch.history.num_observations))
+        return forward(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(CoopDetector, "forward", recording)
+    cfg = _tiny("history", tmp_path, cameras=False)
+    cfg["train"]["val_frames"] = 3  # the whole validation scenario: frames 0, 1, 2
+    assert cfg["dataset"]["history_frames"] == 2 and cfg["pipeline"]["delay_frames"] == 1
+    results = _fit(cfg, tmp_path / "work")
+    assert results["frames"] == 3 and "ap_50" in results
+    assert [t for t, *_ in seen] == [True, False, False, False]  # one step, 3 validation frames
+    lengths = [n for _, length, _, _ in seen for n in length]
+    assert max(lengths) == 2 and min(lengths) == 0  # frame 0 of a scenario: none yet
+    for _, length, egos, count in seen:
+        assert count == sum(length)
+        # a collaborator one frame late has at most one older frame before frame 2
+        assert all(n <= (2 if i in egos else 1) for i, n in enumerate(length))

@@ -256,7 +256,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from v2xfuse import fusion  # noqa: F401  (registers the fusion methods)
-    from v2xfuse.builder import build_dataset
+    from v2xfuse.builder import build_dataset, history_frames_needed
     from v2xfuse.config import load_config
     from v2xfuse.engine.trainer import load_checkpoint
     from v2xfuse.registry import FUSION
@@ -299,8 +299,10 @@ def run(args) -> int:
             log.warning("%s: %s was trained on lidar_range %s, the bench uses %s; skipped",
                         method, ckpt, trained_range, lidar_range)
             continue
-        if dataset is None:
-            dataset = build_dataset(cfg, "val", train=False)
+        if dataset is None:  # one dataset for every method: the most history any needs
+            history = max(history_frames_needed({"fusion": {"type": m}}) for m in methods)
+            dataset = build_dataset(cfg, "val", train=False,
+                                    **({"history_frames": history} if history else {}))
             count = min(args.frames or len(dataset), len(dataset))
             if count <= args.cache_frames:
                 dataset = LoadedFrames(dataset, count)

@@ -121,11 +121,27 @@ def build_adapter(dataset_cfg: dict, split: str, **extra):
     return cls(split=split_name, **kwargs_for(cls, section, f"dataset ({dataset_cfg['type']})"))
 
 
+def history_frames_needed(model_cfg: dict | None) -> int:
+    """How many earlier observations per agent the model's fusion method asks for (its
+    contract's ``history_frames``; 0 without a model section)."""
+    if not model_cfg:
+        return 0
+    _register_builtin()
+    return FUSION.get((model_cfg.get("fusion") or {}).get("type", "none")).contract.history_frames
+
+
 def build_dataset(cfg: dict, split: str, train: bool, seed: int = 0, **extra) -> CoopSampler:
     """A map-style dataset of :class:`~v2xfuse.datasets.Sample` for ``split``.
 
     With ``pipeline.cameras`` the adapter decodes images (``load_images``); without, it never
-    does, so LiDAR-only training pays nothing for cameras."""
+    does, so LiDAR-only training pays nothing for cameras. When the config's fusion method
+    needs more history than ``dataset.history_frames`` (late_tc needs 1), the dataset serves
+    that many: the method's contract says so, and it could not run without."""
+    needed = history_frames_needed(cfg.get("model"))
+    if needed > int(cfg["dataset"].get("history_frames", 0)):
+        log.info("dataset.history_frames: %d, as model.fusion %s needs", needed,
+                 cfg["model"]["fusion"]["type"])
+        extra.setdefault("history_frames", needed)
     ensure_synthetic(cfg["dataset"])
     pipeline = PipelineConfig.from_dict(cfg.get("pipeline"))
     if pipeline.cameras is not None:

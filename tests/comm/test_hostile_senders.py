@@ -5,6 +5,7 @@ dropped (counted by reason) and the ego's detections are exactly those it makes 
 collaborator; nothing raises out of the receive path.
 """
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from v2xfuse.comm.attack import ATTACKS, AttackConfig
 from v2xfuse.comm.batch_link import BatchChannel
 from v2xfuse.comm.channel import Channel, LinkConfig
 from v2xfuse.datasets import collate
+from v2xfuse.datasets.batch import HistoryBatch
 from v2xfuse.datasets.pipeline import Sample
 from v2xfuse.registry import FUSION
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
@@ -39,16 +41,30 @@ def _frames(n_frames: int = 2) -> list:
                         rng.uniform(0, 1, (800, 1))].astype(np.float32) for _ in range(2)]
         world = poses.copy()
         world[:, 0, 3] += t  # both move 1 m per frame
-        out.append(collate([Sample(points, poses, np.zeros((0, 7)), np.zeros(0, np.int64),
-                                   ["0", "1"], ["vehicle"] * 2, np.zeros(2),
-                                   ("synthetic", "s0", f"{t:06d}"), world_from_agent=world,
-                                   timestamp_us=np.full(2, t * FRAME_US, np.int64))]))
+        batch = collate([Sample(points, poses, np.zeros((0, 7)), np.zeros(0, np.int64),
+                                ["0", "1"], ["vehicle"] * 2, np.zeros(2),
+                                ("synthetic", "s0", f"{t:06d}"), world_from_agent=world,
+                                timestamp_us=np.full(2, t * FRAME_US, np.int64))])
+        if t == 0:  # the sequence starts: no earlier observation (history of length 0)
+            batch = dataclasses.replace(batch, history=HistoryBatch(
+                torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64),
+                torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4, 4, dtype=torch.float64),
+                torch.zeros(0, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)))
+        else:  # each agent's previous frame, for methods with history (late_tc)
+            prev = out[-1]
+            world_past = world.copy()
+            world_past[:, 0, 3] -= 1.0
+            agent_from_past = np.linalg.inv(world) @ world_past
+            batch = dataclasses.replace(batch, history=HistoryBatch(
+                prev.points, torch.tensor([0, 1]), torch.tensor([1, 1]),
+                torch.from_numpy(agent_from_past), torch.full((2,), (t - 1) * FRAME_US),
+                torch.tensor([1, 1])))
+        out.append(batch)
     return out
 
 
 def _run(model, channel, frames):
-    if hasattr(model.fusion, "reset"):
-        model.fusion.reset()
+    model.fusion.reset()
     with torch.no_grad():
         return [model.predict(model(b, channel=channel))[0] for b in frames]
 

@@ -1,5 +1,6 @@
 """Fusion methods through real bytes: loss degrades to ego-only, pose errors move features."""
 import copy
+import dataclasses
 import inspect
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from v2xfuse.builder import build_detector
 from v2xfuse.comm.batch_link import BatchChannel
 from v2xfuse.comm.channel import Channel, LinkConfig
+from v2xfuse.datasets.batch import HistoryBatch
 from v2xfuse.fusion.base import FusionState, Received
 from v2xfuse.structures.bev import BevGrid
 from v2xfuse.models.detector import run_handshake
@@ -28,6 +30,11 @@ def test_full_packet_loss_gives_the_ego_only_result(method, tiny_detector_cfg, r
     ego_only = copy.deepcopy(model)
     ego_only.fusion = FUSION.get("none")()
     batch = random_points_batch(_poses())
+    if model.fusion.contract.history_frames:  # one empty earlier observation per collaborator
+        batch = dataclasses.replace(batch, history=HistoryBatch(
+            torch.zeros(0, 5), torch.tensor([1, 2]), torch.tensor([1, 1]),
+            torch.eye(4, dtype=torch.float64).repeat(2, 1, 1), torch.tensor([-100_000] * 2),
+            torch.tensor([0, 1, 1])))
     lossy = BatchChannel(Channel(0, LinkConfig(loss=1.0)))
     with torch.no_grad():
         got = model.predict(model(batch, channel=lossy))[0]

@@ -8,9 +8,11 @@ What differs from the reference implementation (``late_fusion_utils.py``; see
 shared/reference/dair-v2x.md section 4), and why:
 
 * The reference runs the infrastructure detector again on frame ``i-2k`` to get the previous
-  boxes. Here the sender remembers what it detected the last time it sent (its memory keyed by
-  dataset, sequence and agent id, in its own world frame), so the previous boxes are those of
-  its previous observation, whatever its age; both ways need the sender's own poses only.
+  boxes. Here the sender runs its detector on its own previous observation (the detector's
+  ``history`` service, ``dataset.history_frames >= 1``: the observation just before the one it
+  sends, whatever the delay), moved into its current frame with its own poses
+  (``history.agent_from_past``). No memory survives between frames, so the result does not
+  depend on the order frames are evaluated in.
 * Velocity: matched boxes (Hungarian on centre distance, gated per axis by the box size, as
   the reference) give ``(x_now - x_prev) / dt``; the reference fits a linear regression of the
   displacement on position for the unmatched ones; here an unmatched box is not moved (its
@@ -33,8 +35,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..registry import FUSION
 from ..structures.boxes import transform_boxes
-from ..structures.transforms import invert_transform
-from .base import group_by_sample
+from .base import Contract, group_by_sample
 from .basic import LateFusion, check_boxes
 from .payload_checks import expect, expect_within
 
@@ -100,6 +101,8 @@ class TimeCompensatedLateFusion(LateFusion):
             boxes (``prev_boxes`` are held to them too, ``prev_dt`` to (0, ``max_history_s``]).
     """
 
+    contract = Contract(fuses_at=("detections",), services={"detections", "history"},
+                        history_frames=1)
     codecs = {"boxes": "raw", "scores": "raw", "prev_boxes": "raw", "prev_dt": "raw"}
 
     def __init__(self, unmatched_score_scale: float = 0.4, max_history_s: float = 1.0,
@@ -108,8 +111,6 @@ class TimeCompensatedLateFusion(LateFusion):
         super().__init__(max_boxes, max_box_size_m, max_point_range_m)
         self.unmatched_score_scale = float(unmatched_score_scale)
         self.max_history_s = float(max_history_s)
-        # (dataset, sequence, agent id) -> (timestamp_us, (K, 7) boxes in the sender's world)
-        self._memory: dict[tuple[str, str, str], tuple[int, torch.Tensor]] = {}
 
     def check_fields(self, kind, payload, state, sample=0):
         out = super().check_fields(kind, payload, state, sample)
@@ -120,34 +121,26 @@ class TimeCompensatedLateFusion(LateFusion):
             expect_within("prev_dt", dt, 1e-6, self.max_history_s)
         return out
 
-    def reset(self) -> None:
-        """Forget every sender's previous detections."""
-        self._memory.clear()
-
     def encode(self, state, senders):
         payloads = super().encode(state, senders)
         if not payloads:
             return payloads
         batch = state.batch
+        history, previous = batch.history, state.extras.get("history_detections", {})
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
         for i, p in zip(senders, payloads):
-            meta = batch.meta[sample_of[i]]
-            world_poses, stamps = meta.get("world_from_agent"), meta.get("timestamp_us")
-            if world_poses is None or stamps is None:
-                continue  # no sender-side pose/time: plain late fusion
-            local = i - ego_index[sample_of[i]]
-            key = (meta["dataset"], meta["sequence"], str(meta["agent_ids"][local]))
-            now = int(stamps[local])
-            world_from_sender = torch.from_numpy(np.asarray(world_poses[local], np.float64))
-            past = self._memory.get(key)
-            if past is not None and 0 < now - past[0] <= self.max_history_s * 1e6:
-                sender_from_world = torch.from_numpy(invert_transform(world_from_sender.numpy()))
-                p["prev_boxes"] = transform_boxes(sender_from_world, past[1]).float()
-                p["prev_dt"] = torch.tensor([(now - past[0]) / 1e6], dtype=torch.float32)
-            if past is None or now != past[0]:
-                self._memory[key] = (now, transform_boxes(world_from_sender,
-                                                          p["boxes"].double()))
+            stamps = batch.meta[sample_of[i]].get("timestamp_us")
+            newest = [h for h in previous if int(history.agent[h]) == i
+                      and int(history.steps[h]) == 1]
+            if stamps is None or not newest:
+                continue  # no sender time or no earlier observation: plain late fusion
+            h = newest[0]
+            age_us = int(stamps[i - ego_index[sample_of[i]]]) - int(history.timestamp_us[h])
+            if 0 < age_us <= self.max_history_s * 1e6:
+                p["prev_boxes"] = transform_boxes(history.agent_from_past[h],
+                                                  previous[h].boxes.double()).float()
+                p["prev_dt"] = torch.tensor([age_us / 1e6], dtype=torch.float32)
         return payloads
 
     def fuse(self, state, received):

@@ -230,6 +230,28 @@ class CoopDetector(nn.Module):
                     for _ in range(contract.passes)])
         if "detections" in contract.services and senders and not self.training:
             state.extras["detections"] = self.detect_agents(features, senders)
+        if "history" in contract.services:
+            self._history(state, senders)
+
+    def _history(self, state: FusionState, senders: list[int]) -> None:
+        """The ``history`` service: each agent's ``contract.history_frames`` newest earlier
+        observations encoded into ``state.extras["history"]`` (H, C, H', W'), each in its own
+        frame (``batch.history`` says whose, when and where: ``agent_from_past``), and with
+        the ``detections`` service, at inference, the senders' detections on theirs in
+        ``state.extras["history_detections"]``: observation index -> Detections (its frame)."""
+        contract, batch = self.fusion.contract, state.batch
+        history = batch.history
+        if history is None:
+            raise ValueError(f"{type(self.fusion).__name__} needs each agent's earlier "
+                             f"observations: set dataset.history_frames >= "
+                             f"{contract.history_frames}")
+        used = torch.nonzero(history.steps <= contract.history_frames).squeeze(1)
+        inputs = AgentInputs.of_history(batch).only(used)
+        state.extras["history"] = maps = self.bev(inputs)
+        if "detections" in contract.services and not self.training:
+            wanted = [h for h in used.tolist() if int(history.agent[h]) in set(senders)]
+            dets = self.detect_agents(maps, wanted) if wanted else []
+            state.extras["history_detections"] = dict(zip(wanted, dets))
 
     @torch.no_grad()
     def detect_agents(self, features: torch.Tensor, agents: list[int]) -> list[Detections]:

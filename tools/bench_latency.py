@@ -53,7 +53,7 @@ def select_agents(sample, count: int):
     return dataclasses.replace(
         sample, points=sample.points[:count], ego_from_agent=cut(sample.ego_from_agent),
         agent_ids=list(sample.agent_ids[:count]), agent_kinds=list(sample.agent_kinds[:count]),
-        time_delay_s=cut(sample.time_delay_s), cameras=sample.cameras[:count],
+        delay_us=cut(sample.delay_us), cameras=sample.cameras[:count],
         true_ego_from_agent=cut(sample.true_ego_from_agent), history=cut(sample.history))
 
 

@@ -6,7 +6,7 @@ import torch
 
 from v2xfuse.comm import Channel, LinkConfig, Message, encode
 from v2xfuse.comm.batch_link import BatchChannel
-from v2xfuse.datasets.batch import CoopBatch
+from v2xfuse.datasets.batch import CoopBatch, FrameRecord
 from v2xfuse.fusion.base import FusionMethod
 
 
@@ -21,11 +21,9 @@ def toy_batch() -> CoopBatch:
     poses[:, 0, 3] = torch.arange(n, dtype=torch.float32)
     return CoopBatch(points=torch.zeros((0, 5)), record_len=torch.tensor([3, 2]),
                      ego_from_agent=poses, agent_kind=torch.zeros(n, dtype=torch.int64),
-                     time_delay_s=torch.tensor([0, 0.1, 0.2, 0, 0.3]), gt_boxes=[], gt_ids=[],
-                     meta=[{"dataset": "opv2v", "sequence": "s0", "frame": "000068",
-                            "agent_ids": [641, 650, 659]},
-                           {"dataset": "opv2v", "sequence": "s1", "frame": "000070",
-                            "agent_ids": ["a", "b"]}])
+                     delay_us=torch.tensor([0, 100_000, 200_000, 0, 300_000]), gt_boxes=[],
+                     gt_ids=[], frames=[FrameRecord("opv2v", "s0", "000068", ("641", "650", "659")),
+                                        FrameRecord("opv2v", "s1", "000070", ("a", "b"))])
 
 
 def test_batch_channel_round_trip_and_bytes():
@@ -43,7 +41,7 @@ def test_batch_channel_round_trip_and_bytes():
         assert ((r.payload["features"] - p["features"]).abs() <= scale / 2 + 1e-6).all()
         assert torch.equal(r.payload["sel"], p["sel"])
         torch.testing.assert_close(r.ego_from_sender, batch.ego_from_agent[r.sender])
-        assert abs(r.delay_s - float(batch.time_delay_s[r.sender])) < 1e-6
+        assert r.delay_us == int(batch.delay_us[r.sender])
     led = link.ledger
     assert led.frames == [("opv2v", "s0", "000068"), ("opv2v", "s1", "000070")]
     assert set(led.per_link()) == {("650", "641"), ("659", "641"), ("b", "a")}

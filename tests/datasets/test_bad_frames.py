@@ -295,7 +295,7 @@ def test_bad_file_is_one_named_error_skipped_once_and_reported(case, copy, capsy
     skipping = _adapter(fmt, root, skip_bad_frames=True, **kw)
     sampler = CoopSampler(skipping, PipelineConfig(), train=False)
     batch = collate([sampler[i] for i in range(len(sampler))])
-    assert [m["frame"] for m in batch.meta] == [f for i, f in enumerate(good) if i != BAD]
+    assert [m.frame for m in batch.frames] == [f for i, f in enumerate(good) if i != BAD]
     assert [s.index for s in batch.skipped] == [BAD] and str(path) in batch.skipped[0].reason
     assert list(skipping.bad_frames) == [BAD]
 
@@ -313,7 +313,7 @@ def test_skips_in_dataloader_workers_count_each_frame_once(copy):
     loader = DataLoader(sampler, batch_size=2, num_workers=2, collate_fn=collate)
     served, skipped = [], []
     for batch in loader:
-        served += [m["frame"] for m in batch.meta]
+        served += [m.frame for m in batch.frames]
         skipped += [(s.index, "010001.pcd" in s.reason) for s in batch.skipped]
     assert served == ["010000", "010002"] and skipped == [(BAD, True)]
 
@@ -375,5 +375,5 @@ def test_unreadable_side_row_is_dropped_from_the_index_under_skip(copy):
     adapter = DairV2XCAdapter(root, "train", skip_bad_frames=True)
     assert len(adapter.dropped_rows) == 1
     batch = collate([CoopSampler(adapter, PipelineConfig(), train=False)[i] for i in range(3)])
-    assert [m["frame"] for m in batch.meta] == ["010000", "010002"]
+    assert [m.frame for m in batch.frames] == ["010000", "010002"]
     assert [s.index for s in batch.skipped] == [BAD] and "000001 is not listed" in batch.skipped[0].reason

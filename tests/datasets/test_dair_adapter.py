@@ -89,7 +89,7 @@ def test_async_infrastructure_frames_come_from_the_same_batch(generated):
     sampler = CoopSampler(adapter, PipelineConfig(delay_frames=2), train=False)
     sample = sampler[last]
     delay = (frames[last][0].agents[0].timestamp_us - frames[last - 2][0].agents[1].timestamp_us) / 1e6
-    np.testing.assert_allclose(sample.time_delay_s, [0.0, delay], atol=1e-9)
+    np.testing.assert_array_equal(sample.delay_us, [0, round(delay * 1e6)])
     batch = collate([sample, sampler[0]])
     assert batch.record_len.tolist() == [2, 2] and batch.agent_kind.tolist() == [0, 1, 0, 1]
 
@@ -284,7 +284,7 @@ def test_skip_bad_frames_drops_the_frame_and_serves_no_other_in_its_place(fixtur
     sampler = CoopSampler(adapter, PipelineConfig(), train=False)
     with caplog.at_level(logging.WARNING):
         batch = collate([sampler[0], sampler[1]])
-    assert batch.batch_size == 1 and batch.meta[0]["timestamp_us"][1] == 1626165671162309
+    assert batch.batch_size == 1 and batch.frames[0].timestamp_us[1] == 1626165671162309
     assert [(s.index, "000020.pcd" in s.reason) for s in batch.skipped] == [(0, True)]
     assert set(adapter.bad_frames) == {0} and "000020.pcd" in caplog.text
 

@@ -128,5 +128,5 @@ def test_bad_files_name_the_file_and_skip_bad_frames_continues(opv2v, tmp_path):
         adapter.load(1)
     skipping = Opv2vAdapter(root, "train", max_agents=8, comm_range=1e3, skip_bad_frames=True)
     batch = collate([CoopSampler(skipping, PipelineConfig(), train=False)[i] for i in range(3)])
-    assert [m["frame"] for m in batch.meta] == [sorted(p.stem for p in ego_dir.glob("*.yaml"))[2]]
+    assert [m.frame for m in batch.frames] == [sorted(p.stem for p in ego_dir.glob("*.yaml"))[2]]
     assert [s.index for s in batch.skipped] == [0, 1] and set(skipping.bad_frames) == {0, 1}

@@ -27,7 +27,8 @@ def _batch(sequence: str, sender_time_us: int, delay_s: float):
     poses = np.stack([np.eye(4), ego_from_sender])
     empty = np.zeros((0, 4), np.float32)
     sample = Sample([empty, empty], poses, np.zeros((0, 7)), np.zeros(0, np.int64),
-                    ["ego", "rsu"], ["vehicle", "infrastructure"], np.array([0.0, delay_s]),
+                    ["ego", "rsu"], ["vehicle", "infrastructure"],
+                    np.array([0, round(delay_s * 1e6)]),
                     ("dair_v2x_c", sequence, str(sender_time_us)),
                     world_from_agent=np.stack([WORLD_FROM_EGO, WORLD_FROM_SENDER]),
                     timestamp_us=np.array([sender_time_us + int(delay_s * 1e6), sender_time_us]))
@@ -37,7 +38,7 @@ def _batch(sequence: str, sender_time_us: int, delay_s: float):
 def _with_history(batch, age_us: int, agent_from_past=None):
     """``batch`` whose collaborator (stacked index 1) has one earlier observation ``age_us``
     older than its current one."""
-    now = int(batch.meta[0]["timestamp_us"][1])
+    now = int(batch.frames[0].timestamp_us[1])
     history = HistoryBatch(
         points=torch.zeros(0, 5), agent=torch.tensor([1]), steps=torch.tensor([1]),
         agent_from_past=torch.from_numpy(np.eye(4) if agent_from_past is None

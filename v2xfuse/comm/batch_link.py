@@ -9,9 +9,9 @@ receives what was decoded. The channel sees wire formats, never the fusion metho
 Poses in a batch are already relative to each sample's ego, so the message carries
 ``ego_from_agent`` as its ``world_from_lidar`` (the ego frame is the sample's world; isotropic xy
 and yaw noise are the same in any world frame), and the receiver's range check measures from
-the origin. Timestamps are each agent's sensor time (``meta["timestamp_us"]``), the ego's being
+the origin. Timestamps are each agent's sensor time (``FrameRecord.timestamp_us``), the ego's being
 the receiver's clock, so the channel can refuse stale and replayed messages; a sample without
-sensor times uses ``-time_delay_s`` with the ego's now at 0, and then replays cannot be told
+sensor times uses ``-delay_us`` with the ego's now at 0, and then replays cannot be told
 apart. Channel delays in frames need batches in time order of one sequence; with shuffled
 batches keep ``delay = 0`` and let the dataset age the senders.
 
@@ -101,17 +101,16 @@ class BatchChannel:
             return None
 
     @staticmethod
-    def _dedup_scope(meta: dict, frame: tuple) -> tuple:
+    def _dedup_scope(record) -> tuple:
         """Sensor times are unique within a sequence; relative times only within a frame."""
-        return frame if meta.get("timestamp_us") is None else frame[:2]
+        return record.key if record.timestamp_us is None else record.key[:2]
 
     @staticmethod
-    def _clock(meta: dict, local: int, delay_s: float) -> int:
+    def _clock(record, local: int, delay_us: int) -> int:
         """Sensor time of the sample's agent ``local`` in microseconds (module docstring)."""
-        stamps = meta.get("timestamp_us")
-        if stamps is None:
-            return -int(round(delay_s * 1e6))
-        return int(stamps[local])
+        if record.timestamp_us is None:
+            return -int(delay_us)
+        return int(record.timestamp_us[local])
 
     def transmit(self, wire: WireFormat, batch, senders: list[int],
                  payloads: list[dict[str, torch.Tensor] | list[dict] | None],
@@ -125,7 +124,7 @@ class BatchChannel:
         Returns what arrived and passed every check, one :class:`Received` per sender; for a
         split message its ``payload`` is the list of packets that arrived and passed, in packet
         order (``packets`` their indices, ``num_packets`` how many were sent). Each
-        ``Received.delay_s`` is the ego's clock minus the message's timestamp."""
+        ``Received.delay_us`` is the ego's clock minus the message's timestamp."""
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
         device = batch.ego_from_agent.device
@@ -135,17 +134,16 @@ class BatchChannel:
                 by_sample.setdefault(sample_of[i], []).append((i, p))
         out: list[Received] = []
         for b, items in sorted(by_sample.items()):
-            meta = batch.meta[b]
-            ids = [str(a) for a in meta["agent_ids"]]
-            frame = (meta["dataset"], meta["sequence"], meta["frame"])
+            record = batch.frames[b]
+            ids, frame = record.agent_ids, record.key
             index_of = {ids[i - ego_index[b]]: i for i, _ in items}
-            now = self._clock(meta, 0, 0.0)
+            now = self._clock(record, 0, 0)
             msgs = []
             for i, p in items:
                 local = i - ego_index[b]
                 pose = batch.ego_from_agent[i].detach().cpu().double().numpy()
                 pose[3] = (0.0, 0.0, 0.0, 1.0)
-                ts = self._clock(meta, local, float(batch.time_delay_s[i]))
+                ts = self._clock(record, local, int(batch.delay_us[i]))
                 with self.timer("serialise"):
                     if isinstance(p, dict):
                         msgs.append(Message(ids[local], wire.kind, ts, pose,
@@ -158,7 +156,7 @@ class BatchChannel:
             for rx in self.channel.transmit(frame, msgs, receiver=ids[0], method=wire.method,
                                             timer=self.timer, now_us=now,
                                             receiver_xyz=np.zeros(3),
-                                            dedup_scope=self._dedup_scope(meta, frame)):
+                                            dedup_scope=self._dedup_scope(record)):
                 with self.timer("serialise"):
                     payload = self._accepted(wire, rx, state, b, device)
                 if payload is None:
@@ -176,7 +174,7 @@ class BatchChannel:
                     continue
                 pose = torch.from_numpy(rx.world_from_lidar).to(device, batch.ego_from_agent.dtype)
                 received = Received(b, index_of[rx.sender], payload, pose,
-                                    (now - rx.timestamp_us) / 1e6, rx.timestamp_us)
+                                    now - rx.timestamp_us, rx.timestamp_us)
                 if rx.packet is not None:
                     received.payload, received.packets = [payload], [rx.packet[0]]
                     received.num_packets = rx.packet[1]
@@ -209,11 +207,10 @@ class BatchChannel:
             if p is None:
                 continue
             b = sample_of[i]
-            meta = batch.meta[b]
-            ids = [str(a) for a in meta["agent_ids"]]
-            frame = (meta["dataset"], meta["sequence"], meta["frame"])
+            record = batch.frames[b]
+            ids, frame = record.agent_ids, record.key
             local = i - ego_index[b]
-            now = self._clock(meta, 0, 0.0)
+            now = self._clock(record, 0, 0)
             with self.timer("serialise"):
                 msg = Message(ids[0], wire.kind, now, np.eye(4), self._entries(wire, p))
             # The sender checks the ego's message as the ego checks its: at the same (synchronised)
@@ -222,7 +219,7 @@ class BatchChannel:
             for rx in self.channel.transmit(frame, [msg], receiver=ids[local], method=wire.method,
                                             timer=self.timer, attackable=False, now_us=now,
                                             receiver_xyz=receiver_xyz,
-                                            dedup_scope=self._dedup_scope(meta, frame)):
+                                            dedup_scope=self._dedup_scope(record)):
                 with self.timer("serialise"):
                     payload = self._accepted(wire, rx, state, b, device)
                 if payload is not None:

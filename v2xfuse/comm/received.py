@@ -19,7 +19,7 @@ class Received:
             a message split into packets, one such dict per packet that arrived, in packet order.
         ego_from_sender: (4, 4) built from the pose the message carried (noisy if the channel
             or the data pipeline perturbed it).
-        delay_s: age of the sender's observation.
+        delay_us: age of the sender's observation, microseconds.
         timestamp_us: the message's timestamp (None when it did not cross a channel).
         packets: a split message: the indices of the packets in ``payload``; None otherwise.
         num_packets: a split message: how many packets were sent.
@@ -29,7 +29,7 @@ class Received:
     sender: int
     payload: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
     ego_from_sender: torch.Tensor
-    delay_s: float = 0.0
+    delay_us: int = 0
     timestamp_us: int | None = None
     packets: list[int] | None = None
     num_packets: int | None = None

@@ -133,6 +133,31 @@ class HistoryBatch:
         return HistoryBatch(**moved, cameras=None if self.cameras is None else self.cameras.to(device))
 
 
+@dataclass(frozen=True)
+class FrameRecord:
+    """Which frame a sample is and what its agents know of themselves.
+
+    Attributes:
+        dataset, sequence, frame: the source frame's ids (``key`` is the three together).
+        agent_ids: the L agents' dataset ids, ego first.
+        world_from_agent: (L, 4, 4) float64 each agent's own pose in the dataset's world (its
+            own localisation, without the noise the ego sees), or None when the dataset has
+            none.
+        timestamp_us: (L,) int64 each agent's sensor time, or None.
+    """
+
+    dataset: str
+    sequence: str
+    frame: str
+    agent_ids: tuple[str, ...]
+    world_from_agent: np.ndarray | None = None
+    timestamp_us: np.ndarray | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.dataset, self.sequence, self.frame)
+
+
 @dataclass
 class CoopBatch:
     """B samples with N = sum(record_len) agents stacked, each sample's ego first.
@@ -144,11 +169,11 @@ class CoopBatch:
         ego_from_agent: (N, 4, 4) float32, each agent into its sample's ego frame (as received,
             i.e. with localisation noise if any).
         agent_kind: (N,) int64, 0 vehicle, 1 infrastructure.
-        time_delay_s: (N,) float32 age of each agent's observation.
+        delay_us: (N,) int64 age of each agent's observation relative to its ego's, in
+            microseconds.
         gt_boxes: B tensors (M_b, 7) in the ego frame; gt_ids: B tensors (M_b,) int64.
-        meta: per sample, dict with dataset, sequence, frame and agent ids, and (None when the
-            sample lacks them) ``world_from_agent`` (L, 4, 4) and ``timestamp_us`` (L,): each
-            agent's own pose and sensor time, numpy.
+        frames: per sample, its :class:`FrameRecord` (which frame, which agents, their own
+            poses and sensor times).
         true_ego_from_agent: (N, 4, 4) float32 without localisation noise (for supervision
             in each agent's frame; never used by fusion).
         cameras: every agent's cameras (:class:`CameraBatch`, ``agent`` indexing the N
@@ -165,10 +190,10 @@ class CoopBatch:
     record_len: torch.Tensor
     ego_from_agent: torch.Tensor
     agent_kind: torch.Tensor
-    time_delay_s: torch.Tensor
+    delay_us: torch.Tensor
     gt_boxes: list[torch.Tensor]
     gt_ids: list[torch.Tensor]
-    meta: list[dict]
+    frames: list[FrameRecord]
     true_ego_from_agent: torch.Tensor | None = None
     skipped: list[SkippedSample] = field(default_factory=list)
     cameras: CameraBatch | None = None
@@ -210,7 +235,7 @@ def collate(samples: list[Sample | SkippedSample]) -> CoopBatch:
     and listed in ``CoopBatch.skipped`` (so no other frame is ever served in a bad one's place)."""
     skipped = [s for s in samples if isinstance(s, SkippedSample)]
     samples = [s for s in samples if not isinstance(s, SkippedSample)]
-    points, ego_from_agent, kinds, delays, meta, true_pose = [], [], [], [], [], []
+    points, ego_from_agent, kinds, delays, frames, true_pose = [], [], [], [], [], []
     camera_owners, cameras = [], []
     agent = 0
     for s in samples:
@@ -225,10 +250,9 @@ def collate(samples: list[Sample | SkippedSample]) -> CoopBatch:
         true_pose.append(s.ego_from_agent if s.true_ego_from_agent is None
                          else s.true_ego_from_agent)
         kinds += [KIND_CODES[k] for k in s.agent_kinds]
-        delays.append(s.time_delay_s)
-        meta.append({"dataset": s.frame[0], "sequence": s.frame[1], "frame": s.frame[2],
-                     "agent_ids": list(s.agent_ids), "world_from_agent": s.world_from_agent,
-                     "timestamp_us": s.timestamp_us})
+        delays.append(np.asarray(s.delay_us, dtype=np.int64))
+        frames.append(FrameRecord(*s.frame, tuple(str(a) for a in s.agent_ids),
+                                  s.world_from_agent, s.timestamp_us))
     def stacked(arrays: list[np.ndarray], empty_shape: tuple[int, ...]) -> torch.Tensor:
         if not arrays:
             return torch.zeros(empty_shape)
@@ -249,10 +273,10 @@ def collate(samples: list[Sample | SkippedSample]) -> CoopBatch:
         record_len=torch.tensor([len(s.points) for s in samples], dtype=torch.int64),
         ego_from_agent=stacked(ego_from_agent, (0, 4, 4)),
         agent_kind=torch.tensor(kinds, dtype=torch.int64),
-        time_delay_s=stacked(delays, (0,)),
+        delay_us=torch.from_numpy(np.concatenate(delays) if delays else np.zeros(0, np.int64)),
         gt_boxes=[torch.from_numpy(s.gt_boxes.astype(np.float32)) for s in samples],
         gt_ids=[torch.from_numpy(s.gt_ids.astype(np.int64)) for s in samples],
-        meta=meta,
+        frames=frames,
         true_ego_from_agent=stacked(true_pose, (0, 4, 4)),
         skipped=skipped,
         cameras=CameraBatch.stack(camera_owners, cameras, image_size) if image_size else None,

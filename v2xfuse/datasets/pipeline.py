@@ -108,7 +108,8 @@ class Sample:
         ego_from_agent: (L, 4, 4) float64 transforms into the ego frame, as the ego believes them.
         gt_boxes: (M, 7) ego frame; gt_ids: (M,) int64.
         agent_ids, agent_kinds: per agent (kinds: "vehicle" | "infrastructure").
-        time_delay_s: (L,) how old each agent's observation is relative to the ego's.
+        delay_us: (L,) int64 how old each agent's observation is relative to the ego's, in
+            microseconds.
         frame: the source frame's (dataset, sequence_id, frame_id).
         cameras: per agent, its CameraObs with ``lidar_from_camera`` following the augmentation
             (see the module docstring); their images resized and cropped to ``image_size``
@@ -130,7 +131,7 @@ class Sample:
     gt_ids: np.ndarray
     agent_ids: list[str]
     agent_kinds: list[str]
-    time_delay_s: np.ndarray
+    delay_us: np.ndarray
     frame: tuple[str, str, str]
     cameras: list = field(default_factory=list)
     true_ego_from_agent: np.ndarray | None = None
@@ -265,9 +266,9 @@ class CoopSampler:
             if history is not None:
                 history = [[replace(p, cameras=[fit_image(c, cfg.cameras) for c in p.cameras])
                             for p in past] for past in history]
-        delay_s = np.array([(ego.timestamp_us - a.timestamp_us) / 1e6 for a in frame.agents])
+        delay_us = np.array([ego.timestamp_us - a.timestamp_us for a in frame.agents], np.int64)
         return Sample(points, ego_from_agent, gt, gt_ids, [a.agent_id for a in frame.agents],
-                      [a.kind for a in frame.agents], delay_s,
+                      [a.kind for a in frame.agents], delay_us,
                       (frame.dataset, frame.sequence_id, frame.frame_id),
                       cameras, true_ego_from_agent,
                       np.stack([a.world_from_lidar for a in frame.agents]),

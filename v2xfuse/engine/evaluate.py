@@ -53,8 +53,8 @@ def predict_frames(model, dataset, device="cpu", max_frames: int | None = None,
         if channel is not None:
             total = sum(channel.ledger.bytes_per_frame())
             sent, sent_before = total - sent_before, total
-        meta = batch.meta[0]
-        yield (f"{meta['sequence']}/{meta['frame']}", det.boxes.cpu().numpy(),
+        record = batch.frames[0]
+        yield (f"{record.sequence}/{record.frame}", det.boxes.cpu().numpy(),
                det.scores.cpu().numpy(), batch.gt_boxes[0].cpu().numpy(), seconds, sent)
 
 

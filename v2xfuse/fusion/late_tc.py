@@ -1,6 +1,6 @@
 """Time-compensated late fusion (DAIR-V2X's TCLF, Yu et al., CVPR 2022).
 
-A collaborator's detections are as old as its observation (``Received.delay_s``). TCLF moves
+A collaborator's detections are as old as its observation (``Received.delay_us``). TCLF moves
 them to the ego's time with each object's velocity, estimated from the collaborator's own
 previous detections, then fuses them with the ego's boxes by matching rather than NMS.
 
@@ -130,7 +130,7 @@ class TimeCompensatedLateFusion(LateFusion):
         sample_of = batch.sample_of_agent().tolist()
         ego_index = batch.ego_index().tolist()
         for i, p in zip(senders, payloads):
-            stamps = batch.meta[sample_of[i]].get("timestamp_us")
+            stamps = batch.frames[sample_of[i]].timestamp_us
             newest = [h for h in previous if int(history.agent[h]) == i
                       and int(history.steps[h]) == 1]
             if stamps is None or not newest:
@@ -164,11 +164,11 @@ class TimeCompensatedLateFusion(LateFusion):
         boxes, scores = [], []
         for m in msgs:
             own = m.payload["boxes"].double()
-            if "prev_boxes" in m.payload and m.delay_s > 0:
+            if "prev_boxes" in m.payload and m.delay_us > 0:
                 dt = float(m.payload["prev_dt"].reshape(-1)[0])
                 vel = estimate_velocity(own, m.payload["prev_boxes"].double(), dt)
                 own = own.clone()
-                own[:, :2] += vel * float(m.delay_s)
+                own[:, :2] += vel * (m.delay_us / 1e6)
             boxes.append(transform_boxes(m.ego_from_sender.double(), own).float())
             scores.append(m.payload["scores"].float())
         return torch.cat(boxes), torch.cat(scores)

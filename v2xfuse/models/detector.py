@@ -269,7 +269,7 @@ class CoopDetector(nn.Module):
     def direct(batch: CoopBatch, senders: list[int], payloads) -> list[Received]:
         """Deliver payloads without serialisation (training): poses from the batch."""
         sample = batch.sample_of_agent()
-        return [Received(int(sample[i]), i, p, batch.ego_from_agent[i], float(batch.time_delay_s[i]))
+        return [Received(int(sample[i]), i, p, batch.ego_from_agent[i], int(batch.delay_us[i]))
                 for i, p in zip(senders, payloads) if p is not None]
 
     def loss(self, out: DetectorOutput, batch: CoopBatch) -> dict[str, torch.Tensor]:

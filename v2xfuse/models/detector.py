@@ -13,6 +13,7 @@ from torch import nn
 from ..datasets.batch import CoopBatch
 from ..fusion.base import FusionMethod, FusionState, Received
 from ..structures.boxes import transform_boxes
+from ..structures.detections import Detections
 from ..utils.timing import null_timer
 from .bev import BevGrid
 from .heads.anchor_head import AnchorHead, HeadOutput
@@ -21,14 +22,6 @@ __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego
            "SENDER_FRAMES"]
 
 SENDER_FRAMES = ("own", "ego_aligned")
-
-
-@dataclass
-class Detections:
-    """Boxes (K, 7) in the ego frame, scores (K,), best first."""
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
 
 
 @dataclass
@@ -151,13 +144,14 @@ class CoopDetector(nn.Module):
     def detect_agents(self, features: torch.Tensor, agents: list[int]) -> list[Detections]:
         """Each listed agent's own detections (its frame) from its own map, after NMS."""
         out = self.head(features[agents])
-        return [self._nms(*self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
+        return [self._nms(self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
 
-    def _nms(self, boxes: torch.Tensor, scores: torch.Tensor) -> Detections:
+    def _nms(self, dets: Detections) -> Detections:
+        """Rotated NMS over all labels together, best ``max_detections`` kept; every field
+        (labels, extras) follows its box."""
         from ..ops import nms_rotated
 
-        keep = nms_rotated(boxes, scores, self.nms_iou)[: self.max_detections]
-        return Detections(boxes[keep], scores[keep])
+        return dets.select(nms_rotated(dets.boxes, dets.scores, self.nms_iou)[: self.max_detections])
 
     @staticmethod
     def direct(batch: CoopBatch, senders: list[int], payloads) -> list[Received]:
@@ -204,18 +198,18 @@ class CoopDetector(nn.Module):
         dets = []
         for b in range(out.head.cls.shape[0]):
             with stage("head"):
-                boxes, scores = self.head.decode(out.head, b, self.score_threshold)
+                own = self.head.decode(out.head, b, self.score_threshold)
                 if out.late_boxes is not None and out.late_boxes[b] is not None:
                     merge = getattr(self.fusion, "merge", None)
                     if merge is not None:  # the method's own rule (e.g. TCLF's matching),
-                        own = self._nms(boxes, scores)  # on the ego's final detections
-                        boxes, scores = merge(own.boxes, own.scores, out.late_boxes[b])
+                        own = self._nms(own)  # on the ego's final detections
+                        own = Detections(*merge(own.boxes, own.scores, out.late_boxes[b]))
                     else:
                         extra_boxes, extra_scores = out.late_boxes[b]
-                        boxes = torch.cat([boxes, extra_boxes.to(boxes.dtype)])
-                        scores = torch.cat([scores, extra_scores.to(scores.dtype)])
+                        own = Detections.cat([own, Detections(extra_boxes.to(own.boxes.dtype),
+                                                              extra_scores.to(own.scores.dtype))])
             with stage("nms"):
-                dets.append(self._nms(boxes, scores))
+                dets.append(self._nms(own))
         return dets
 
 

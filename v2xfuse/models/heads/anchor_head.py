@@ -18,6 +18,7 @@ from torch import nn
 
 from ...registry import HEADS
 from ...structures.boxes import wrap_angle
+from ...structures.detections import Detections
 from ..bev import BevGrid
 
 __all__ = ["AnchorHead", "HeadOutput", "standup_iou", "encode_boxes", "decode_boxes"]
@@ -197,8 +198,10 @@ class AnchorHead(nn.Module):
         return {"loss": total, "loss_cls": cls_l.detach(), "loss_reg": reg_l.detach(), "loss_dir": dir_l.detach()}
 
     @torch.no_grad()
-    def decode(self, out: HeadOutput, b: int, score_threshold: float = 0.1, pre_max: int = 1000):
-        """Boxes (K, 7) and scores (K,) of sample ``b`` before NMS, best first."""
+    def decode(self, out: HeadOutput, b: int, score_threshold: float = 0.1,
+               pre_max: int = 1000) -> Detections:
+        """Boxes (K, 7) and scores (K,) of sample ``b`` in its map's frame before NMS, best
+        first."""
         cls, reg, dir_ = self._flat(out, b)
         scores = torch.sigmoid(cls)
         keep = scores >= score_threshold
@@ -212,4 +215,4 @@ class AnchorHead(nn.Module):
         r = torch.remainder(boxes[:, 6] - self.dir_offset, math.pi)
         label = dir_[idx].argmax(1).to(r.dtype)
         boxes[:, 6] = wrap_angle(r + self.dir_offset - math.pi * (1.0 - label))
-        return boxes, scores[idx]
+        return Detections(boxes, scores[idx])

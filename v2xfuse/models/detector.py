@@ -16,7 +16,7 @@ from ..structures.boxes import transform_boxes
 from ..structures.detections import Detections
 from ..utils.timing import null_timer
 from .bev import BevGrid
-from .heads.anchor_head import AnchorHead, HeadOutput
+from .heads.base import Head, OutsideGrid
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
            "SENDER_FRAMES"]
@@ -26,7 +26,7 @@ SENDER_FRAMES = ("own", "ego_aligned")
 
 @dataclass
 class DetectorOutput:
-    head: HeadOutput
+    head: object  # the head's output (its own dataclass, see heads.base.Head)
     state: FusionState
     received: list[Received] = field(default_factory=list)
     #: late fusion: per sample, (boxes (K, 7), scores (K,)) received, in the ego frame
@@ -43,9 +43,11 @@ class CoopDetector(nn.Module):
         nms_iou, score_threshold, max_detections: post-processing.
         agent_loss_weight: weight of the single-agent auxiliary loss: the same head on every
             agent's own BEV map, against the ground truth moved into that agent's frame
-            (anchors whose centre falls outside the ego's ground-truth range are ignored, since
-            the labels there are incomplete). It gives the shared encoder every agent's view
-            as supervision each step; 0 disables it. Ignored for early fusion.
+            (where the agent's map reaches outside the ego's ground-truth range nothing is
+            taught as background, since the labels there are incomplete: the head applies
+            :class:`~.heads.base.OutsideGrid` to its own locations). It gives the shared
+            encoder every agent's view as supervision each step; 0 disables it. Ignored for
+            early fusion.
         sender_frame: the frame a sender of intermediate features encodes its points in.
             ``"own"``: its LiDAR frame (OpenCOOD's ``proj_first: false``); the ego rotates and
             shifts the map it receives. ``"ego_aligned"``: the ego's axes and LiDAR height,
@@ -56,7 +58,7 @@ class CoopDetector(nn.Module):
             (counted), and a sender whose pose message is lost falls back to its own frame.
     """
 
-    def __init__(self, encoder: nn.Module, backbone: nn.Module, fusion: FusionMethod, head: AnchorHead,
+    def __init__(self, encoder: nn.Module, backbone: nn.Module, fusion: FusionMethod, head: Head,
                  nms_iou: float = 0.15, score_threshold: float = 0.1, max_detections: int = 100,
                  agent_loss_weight: float = 0.0, sender_frame: str = "own"):
         super().__init__()
@@ -176,18 +178,12 @@ class CoopDetector(nn.Module):
         poses = batch.true_ego_from_agent if batch.true_ego_from_agent is not None \
             else batch.ego_from_agent
         sample = batch.sample_of_agent().tolist()
-        grid = self.head.grid
-        centres = self.head.anchors[:, :2]
         gts, ignore = [], []
         for i, b in enumerate(sample):
             ego_from_agent = poses[i].to(torch.float64)
             agent_from_ego = torch.linalg.inv(ego_from_agent).to(features.dtype)
             gts.append(transform_boxes(agent_from_ego, batch.gt_boxes[b]))
-            xy = centres @ ego_from_agent[:2, :2].T.to(centres.dtype) + \
-                ego_from_agent[:2, 3].to(centres.dtype)
-            inside = (xy[:, 0] >= grid.x_min) & (xy[:, 0] < grid.x_max) & \
-                (xy[:, 1] >= grid.y_min) & (xy[:, 1] < grid.y_max)
-            ignore.append(~inside)
+            ignore.append(OutsideGrid(ego_from_agent, self.head.grid))
         return self.head.loss(self.head(features), gts, ignore)
 
     @torch.no_grad()
@@ -196,7 +192,7 @@ class CoopDetector(nn.Module):
         ``timer``: as in :meth:`forward`, stages "head" (decoding) and "nms"."""
         stage = timer or null_timer
         dets = []
-        for b in range(out.head.cls.shape[0]):
+        for b in range(out.head.batch_size):
             with stage("head"):
                 own = self.head.decode(out.head, b, self.score_threshold)
                 if out.late_boxes is not None and out.late_boxes[b] is not None:

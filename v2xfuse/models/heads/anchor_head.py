@@ -20,6 +20,7 @@ from ...registry import HEADS
 from ...structures.boxes import wrap_angle
 from ...structures.detections import Detections
 from ..bev import BevGrid
+from .base import Head
 
 __all__ = ["AnchorHead", "HeadOutput", "standup_iou", "encode_boxes", "decode_boxes"]
 
@@ -34,6 +35,10 @@ class HeadOutput:
     cls: torch.Tensor
     reg: torch.Tensor
     dir: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.cls.shape[0]
 
 
 def standup_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,7 +86,7 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
 
 
 @HEADS.register("anchor")
-class AnchorHead(nn.Module):
+class AnchorHead(Head):
     """1x1 conv heads over the fused ego BEV map.
 
     Args:
@@ -166,12 +171,14 @@ class AnchorHead(nn.Module):
 
         Args:
             gt_boxes: B tensors (M_b, 7) in each map's frame.
-            ignore: optional B tensors (K,) bool, anchors excluded from the loss (see assign).
+            ignore: optional B region rules (see :meth:`Head.loss`), applied to the anchor
+                centres: anchors there are never negatives (see assign).
         """
         cls_losses, reg_losses, dir_losses = [], [], []
         for b, gt in enumerate(gt_boxes):
             cls, reg, dir_ = self._flat(out, b)
-            labels, matched = self.assign(gt, None if ignore is None else ignore[b])
+            skip = None if ignore is None else ignore[b](self.anchors[:, :2])
+            labels, matched = self.assign(gt, skip)
             pos = labels == 1
             n_pos = max(int(pos.sum()), 1)
             care = labels >= 0

@@ -9,6 +9,7 @@ from v2xfuse.builder import build_detector, build_head
 from v2xfuse.models.bev import BevGrid
 from v2xfuse.models.heads import Head, OutsideGrid
 from v2xfuse.models.heads.anchor_head import AnchorHead
+from v2xfuse.models.heads.center_head import CenterHead
 from v2xfuse.registry import HEADS
 from v2xfuse.structures import Detections
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
@@ -18,7 +19,8 @@ GRID = BevGrid(-12.8, -12.8, 12.8, 12.8, 0.8)
 
 def test_the_registry_holds_the_heads_as_peers():
     build_head(None, 8, GRID)  # registers the built-in heads
-    assert "anchor" in HEADS.names() and HEADS.get("anchor") is AnchorHead
+    assert {"anchor", "center"} <= set(HEADS.names())
+    assert HEADS.get("anchor") is AnchorHead and HEADS.get("center") is CenterHead
     assert all(issubclass(HEADS.get(n), Head) for n in HEADS.names())
 
 
@@ -27,11 +29,14 @@ def test_model_head_type_picks_the_head(tiny_detector_cfg):
     model = build_detector(tiny_detector_cfg(head={"type": "anchor", "anchor_z": -1.3}))
     assert float(model.head.anchors[0, 2]) == pytest.approx(-1.3)
     assert model.head.grid == model.feature_grid
+    model = build_detector(tiny_detector_cfg(head={"type": "center", "min_radius": 3}))
+    assert isinstance(model.head, CenterHead) and model.head.min_radius == 3
+    assert model.head.grid == model.feature_grid
 
 
 def test_an_unknown_head_names_the_known_ones(tiny_detector_cfg):
     with pytest.raises(KeyError, match=r"model.head.type: unknown detection head 'centre'; "
-                                       r"known: anchor"):
+                                       r"known: anchor, center"):
         build_detector(tiny_detector_cfg(head={"type": "centre"}))
 
 
@@ -50,6 +55,20 @@ def test_a_head_s_options_may_sit_under_its_name():
         build_head({"type": "anchor", "anchor_z": -1.0, "anchor": {"anchor_z": -1.0}}, 8, GRID)
 
 
+def test_another_head_s_key_fails_naming_it_and_its_head():
+    with pytest.raises(KeyError, match=r"unknown keys \['anchor_size'\] for the 'center' head.*"
+                                       r"'anchor_size' is an option of the 'anchor' head"):
+        build_head({"type": "center", "anchor_size": [3.9, 1.6, 1.56]}, 8, GRID)
+
+
+def test_per_head_sections_let_the_type_switch():
+    cfg = {"type": "anchor", "anchor": {"anchor_size": [3.9, 1.6, 1.56], "anchor_z": -1.0},
+           "center": {"min_radius": 3}}
+    assert isinstance(build_head(cfg, 8, GRID), AnchorHead)
+    center = build_head({**cfg, "type": "center"}, 8, GRID)
+    assert isinstance(center, CenterHead) and center.min_radius == 3
+
+
 def test_outside_grid_is_checked_in_the_outer_frame():
     # A map 20 m ahead of the ego and turned 90 degrees: its +x points along the ego's +y.
     rule = OutsideGrid(torch.from_numpy(pose_from_xyz_rpy(20.0, 0, 0, 0, 0, math.pi / 2)), GRID)
@@ -58,7 +77,7 @@ def test_outside_grid_is_checked_in_the_outer_frame():
     assert rule(xy).tolist() == [True, False, True, True]
 
 
-@pytest.mark.parametrize("head", ["anchor"])
+@pytest.mark.parametrize("head", ["anchor", "center"])
 @pytest.mark.parametrize("fusion", ["max", "where2comm", "late"])
 def test_each_head_trains_and_predicts_with_each_kind_of_fusion(head, fusion, tiny_detector_cfg,
                                                                  random_points_batch):

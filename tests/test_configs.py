@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from v2xfuse.builder import build_dataset, build_detector
 from v2xfuse.config import load_config
@@ -31,6 +32,26 @@ def test_every_experiment_config_builds_its_detector(path):
     # Every stage's map must upsample back to one size: the grid divides by the total stride.
     assert grid.nx % stride == 0 and grid.ny % stride == 0, (grid.nx, grid.ny, stride)
     assert abs(grid.nx * grid.cell - (grid.x_max - grid.x_min)) < 1e-6
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_config_switches_heads_with_one_override(path):
+    """Each head's options sit under its name: --set model.head.type=center leaves the anchor
+    options behind instead of failing on them."""
+    from v2xfuse.models.heads.center_head import CenterHead
+
+    model = build_detector(load_config(path, ["model.head.type=center"]))
+    assert isinstance(model.head, CenterHead)
+
+
+@pytest.mark.parametrize("name, size", [("opv2v", [3.9, 1.6, 1.56]), ("dair_v2x", [4.5, 2.0, 1.56]),
+                                        ("quickstart", [4.5, 1.9, 1.6])])
+def test_the_anchors_of_each_config(name, size):
+    head = build_detector(load_config(CONFIGS / f"{name}.yaml")).head
+    z = -1.1 if name == "quickstart" else -1.0
+    assert head.anchors[:, 2:6].unique(dim=0).tolist() == [torch.tensor([z, *size]).tolist()]
+    assert head.anchors[:, 6].unique().tolist() == torch.tensor([0.0, math.pi / 2]).tolist()
+    assert (head.pos_iou, head.neg_iou) == (0.6, 0.45)
 
 
 @pytest.mark.parametrize("name", sorted(REAL))

@@ -13,20 +13,21 @@ from .datasets import CoopSampler, DatasetError, Opv2vAdapter, PipelineConfig
 from .models.backbone import BevBackbone
 from .models.detector import CoopDetector
 from .models.encoders.fuser import MultiSensorEncoder, sensors_of
+from .models.heads import Head
 from .models.inputs import SENSORS
-from .models.heads.anchor_head import AnchorHead
-from .registry import DATASETS, ENCODERS, FUSION, SENSOR_FUSERS
+from .registry import DATASETS, ENCODERS, FUSION, HEADS, SENSOR_FUSERS
+from .structures.bev import BevGrid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_adapter", "build_dataset", "build_detector", "build_encoder",
-           "ensure_synthetic", "synthetic_target", "kwargs_for"]
+__all__ = ["build_adapter", "build_dataset", "build_detector", "build_encoder", "build_head",
+           "ensure_synthetic", "synthetic_target", "kwargs_for", "history_frames_needed"]
 
 
 def _register_builtin() -> None:
-    """Import the modules whose import registers encoders, fusion methods and datasets."""
+    """Import the modules whose import registers encoders, fusion methods, heads and datasets."""
     from . import fusion  # noqa: F401  (fusion/__init__ imports every method)
-    from .models import encoders  # noqa: F401
+    from .models import encoders, heads  # noqa: F401
     if "opv2v" not in DATASETS:
         DATASETS.register("opv2v")(Opv2vAdapter)
 
@@ -218,12 +219,8 @@ def build_detector(cfg: dict) -> CoopDetector:
     if "grid" in params:
         fusion_kwargs["grid"] = encoder.grid.scaled(backbone.out_stride)
     fusion = fusion_cls(**fusion_kwargs)
-    head_cfg = dict(model.get("head", {"type": "anchor"}))
-    if head_cfg.get("type", "anchor") != "anchor":
-        raise KeyError(f"model.head.type: unknown head {head_cfg['type']!r}; known: anchor")
-    head = AnchorHead(getattr(fusion, "out_channels", backbone.out_channels),
-                      encoder.grid.scaled(backbone.out_stride),
-                      **kwargs_for(AnchorHead, head_cfg, "model.head"))
+    head = build_head(model.get("head"), getattr(fusion, "out_channels", backbone.out_channels),
+                      encoder.grid.scaled(backbone.out_stride))
     post = model.get("post", {})
     return CoopDetector(encoder, backbone, fusion, head,
                         agent_loss_weight=float(model.get("agent_loss_weight", 0.0)),
@@ -231,3 +228,46 @@ def build_detector(cfg: dict) -> CoopDetector:
                         **kwargs_for(CoopDetector, post, "model.post",
                                      skip=("encoder", "backbone", "fusion", "head",
                                            "agent_loss_weight", "sender_frame")))
+
+
+def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid) -> Head:
+    """The head ``model.head.type`` names in ``HEADS`` (default ``anchor``) on maps of
+    ``in_channels`` over ``grid``.
+
+    Its options are the section's other keys, or those under ``model.head.<type>``: a config may
+    hold several heads' options side by side (``head: {type: anchor, anchor: {...}, center:
+    {...}}``) and ``--set model.head.type=center`` then switches heads; only the chosen head's
+    own keys reach it. A key the chosen head does not take fails here, naming it and the heads
+    it belongs to.
+    """
+    _register_builtin()
+    section = dict(head_cfg or {})
+    name = section.pop("type", "anchor")
+    try:
+        cls = HEADS.get(name)
+    except KeyError as exc:
+        raise KeyError(f"model.head.type: {exc.args[0]}") from None
+    own = dict(section.pop(name, None) or {})
+    flat = {k: v for k, v in section.items() if k not in HEADS}  # others' sections stay unread
+    twice = sorted(set(flat) & set(own))
+    if twice:
+        raise KeyError(f"model.head: {twice} given both in model.head and model.head.{name}")
+    options = {**flat, **own}
+    known = _head_options(cls)
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        owners = {k: [h for h in HEADS.names() if h != name and k in _head_options(HEADS.get(h))]
+                  for k in unknown}
+        where = "".join(f"; {k!r} is an option of the {' and '.join(repr(h) for h in hs)} head"
+                        for k, hs in owners.items() if hs)
+        raise KeyError(f"model.head: unknown keys {unknown} for the {name!r} head "
+                       f"({cls.__name__}, options: {known}){where}. Keep each head's options "
+                       f"under model.head.<type> to switch heads with --set model.head.type")
+    return cls(in_channels, grid, **options)
+
+
+def _head_options(cls) -> list[str]:
+    """The keyword options of a head class (what the config may set: not the channels and the
+    grid, which come from the stages before it)."""
+    return [p for p in inspect.signature(cls.__init__).parameters
+            if p not in ("self", "in_channels", "grid")]

@@ -51,7 +51,7 @@ def _send(method, batch, boxes, channel=None, previous=None):
     """The collaborator (stacked index 1) detected ``boxes`` (its frame), and ``previous`` on
     its earlier observation (``batch.history``): encode, transmit, fuse with an ego that
     detected nothing. Returns (payloads, (boxes, scores) fused)."""
-    state = FusionState(batch, None, None, nms=Detections, point="detections")
+    state = FusionState(batch, None, None, nms=lambda d: d, point="detections")
     if previous is not None:
         state.extras["history_detections"] = {0: Detections(
             torch.tensor(previous, dtype=torch.float32), torch.full((len(previous),), 0.9))}

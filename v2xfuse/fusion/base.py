@@ -45,7 +45,7 @@ counted in bytes; :attr:`FusionState.point` says which one a call is for):
   them updated;
 * ``"detections"``: after the ego's head, at inference: the ego's own decoded detections are in
   ``state.extras["ego_detections"]`` (per sample, before NMS) and ``fuse`` returns, per sample,
-  the :class:`~v2xfuse.models.detector.Detections` that NMS turns into the output.
+  the :class:`~v2xfuse.structures.detections.Detections` that NMS turns into the output.
 
 No point at all means the ego works alone (collaborators are not even encoded).
 
@@ -154,7 +154,7 @@ class FusionState:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     requests: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     point: str = "bev"
-    #: the detector's NMS, ``nms(boxes, scores) -> Detections`` (for methods fusing detections)
+    #: the detector's NMS, ``nms(Detections) -> Detections`` (for methods fusing detections)
     nms: Callable | None = None
 
 

@@ -6,6 +6,7 @@ import torch
 from ..comm.received import Received
 from ..registry import FUSION
 from ..structures.boxes import transform_boxes
+from ..structures.detections import Detections
 from .base import (Arrivals, Contract, FusionMethod, FusionState, fuse_each_sample,
                    group_by_sample)
 from .payload_checks import FeatureRange, expect, expect_finite, expect_magnitude, expect_within
@@ -184,8 +185,8 @@ class LateFusion(FusionMethod):
             msgs = groups.get(b)
             if msgs:
                 boxes, scores = self.received_boxes(msgs)
-                own = type(own)(torch.cat([own.boxes, boxes.to(own.boxes.dtype)]),
-                                torch.cat([own.scores, scores.to(own.scores.dtype)]))
+                own = Detections.cat([own, Detections(boxes.to(own.boxes.dtype),
+                                                      scores.to(own.scores.dtype))])
             out.append(own)
         return out
 

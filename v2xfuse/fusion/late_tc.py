@@ -35,6 +35,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..registry import FUSION
 from ..structures.boxes import transform_boxes
+from ..structures.detections import Detections
 from .base import Contract, group_by_sample
 from .basic import LateFusion, check_boxes
 from .payload_checks import expect, expect_within
@@ -154,9 +155,9 @@ class TimeCompensatedLateFusion(LateFusion):
                 out.append(own)
                 continue
             boxes, scores = self.compensated(msgs)
-            own = state.nms(own.boxes, own.scores)
+            own = state.nms(own)
             merged = fuse_matched(own.boxes, own.scores, boxes, scores, self.unmatched_score_scale)
-            out.append(type(own)(*merged))
+            out.append(Detections(*merged))
         return out
 
     def compensated(self, msgs) -> tuple[torch.Tensor, torch.Tensor]:

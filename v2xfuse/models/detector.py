@@ -21,24 +21,17 @@ from ..datasets.batch import CoopBatch
 from ..comm.received import Received
 from ..fusion.base import FusionMethod, FusionState
 from ..structures.boxes import transform_boxes
+from ..structures.detections import Detections
 from ..utils.timing import null_timer
 from ..structures.bev import BevGrid
-from .heads.anchor_head import AnchorHead, HeadOutput
 from .encoders.fuser import modality_mask
+from .heads.base import Head, OutsideGrid
 from .inputs import AgentInputs
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
            "SENDER_FRAMES"]
 
 SENDER_FRAMES = ("own", "ego_aligned")
-
-
-@dataclass
-class Detections:
-    """Boxes (K, 7) in the ego frame, scores (K,), best first."""
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
 
 
 @dataclass
@@ -53,7 +46,7 @@ class DetectorOutput:
             (``predict`` only runs NMS on them); None otherwise.
     """
 
-    head: HeadOutput
+    head: object  # the head's output (its own dataclass, see heads.base.Head)
     state: FusionState
     rounds: dict[str, list[Received]] = field(default_factory=dict)
     detections: list[Detections] | None = None
@@ -74,9 +67,11 @@ class CoopDetector(nn.Module):
         nms_iou, score_threshold, max_detections: post-processing.
         agent_loss_weight: weight of the single-agent auxiliary loss: the same head on every
             agent's own BEV map, against the ground truth moved into that agent's frame
-            (anchors whose centre falls outside the ego's ground-truth range are ignored, since
-            the labels there are incomplete). It gives the shared encoder every agent's view
-            as supervision each step; 0 disables it. Ignored for early fusion.
+            (where the agent's map reaches outside the ego's ground-truth range nothing is
+            taught as background, since the labels there are incomplete: the head applies
+            :class:`~.heads.base.OutsideGrid` to its own locations). It gives the shared
+            encoder every agent's view as supervision each step; 0 disables it. Ignored for
+            early fusion.
         sender_frame: the frame a sender of intermediate features encodes its points in.
             ``"own"``: its LiDAR frame (OpenCOOD's ``proj_first: false``); the ego rotates and
             shifts the map it receives. ``"ego_aligned"``: the ego's axes and LiDAR height,
@@ -87,7 +82,7 @@ class CoopDetector(nn.Module):
             (counted), and a sender whose pose message is lost falls back to its own frame.
     """
 
-    def __init__(self, encoder: nn.Module, backbone: nn.Module, fusion: FusionMethod, head: AnchorHead,
+    def __init__(self, encoder: nn.Module, backbone: nn.Module, fusion: FusionMethod, head: Head,
                  nms_iou: float = 0.15, score_threshold: float = 0.1, max_detections: int = 100,
                  agent_loss_weight: float = 0.0, sender_frame: str = "own"):
         super().__init__()
@@ -163,7 +158,7 @@ class CoopDetector(nn.Module):
         if "detections" in points and not self.training:
             with stage("head"):
                 state.extras["ego_detections"] = [
-                    Detections(*self.head.decode(head, b, self.score_threshold))
+                    self.head.decode(head, b, self.score_threshold)
                     for b in range(batch.batch_size)]
             out.detections = self._round("detections", state, senders, channel, stage, rounds)
         return out
@@ -257,13 +252,14 @@ class CoopDetector(nn.Module):
     def detect_agents(self, features: torch.Tensor, agents: list[int]) -> list[Detections]:
         """Each listed agent's own detections (its frame) from its own map, after NMS."""
         out = self.head(features[agents])
-        return [self._nms(*self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
+        return [self._nms(self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
 
-    def _nms(self, boxes: torch.Tensor, scores: torch.Tensor) -> Detections:
+    def _nms(self, dets: Detections) -> Detections:
+        """Rotated NMS over all labels together, best ``max_detections`` kept; every field
+        (labels, extras) follows its box."""
         from ..ops import nms_rotated
 
-        keep = nms_rotated(boxes, scores, self.nms_iou)[: self.max_detections]
-        return Detections(boxes[keep], scores[keep])
+        return dets.select(nms_rotated(dets.boxes, dets.scores, self.nms_iou)[: self.max_detections])
 
     @staticmethod
     def direct(batch: CoopBatch, senders: list[int], payloads) -> list[Received]:
@@ -288,18 +284,12 @@ class CoopDetector(nn.Module):
         poses = batch.true_ego_from_agent if batch.true_ego_from_agent is not None \
             else batch.ego_from_agent
         sample = batch.sample_of_agent().tolist()
-        grid = self.head.grid
-        centres = self.head.anchors[:, :2]
         gts, ignore = [], []
         for i, b in enumerate(sample):
             ego_from_agent = poses[i].to(torch.float64)
             agent_from_ego = torch.linalg.inv(ego_from_agent).to(features.dtype)
             gts.append(transform_boxes(agent_from_ego, batch.gt_boxes[b]))
-            xy = centres @ ego_from_agent[:2, :2].T.to(centres.dtype) + \
-                ego_from_agent[:2, 3].to(centres.dtype)
-            inside = (xy[:, 0] >= grid.x_min) & (xy[:, 0] < grid.x_max) & \
-                (xy[:, 1] >= grid.y_min) & (xy[:, 1] < grid.y_max)
-            ignore.append(~inside)
+            ignore.append(OutsideGrid(ego_from_agent, self.head.grid))
         return self.head.loss(self.head(features), gts, ignore)
 
     @torch.no_grad()
@@ -309,14 +299,14 @@ class CoopDetector(nn.Module):
         "head" (decoding) and "nms"."""
         stage = timer or null_timer
         dets = []
-        for b in range(out.head.cls.shape[0]):
+        for b in range(out.head.batch_size):
             if out.detections is not None:
-                boxes, scores = out.detections[b].boxes, out.detections[b].scores
+                own = out.detections[b]
             else:
                 with stage("head"):
-                    boxes, scores = self.head.decode(out.head, b, self.score_threshold)
+                    own = self.head.decode(out.head, b, self.score_threshold)
             with stage("nms"):
-                dets.append(self._nms(boxes, scores))
+                dets.append(self._nms(own))
         return dets
 
 

@@ -19,6 +19,8 @@ from torch import nn
 from ...registry import HEADS
 from ...structures.boxes import wrap_angle
 from ...structures.bev import BevGrid
+from ...structures.detections import Detections
+from .base import Head
 
 __all__ = ["AnchorHead", "HeadOutput", "standup_iou", "encode_boxes", "decode_boxes"]
 
@@ -33,6 +35,10 @@ class HeadOutput:
     cls: torch.Tensor
     reg: torch.Tensor
     dir: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.cls.shape[0]
 
 
 def standup_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,7 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
 
 
 @HEADS.register("anchor")
-class AnchorHead(nn.Module):
+class AnchorHead(Head):
     """1x1 conv heads over the fused ego BEV map.
 
     Args:
@@ -165,12 +171,14 @@ class AnchorHead(nn.Module):
 
         Args:
             gt_boxes: B tensors (M_b, 7) in each map's frame.
-            ignore: optional B tensors (K,) bool, anchors excluded from the loss (see assign).
+            ignore: optional B region rules (see :meth:`Head.loss`), applied to the anchor
+                centres: anchors there are never negatives (see assign).
         """
         cls_losses, reg_losses, dir_losses = [], [], []
         for b, gt in enumerate(gt_boxes):
             cls, reg, dir_ = self._flat(out, b)
-            labels, matched = self.assign(gt, None if ignore is None else ignore[b])
+            skip = None if ignore is None else ignore[b](self.anchors[:, :2])
+            labels, matched = self.assign(gt, skip)
             pos = labels == 1
             n_pos = max(int(pos.sum()), 1)
             care = labels >= 0
@@ -197,8 +205,10 @@ class AnchorHead(nn.Module):
         return {"loss": total, "loss_cls": cls_l.detach(), "loss_reg": reg_l.detach(), "loss_dir": dir_l.detach()}
 
     @torch.no_grad()
-    def decode(self, out: HeadOutput, b: int, score_threshold: float = 0.1, pre_max: int = 1000):
-        """Boxes (K, 7) and scores (K,) of sample ``b`` before NMS, best first."""
+    def decode(self, out: HeadOutput, b: int, score_threshold: float = 0.1,
+               pre_max: int = 1000) -> Detections:
+        """Boxes (K, 7) and scores (K,) of sample ``b`` in its map's frame before NMS, best
+        first."""
         cls, reg, dir_ = self._flat(out, b)
         scores = torch.sigmoid(cls)
         keep = scores >= score_threshold
@@ -212,4 +222,4 @@ class AnchorHead(nn.Module):
         r = torch.remainder(boxes[:, 6] - self.dir_offset, math.pi)
         label = dir_[idx].argmax(1).to(r.dtype)
         boxes[:, 6] = wrap_angle(r + self.dir_offset - math.pi * (1.0 - label))
-        return boxes, scores[idx]
+        return Detections(boxes, scores[idx])

@@ -91,15 +91,8 @@ class AttFusion(DenseMapFusion):
     """AttFuse (Xu et al., OPV2V, ICRA 2022): per-cell self-attention over the ego's and the
     warped collaborators' full BEV maps. Payload ``features``: (C, H, W) float32."""
 
-    def encode(self, state: FusionState, senders: list[int]):
-        maps = state.features.unbind(0)
-        return [{"features": maps[i]} for i in senders]
-
-    def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
-        return fuse_each_sample(state, received, self._fuse_one)
-
     @staticmethod
-    def _fuse_one(arrived: Arrivals) -> torch.Tensor:
+    def fuse_one(arrived: Arrivals) -> torch.Tensor:
         feats = arrived.stacked("features")
         covered = arrived.warped(torch.ones_like(feats[:, :1])) > 0.5
         stack = torch.cat([arrived.ego[None], arrived.warped(feats)])
@@ -204,10 +197,10 @@ class Where2comm(FusionMethod):
                 torch.cat([q["cells"].long() for q in parts]))
 
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
-        return fuse_each_sample(state, received, self._fuse_one)
+        return fuse_each_sample(state, received, self.fuse_one)
 
     @staticmethod
-    def _fuse_one(arrived: Arrivals) -> torch.Tensor:
+    def fuse_one(arrived: Arrivals) -> torch.Tensor:
         sparse = [scatter_cells(*Where2comm.cells_of(m), arrived.ego) for m in arrived.messages]
         return sparse_cell_attention(arrived.ego, torch.stack([c for c, _ in sparse]),
                                      torch.stack([m for _, m in sparse]), arrived.ego_from_sender,

@@ -102,6 +102,19 @@ class DenseMapFusion(FusionMethod):
         self.feature_range = FeatureRange(channels, clamp=clamp_features) if channels else None
         self.max_strength_ratio = float(max_strength_ratio)
 
+    def encode(self, state: FusionState, senders: list[int]):
+        # unbind, not indexing: one backward node instead of a full-size zero gradient per sender.
+        maps = state.features.unbind(0)
+        return [{"features": maps[i]} for i in senders]
+
+    def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
+        return fuse_each_sample(state, received, self.fuse_one)
+
+    @staticmethod
+    def fuse_one(arrived: Arrivals) -> torch.Tensor:
+        """One sample's (C, H, W) fused map from what arrived for it."""
+        raise NotImplementedError
+
     def observe(self, senders, payloads):
         if self.feature_range is not None:
             self.feature_range.observe_payloads(payloads)
@@ -122,16 +135,8 @@ class MaxFusion(DenseMapFusion):
     """F-Cooper (Chen et al., 2019): element-wise max of the ego's and the warped collaborators'
     BEV feature maps. Payload ``features``: (C, H, W) float32, the whole map."""
 
-    def encode(self, state: FusionState, senders: list[int]):
-        # unbind, not indexing: one backward node instead of a full-size zero gradient per sender.
-        maps = state.features.unbind(0)
-        return [{"features": maps[i]} for i in senders]
-
-    def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
-        return fuse_each_sample(state, received, self._fuse_one)
-
     @staticmethod
-    def _fuse_one(arrived: Arrivals) -> torch.Tensor:
+    def fuse_one(arrived: Arrivals) -> torch.Tensor:
         fused = arrived.ego
         for w in arrived.warped(arrived.stacked("features")).unbind(0):
             fused = torch.maximum(fused, w)

@@ -300,7 +300,8 @@ def run(args) -> int:
                         method, ckpt, trained_range, lidar_range)
             continue
         if dataset is None:  # one dataset for every method: the most history any needs
-            history = max(history_frames_needed({"fusion": {"type": m}}) for m in methods)
+            history = max(history_frames_needed({"fusion": {"type": m}})
+                          for m in methods if m in FUSION)
             dataset = build_dataset(cfg, "val", train=False,
                                     **({"history_frames": history} if history else {}))
             count = min(args.frames or len(dataset), len(dataset))

@@ -244,7 +244,8 @@ class CoopDetector(nn.Module):
         inputs = AgentInputs.of_history(batch).only(used)
         state.extras["history"] = maps = self.bev(inputs)
         if "detections" in contract.services and not self.training:
-            wanted = [h for h in used.tolist() if int(history.agent[h]) in set(senders)]
+            sending = set(senders)
+            wanted = [h for h in used.tolist() if int(history.agent[h]) in sending]
             dets = self.detect_agents(maps, wanted) if wanted else []
             state.extras["history_detections"] = dict(zip(wanted, dets))
 

@@ -28,13 +28,17 @@ def perfect_output(head, gt):
     at the centre cells)."""
     t = head.targets(gt)
     heat = t.heatmap.clamp(1e-6, 1 - 1e-6)
-    reg = torch.zeros(1, 8, GRID.ny * GRID.nx)
-    reg[0, :, t.index] = t.reg.T
-    return CenterOutput(torch.log(heat / (1 - heat))[None], reg.view(1, 8, GRID.ny, GRID.nx))
+    code = t.reg.clone()
+    if head.yaw_code == "axis_direction":
+        code[:, 8] = code[:, 8] * 20 - 10  # the front/back target 0/1 as a confident logit
+    reg = torch.zeros(1, head.reg_channels, GRID.ny * GRID.nx)
+    reg[0, :, t.index] = code.T
+    return CenterOutput(torch.log(heat / (1 - heat))[None],
+                        reg.view(1, head.reg_channels, GRID.ny, GRID.nx))
 
 
 def test_a_box_peaks_at_its_cell_with_a_gaussian_around_it():
-    head = CenterHead(8, GRID)
+    head = CenterHead(8, GRID, yaw_code="sin_cos")
     gt = boxes([3.3, -10.1, -1.0, 4.5, 1.9, 1.6, 0.3])
     t = head.targets(gt)
     col, row = int(3.3 // 0.8), int((-10.1 + 12.8) // 0.8)  # x picks the column, y the row
@@ -61,16 +65,41 @@ def test_the_radius_grows_with_the_box_and_has_a_floor():
     assert int((head.targets(big).heatmap > 0).sum()) > int((small > 0).sum()) == 25  # 5 x 5
 
 
-def test_targets_decode_back_to_the_boxes():
-    head = CenterHead(8, GRID)
-    t = head.targets(GT)
+def test_the_axis_code_is_the_same_for_either_heading_and_a_front_bit_tells_them_apart():
+    head = CenterHead(8, GRID, yaw_code="axis_direction")
+    yaws = torch.tensor([0.3, 0.3 - math.pi, -1.2, -1.2 + math.pi])
+    gt = GT[[0, 0, 0, 0]].clone()
+    gt[:, 0] = torch.tensor([3.3, 8.3, 13.3, 18.3])
+    gt[:, 6] = yaws
+    reg = head.targets(gt).reg
+    assert reg.shape == (4, 9)
+    torch.testing.assert_close(reg[0, 6:8], reg[1, 6:8])
+    torch.testing.assert_close(reg[2, 6:8], reg[3, 6:8])
+    torch.testing.assert_close(reg[0, 6:8], torch.tensor([math.sin(0.6), math.cos(0.6)]))
+    assert reg[:, 8].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_an_unknown_yaw_code_fails():
+    with pytest.raises(ValueError, match="yaw_code 'quaternion'"):
+        CenterHead(8, GRID, yaw_code="quaternion")
+
+
+@pytest.mark.parametrize("yaw_code", ["sin_cos", "axis_direction"])
+def test_targets_decode_back_to_the_boxes(yaw_code):
+    head = CenterHead(8, GRID, yaw_code=yaw_code)
+    gt = torch.cat([GT, GT + torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0])])
+    gt[4:, 6] = torch.linspace(-math.pi, math.pi, 9)[:4]  # quadrant edges: -180, -135, -90, -45
+    gt = torch.cat([gt, gt[4:] + torch.tensor([0, -2.0, 0, 0, 0, 0, 3 * math.pi / 4])])
+    t = head.targets(gt)
+    t.reg[:, 8:] = t.reg[:, 8:] * 2 - 1  # a front/back target as a logit of the right sign
     out = head.decode_boxes(t.reg, t.index)
-    torch.testing.assert_close(out[:, :6], GT[:, :6], atol=1e-5, rtol=1e-5)
-    assert wrap_angle(out[:, 6] - GT[:, 6]).abs().max() < 1e-5
+    torch.testing.assert_close(out[:, :6], gt[:, :6], atol=1e-5, rtol=1e-5)
+    assert wrap_angle(out[:, 6] - gt[:, 6]).abs().max() < 1e-5
 
 
-def test_decode_finds_every_box_in_the_map_frame_best_first():
-    head = CenterHead(8, GRID, max_peaks=50)
+@pytest.mark.parametrize("yaw_code", ["sin_cos", "axis_direction"])
+def test_decode_finds_every_box_in_the_map_frame_best_first(yaw_code):
+    head = CenterHead(8, GRID, max_peaks=50, yaw_code=yaw_code)
     dets = head.decode(perfect_output(head, GT), 0, score_threshold=0.5)
     assert len(dets) == len(GT) and dets.scores.min() > 0.99
     assert dets.labels.dtype == torch.int64 and not dets.labels.any()
@@ -86,7 +115,7 @@ def test_decode_finds_every_box_in_the_map_frame_best_first():
 def test_boxes_off_the_grid_have_no_peak_but_keep_their_tails():
     head = CenterHead(8, GRID)
     t = head.targets(boxes([-0.5, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0]))  # 0.5 m left of column 0
-    assert len(t.index) == 0 and t.reg.shape == (0, 8)
+    assert len(t.index) == 0 and t.reg.shape == (0, 9)
     assert 0 < t.heatmap.max() < 1
     empty = head.targets(torch.zeros(0, 7))
     assert empty.heatmap.abs().sum() == 0 and len(empty.index) == 0
@@ -126,6 +155,6 @@ def test_ignored_cells_teach_no_background():
 
 def test_confidence_is_a_probability_per_cell():
     head = CenterHead(8, GRID, head_channels=16)
-    conf = head.confidence(torch.randn(3, 8, GRID.ny, GRID.nx))
+    conf = head.confidence(torch.randn(3, 8, GRID.ny, GRID.nx)).detach()
     assert conf.shape == (3, 1, GRID.ny, GRID.nx)
     assert float(conf.min()) >= 0 and float(conf.max()) <= 1

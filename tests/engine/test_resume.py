@@ -228,3 +228,21 @@ def test_eval_mode_dair_scores_training_and_checkpoints_the_dair_way(tiny_dair_c
     with pytest.raises(SystemExit):
         _tool("eval").main(["--checkpoint", str(work / "last.pt"), "--mode", "dair",
                             "--iou", "3d"])
+
+
+def test_resume_ignores_the_options_of_heads_the_run_does_not_use():
+    """A run saved before a config gained ``model.head.center`` options still resumes, while a
+    change to the head it trains is refused."""
+    from v2xfuse.engine.checkpoint import config_changes
+    from v2xfuse.engine.trainer import RESUME_CHECKED_SECTIONS, _comparable
+
+    saved = {"model": {"head": {"type": "anchor", "anchor": {"num_dirs": 2}}}}
+    now = {"model": {"head": {"type": "anchor", "anchor": {"num_dirs": 2},
+                              "center": {"head_channels": 32}}}}
+    assert config_changes(_comparable(saved), _comparable(now), RESUME_CHECKED_SECTIONS) == []
+    now["model"]["head"]["anchor"]["num_dirs"] = 1
+    changes = config_changes(_comparable(saved), _comparable(now), RESUME_CHECKED_SECTIONS)
+    assert [c[0] for c in changes] == ["model.head.anchor.num_dirs"]
+    now["model"]["head"]["type"] = "center"
+    changes = config_changes(_comparable(saved), _comparable(now), RESUME_CHECKED_SECTIONS)
+    assert "model.head.type" in [c[0] for c in changes]

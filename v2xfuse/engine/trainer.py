@@ -385,7 +385,14 @@ class Trainer:
 
 def _comparable(cfg: dict) -> dict:
     """``cfg`` with its ``train`` section's defaults filled in (an absent key and its default
-    value are the same training)."""
+    value are the same training) and without the options of heads it does not use
+    (``model.head.<name>`` for a name other than ``model.head.type``: options a config carries
+    so that ``--set model.head.type=...`` can switch heads, which the weights do not depend on)."""
+    head = (cfg.get("model") or {}).get("head")
+    if isinstance(head, dict) and "type" in head:
+        unused = {k for k, v in head.items() if isinstance(v, dict) and k != head["type"]}
+        cfg = {**cfg, "model": {**cfg["model"],
+                                "head": {k: v for k, v in head.items() if k not in unused}}}
     try:
         train = dataclasses.asdict(TrainConfig.from_dict(cfg.get("train")))
     except (KeyError, TypeError):  # a key this version does not know: compare as written

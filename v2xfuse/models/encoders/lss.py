@@ -47,7 +47,8 @@ from ..backbone import conv_bn_relu
 from ..inputs import AgentInputs
 from .camera_bev import _MEAN, _STD
 
-__all__ = ["LiftSplat", "FrustumCells", "DepthBins", "ResidualImageNet", "IMAGE_BACKBONES"]
+__all__ = ["LiftSplat", "FrustumCells", "DepthBins", "ResidualImageNet", "IMAGE_BACKBONES",
+           "camera_to_lidar", "depth_loss"]
 
 #: ``backbone`` values: our own residual stages, or a torchvision ResNet trunk (no weights)
 IMAGE_BACKBONES = ("residual", "resnet18", "resnet34")
@@ -276,10 +277,7 @@ class LiftSplat(nn.Module):
             image_size: (H, W) of the images.
         """
         base = self.base_frustum(image_size, lidar_from_camera.device)      # (D, h, w, 3)
-        l64 = lidar_from_camera.to(torch.float64)
-        # one 3x3 per camera (in float64, then float32): lidar_from_camera[:3, :3] @ inv(K)
-        rays = (l64[:, :3, :3] @ torch.linalg.inv(intrinsics.to(torch.float64))).float()
-        xyz = torch.einsum("kij,dhwj->kdhwi", rays, base) + l64[:, None, None, None, :3, 3].float()
+        xyz = camera_to_lidar(intrinsics, lidar_from_camera, base)          # (K, D, h, w, 3)
         g = self.grid
         ix = torch.floor((xyz[..., 0] - g.x_min) / g.cell)
         iy = torch.floor((xyz[..., 1] - g.y_min) / g.cell)
@@ -332,6 +330,24 @@ class LiftSplat(nn.Module):
                 nearest.scatter_reduce_(0, flat[ok], depth[ok], reduce="amin")
         target = self.bins.index(nearest)
         return target.view(k, h, w)
+
+
+def camera_to_lidar(intrinsics: torch.Tensor, lidar_from_camera: torch.Tensor,
+                    scaled_pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels at depths, in each camera's LiDAR frame: ``lidar_from_camera @ (inv(K) @ [u d, v d, d])``.
+
+    Args:
+        intrinsics: (K, 3, 3); lidar_from_camera: (K, 4, 4), used as given (not inverted).
+        scaled_pixels: (..., 3) [u d, v d, d]: pixel (u, v) times its camera-frame depth d.
+    Returns:
+        (K, ..., 3) float32.
+    """
+    l64 = lidar_from_camera.to(torch.float64)
+    # one 3x3 per camera, composed in float64: lidar_from_camera[:3, :3] @ inv(K)
+    rays = (l64[:, :3, :3] @ torch.linalg.inv(intrinsics.to(torch.float64))).float()
+    xyz = torch.einsum("kij,pj->kpi", rays, scaled_pixels.reshape(-1, 3).float())
+    xyz = xyz + l64[:, None, :3, 3].float()
+    return xyz.view(len(rays), *scaled_pixels.shape)
 
 
 def depth_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

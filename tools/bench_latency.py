@@ -24,6 +24,15 @@ each count are run and not measured. Medians and 95th percentiles in millisecond
 written to OUT/latency.csv and OUT/latency.json. On CUDA every stage boundary synchronises the
 device. Without ``--checkpoint`` the weights are random (a warning says so): selection-based
 methods then send an untypical amount, so use a trained model for numbers worth quoting.
+
+``--camera-encoder`` times the model's camera encoder alone (``model.encoders.camera``, e.g.
+lss), in evaluation mode, on k = each ``--agents`` count of vehicles carrying the synthetic
+world's four cameras at ``pipeline.cameras.image_size`` (random pixels: the encoder's cost does
+not depend on them, and no dataset is read). It prints the median and 95th percentile per call
+and the median per agent, on the CPU and on CUDA when a device is available (or on ``--device``
+alone), and writes OUT/camera_encoder.json:
+
+    python tools/bench_latency.py --config configs/camera.yaml --camera-encoder --agents 1,2,4
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ import numpy as np
 
 log = logging.getLogger("bench_latency")
 
-__all__ = ["STAGES", "select_agents", "measure", "main"]
+__all__ = ["STAGES", "select_agents", "measure", "measure_camera_encoder", "main"]
 
 STAGES = ["encode", "serialise", "channel", "fuse", "head", "nms"]
 
@@ -110,6 +119,90 @@ def measure(model, samples: list, cfg: dict, count: int, frames: int, warmup: in
             "seconds": {s: np.asarray(v) for s, v in seconds.items()}}
 
 
+def camera_encoder_of(model):
+    """The model's camera encoder (alone or inside a MultiSensorEncoder), or None."""
+    from v2xfuse.models.encoders.fuser import MultiSensorEncoder
+
+    encoder = model.encoder
+    if isinstance(encoder, MultiSensorEncoder):
+        return encoder.encoders["camera"] if "camera" in encoder.encoders else None
+    return encoder if getattr(encoder, "sensor", None) == "camera" else None
+
+
+def measure_camera_encoder(encoder, image_size, counts: list[int], frames: int, warmup: int,
+                           device) -> list[dict]:
+    """Milliseconds per call of ``encoder`` on k vehicles with the synthetic world's 4 cameras
+    each, for each k in ``counts``: [{"agents", "cameras", "median_ms", "p95_ms",
+    "per_agent_ms"}]."""
+    import torch
+
+    from v2xfuse.models.inputs import AgentInputs
+    from v2xfuse.sim.rigs import rig_cameras
+
+    cuda = torch.device(device).type == "cuda"
+    encoder = encoder.to(device).eval()
+    out = []
+    for count in counts:
+        inputs = AgentInputs(count, cameras=rig_cameras(["vehicle"] * count, image_size).to(device))
+        seconds = []
+        with torch.no_grad():
+            for i in range(warmup + frames):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                encoder(inputs)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    seconds.append(time.perf_counter() - start)
+        median = float(np.median(seconds) * 1e3)
+        out.append({"agents": count, "cameras": inputs.cameras.num_cameras, "median_ms": median,
+                    "p95_ms": float(np.percentile(seconds, 95) * 1e3),
+                    "per_agent_ms": median / count})
+    return out
+
+
+def camera_main(args) -> int:
+    """``--camera-encoder``: the camera encoder's latency per agent count, per device."""
+    import torch
+
+    from v2xfuse.datasets import PipelineConfig
+
+    devices = [args.device] if args.device else \
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    args.device = "cpu"
+    cfg, model, _ = load_model(args)
+    encoder = camera_encoder_of(model)
+    if encoder is None:
+        raise SystemExit("--camera-encoder: the model has no camera encoder (model.encoders.camera)")
+    cameras = PipelineConfig.from_dict(cfg.get("pipeline")).cameras
+    if cameras is None:
+        raise SystemExit("--camera-encoder: the config has no pipeline.cameras.image_size")
+    counts = [int(a) for a in args.agents.split(",")]
+    report = {"encoder": type(encoder).__name__, "image_size": list(cameras.image_size),
+              "torch_threads": torch.get_num_threads(), "frames": args.frames,
+              "warmup": args.warmup, "results": {}}
+    print(f"camera encoder {report['encoder']}, images {cameras.image_size[0]}x"
+          f"{cameras.image_size[1]}, 4 cameras per vehicle, {args.frames} calls after "
+          f"{args.warmup} warm-up calls, {torch.get_num_threads()} CPU threads")
+    print(f"{'device':<8}{'agents':>7}{'cameras':>9}{'median ms':>11}{'p95 ms':>9}{'ms/agent':>10}")
+    for device in devices:
+        rows = measure_camera_encoder(encoder, cameras.image_size, counts, args.frames,
+                                      args.warmup, device)
+        name = device if device == "cpu" else f"{device} ({torch.cuda.get_device_name()})"
+        report["results"][name] = rows
+        for r in rows:
+            print(f"{device:<8}{r['agents']:>7}{r['cameras']:>9}{r['median_ms']:>11.2f}"
+                  f"{r['p95_ms']:>9.2f}{r['per_agent_ms']:>10.2f}")
+    if "cuda" not in devices:
+        print("CUDA: no device available, not measured")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "camera_encoder.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / 'camera_encoder.json'}")
+    return 0
+
+
 def summarise(measured: dict) -> dict:
     """Milliseconds: median, p95 and mean per stage."""
     return {s: {"median_ms": float(np.median(v) * 1e3), "p95_ms": float(np.percentile(v, 95) * 1e3),
@@ -176,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=20, help="measured frames per agent count")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured frames first")
     p.add_argument("--split", default="val")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="default: cpu (--camera-encoder: cpu, and cuda when available)")
+    p.add_argument("--camera-encoder", action="store_true",
+                   help="time the model's camera encoder alone, per agent count (see above)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     p.add_argument("--out", default="work_dirs/latency", help="folder for latency.csv/json")
     return p
@@ -192,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.camera_encoder:
+        return camera_main(args)
+    args.device = args.device or "cpu"
     from v2xfuse.builder import build_dataset
 
     cfg, model, step = load_model(args)

@@ -12,7 +12,11 @@ Benchmarks, each on CPU and (when available) CUDA:
   all of B and extrapolated linearly to N x N (polygons are built outside the timing);
 * pairwise 3D IoU, N x N (op vs reference);
 * rotated NMS of ``--nms-boxes`` crowded proposals (op vs reference; the indices are checked equal);
-* bev_pool forward + backward on a lift-splat sized input (op vs reference).
+* bev_pool forward + backward on a lift-splat sized input (op vs reference);
+* bev_pool forward + backward at the shapes of the ``lss`` camera encoder of ``--lss-config``
+  (default configs/camera.yaml): one training batch of ``--lss-samples`` samples of 3 vehicles
+  (4 cameras each) and a roadside unit (1), the synthetic world's rigs fitted to the config's
+  image size, the frustum points the encoder keeps and their real cells (op vs reference).
 
 Times are medians of ``--repeat`` runs after one untimed warm-up run; on CUDA each run is
 bracketed by ``torch.cuda.synchronize()``. The box/NMS scene is a 100 m x 100 m area of
@@ -24,6 +28,7 @@ import argparse
 import math
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +36,8 @@ import torch
 from v2xfuse import ops
 from v2xfuse.ops import reference
 from v2xfuse.structures import boxes_bev_corners
+
+DEFAULT_LSS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "camera.yaml"
 
 
 def _sync(device: torch.device) -> None:
@@ -195,6 +202,64 @@ def bench_device(device: torch.device, args, table: Table) -> None:
               timeit(lambda: fwd_bwd(reference.bev_pool), device, args.repeat),
               f"max |grad op-ref| {err:.1e}")
 
+    if args.lss_config:
+        bench_lss_pool(device, args, table)
+
+
+def lss_pool_inputs(config: Path, samples: int, device: torch.device):
+    """(features (M, C), coords (M, 3), agents, ny, nx, note): what the lss camera encoder of
+    ``config`` pools for one training batch of ``samples`` samples, each of 3 vehicles and a
+    roadside unit with the synthetic world's cameras."""
+    from v2xfuse.builder import build_encoder
+    from v2xfuse.config import load_config
+    from v2xfuse.datasets import PipelineConfig
+    from v2xfuse.models.encoders.fuser import MultiSensorEncoder
+    from v2xfuse.sim.rigs import rig_cameras
+
+    cfg = load_config(config)
+    pipeline = PipelineConfig.from_dict(cfg.get("pipeline"))
+    if pipeline.cameras is None:
+        raise SystemExit(f"{config}: no pipeline.cameras (image_size) to take the shapes from")
+    encoder = build_encoder(cfg["model"], pipeline.lidar_range)
+    if isinstance(encoder, MultiSensorEncoder):
+        encoder = encoder.encoders["camera"]
+    if not hasattr(encoder, "frustum_cells"):
+        raise SystemExit(f"{config}: the camera encoder is not lss")
+    encoder = encoder.to(device)
+    cams = rig_cameras(["vehicle", "vehicle", "vehicle", "infrastructure"] * samples,
+                       pipeline.cameras.image_size).to(device)
+    cells = encoder.frustum_cells(cams.intrinsics, cams.lidar_from_camera, cams.agent,
+                                  pipeline.cameras.image_size)
+    h, w = (v // encoder.stride for v in pipeline.cameras.image_size)
+    total = cams.num_cameras * encoder.bins.count * h * w
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(len(cells.index), encoder.out_channels, generator=g).to(device)
+    agents = 4 * samples
+    note = (f"{cams.num_cameras} cameras x {encoder.bins.count} bins x {h}x{w}: kept "
+            f"{len(cells.index) / 1000:.0f}k of {total / 1000:.0f}k; grid {agents}x{encoder.grid.ny}"
+            f"x{encoder.grid.nx}; {config.name}")
+    return feats, cells.coords, agents, encoder.grid.ny, encoder.grid.nx, note
+
+
+def bench_lss_pool(device: torch.device, args, table: Table) -> None:
+    feats, coords, agents, ny, nx, note = lss_pool_inputs(Path(args.lss_config), args.lss_samples,
+                                                          device)
+    grad = torch.randn(agents, feats.shape[1], ny, nx, generator=torch.Generator().manual_seed(5))
+    grad = grad.to(device)
+
+    def fwd_bwd(fn):
+        f = feats.detach().requires_grad_(True)
+        fn(f, coords, agents, ny, nx).backward(grad)
+        return f.grad
+
+    name = f"bev_pool fwd+bwd lss {len(feats) // 1000}kx{feats.shape[1]}"
+    table.add(name, device.type, "op (v2xfuse._C)",
+              timeit(lambda: fwd_bwd(ops.bev_pool), device, args.repeat), note)
+    err = (fwd_bwd(ops.bev_pool) - fwd_bwd(reference.bev_pool)).abs().max().item()
+    table.add(name, device.type, "reference (PyTorch)",
+              timeit(lambda: fwd_bwd(reference.bev_pool), device, args.repeat),
+              f"max |grad op-ref| {err:.1e}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -205,6 +270,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--lss-config", default=str(DEFAULT_LSS_CONFIG),
+                        help="config whose lss camera encoder gives the LSS bev_pool shapes "
+                             "('' skips that benchmark)")
+    parser.add_argument("--lss-samples", type=int, default=2,
+                        help="samples per batch for the LSS shapes (the config's batch_size)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -42,19 +42,21 @@ def _fit(cfg: dict, work: Path) -> dict:
 
 def test_lidar_camera_trains_a_step_on_images_and_evaluates(tmp_path):
     cfg = _tiny("lidar_camera", tmp_path, cameras=True)
-    cfg["pipeline"]["cameras"]["image_size"] = [32, 56]
+    cfg["pipeline"]["cameras"]["image_size"] = [32, 64]  # multiples of the lss stride (8)
+    assert cfg["model"]["encoders"]["camera"]["type"] == "lss"
     results = _fit(cfg, tmp_path / "work")
     assert results["frames"] == 2 and "ap_50" in results and results["bytes_per_frame"] > 0
     state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
     # the image network ran on training images (its batch norm counted the step) and its
     # weights moved (AdamW leaves a parameter without a gradient alone)
-    assert int(state["encoder.encoders.camera.image_net.1.num_batches_tracked"]) == 1
+    assert int(state["encoder.encoders.camera.image_net.layers.1.num_batches_tracked"]) == 1
     torch.manual_seed(cfg["train"]["seed"])
     from v2xfuse.builder import build_detector
 
     fresh = build_detector(cfg).state_dict()
-    assert not torch.equal(state["encoder.encoders.camera.image_net.0.weight"],
-                           fresh["encoder.encoders.camera.image_net.0.weight"])
+    for name in ("image_net.layers.0.weight", "depth_net.1.weight"):
+        assert not torch.equal(state[f"encoder.encoders.camera.{name}"],
+                               fresh[f"encoder.encoders.camera.{name}"]), name
     assert "encoder.fuser.conv.0.weight" in state
 
 

@@ -242,3 +242,37 @@ def test_bench_latency_on_cuda(tiny_config, tmp_path):
         total = r["stages"]["total"]["mean_ms"]
         measured = sum(r["stages"][s]["mean_ms"] for s in bench.STAGES)
         assert 0.8 * total <= measured <= total + 1e-6
+
+
+def test_bench_latency_times_the_camera_encoder_per_agent(tmp_path, capsys):
+    """--camera-encoder needs no dataset: the synthetic rigs at the config's image size."""
+    cfg = {"pipeline": {"lidar_range": [-12.8, -12.8, -4.0, 12.8, 12.8, 2.0],
+                        "cameras": {"image_size": [32, 48]}},
+           "model": {"encoder": None,
+                     "encoders": {"camera": {"type": "lss", "cell": 0.8, "out_channels": 4,
+                                             "depth": [1.0, 21.0, 1.0], "image_channels": [8, 8, 8]}},
+                     "backbone": {"layer_strides": [1], "layer_channels": [8], "layer_nums": [1],
+                                  "upsample_channels": [8], "out_stride": 1},
+                     "fusion": {"type": "max"}}}
+    path = tmp_path / "camera.yaml"
+    dump_config(cfg, path)
+    rc = _tool("bench_latency").main(["--config", str(path), "--camera-encoder", "--agents", "1,2",
+                                      "--frames", "2", "--warmup", "1", "--device", "cpu",
+                                      "--out", str(tmp_path / "out")])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "camera_encoder.json").read_text())
+    assert report["encoder"] == "LiftSplat" and report["image_size"] == [32, 48]
+    rows = report["results"]["cpu"]
+    assert [(r["agents"], r["cameras"]) for r in rows] == [(1, 4), (2, 8)]
+    assert all(r["median_ms"] > 0 and r["per_agent_ms"] == r["median_ms"] / r["agents"] for r in rows)
+    assert "ms/agent" in capsys.readouterr().out
+
+
+def test_bench_ops_pools_what_the_camera_config_s_encoder_keeps():
+    bench = _tool("bench_ops")
+    feats, coords, agents, ny, nx, note = bench.lss_pool_inputs(bench.DEFAULT_LSS_CONFIG, 1,
+                                                                torch.device("cpu"))
+    assert agents == 4 and (ny, nx) == (96, 96) and feats.shape == (len(coords), 32)
+    assert 0 < len(coords) < 13 * 44 * 16 * 24 and "13 cameras" in note
+    assert coords[:, 0].unique().tolist() == [0, 1, 2, 3]
+    assert int(coords[:, 1:].min()) >= 0 and int(coords[:, 1].max()) < ny and int(coords[:, 2].max()) < nx

@@ -26,7 +26,7 @@ from ..utils.timing import null_timer
 from ..structures.bev import BevGrid
 from .encoders.fuser import modality_mask
 from .heads.base import Head, OutsideGrid
-from .inputs import AgentInputs
+from .inputs import AgentInputs, AuxLosses
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
            "SENDER_FRAMES"]
@@ -44,12 +44,17 @@ class DetectorOutput:
         rounds: fusion point -> the messages that arrived in that point's round.
         detections: a method fusing at ``detections``: per sample, the boxes before NMS
             (``predict`` only runs NMS on them); None otherwise.
+        encoder_losses: training: the auxiliary losses the encoders added while encoding the
+            agents' current observations (name -> weighted scalar, e.g. the camera encoder's
+            ``loss_depth``; see :class:`~.inputs.AuxLosses`), which :meth:`CoopDetector.loss`
+            adds; empty in evaluation.
     """
 
     head: object  # the head's output (its own dataclass, see heads.base.Head)
     state: FusionState
     rounds: dict[str, list[Received]] = field(default_factory=dict)
     detections: list[Detections] | None = None
+    encoder_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def received(self) -> list[Received]:
@@ -138,13 +143,15 @@ class CoopDetector(nn.Module):
             batch = self._ego_aligned(batch, senders, channel, stage)
         state = FusionState(batch, None, None, nms=self._nms)
         rounds: dict[str, list[Received]] = {}
+        # a fresh sink per pass: what the encoders add travels in the output, never as state
+        aux = AuxLosses() if self.training else None
         if "points" in points:
             cloud = self._round("points", state, senders, channel, stage, rounds)
             with stage("encode"):
                 fused = self.bev(AgentInputs.early(batch, cloud))
         else:
             with stage("encode"):
-                self._encode_agents(state, senders)
+                self._encode_agents(state, senders, aux)
                 self._services(state, senders)
             ego = state.features[batch.ego_index()]
             fused = self._round("bev", state, senders, channel, stage, rounds) \
@@ -154,7 +161,7 @@ class CoopDetector(nn.Module):
                  for p in points if p.startswith("decoder:")}
         with stage("head"):
             head = self.head(fused, hooks=hooks) if hooks else self.head(fused)
-        out = DetectorOutput(head, state, rounds)
+        out = DetectorOutput(head, state, rounds, encoder_losses=aux.terms if aux else {})
         if "detections" in points and not self.training:
             with stage("head"):
                 state.extras["ego_detections"] = [
@@ -202,11 +209,13 @@ class CoopDetector(nn.Module):
         with stage("encode"):
             return ego_aligned_frames(batch, senders, self.feature_grid.cell)
 
-    def _encode_agents(self, state: FusionState, senders: list[int]) -> None:
+    def _encode_agents(self, state: FusionState, senders: list[int],
+                       aux: AuxLosses | None = None) -> None:
         """Every agent's BEV map into ``state.features``; only the egos' when nobody sends
-        and no loss needs the others (their maps stay zero)."""
+        and no loss needs the others (their maps stay zero). ``aux``: the sink for the
+        encoders' auxiliary losses (training), or None."""
         batch = state.batch
-        inputs = AgentInputs.from_batch(batch)
+        inputs = AgentInputs.from_batch(batch, aux)
         if not (senders or (self.training and self.agent_loss_weight > 0)):
             inputs = inputs.only(batch.ego_index())
         state.features = self.bev(inputs)
@@ -275,6 +284,9 @@ class CoopDetector(nn.Module):
             agent = self.agent_loss(out.state.features, out.state.batch)
             losses["loss"] = losses["loss"] + self.agent_loss_weight * agent["loss"]
             losses["loss_agent"] = agent["loss"].detach()
+        for k, v in out.encoder_losses.items():  # already weighted by their encoders
+            losses["loss"] = losses["loss"] + v
+            losses[k] = v.detach()
         for k, v in self.fusion.aux_loss(out.state).items():
             losses["loss"] = losses["loss"] + v
             losses[k] = v.detach()

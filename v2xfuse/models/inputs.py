@@ -3,6 +3,14 @@
 An encoder maps :class:`AgentInputs` to ``(N, C, ny, nx)`` BEV maps on its grid, one per
 agent, in each agent's own LiDAR frame. Agents are numbered ``0..N-1`` as in the batch
 (``CoopBatch.points[:, 0]``); an agent with no data for the encoder's sensor gets a zero map.
+
+Auxiliary training losses of encoders (the camera encoder's depth loss) travel with the call
+that produced them, never as module state: the detector, in training, gives the inputs of the
+agents' current observations an :class:`AuxLosses` sink; an encoder that has such a loss (and
+is in training mode) adds its weighted terms there while it runs, whether it is called alone or
+inside a ``MultiSensorEncoder``; the detector hands the sink's terms to its ``loss`` through
+``DetectorOutput.encoder_losses``. Inputs without a sink (evaluation, history, early fusion)
+make no auxiliary loss, and nothing of one forward pass can reach another.
 """
 from __future__ import annotations
 
@@ -12,10 +20,24 @@ import torch
 
 from ..datasets.batch import CameraBatch, CoopBatch
 
-__all__ = ["AgentInputs", "SENSORS"]
+__all__ = ["AgentInputs", "AuxLosses", "SENSORS"]
 
 #: the sensors an encoder can read (its ``sensor`` attribute), in the order the fuser sees them
 SENSORS = ("lidar", "camera")
+
+
+class AuxLosses:
+    """Named, weighted training losses that encoders add during one forward pass (module
+    docstring). Names are ``loss_<what>`` and unique: adding one twice raises."""
+
+    def __init__(self) -> None:
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        """``value``: a scalar, already multiplied by its weight (the encoder's config)."""
+        if name in self.terms:
+            raise KeyError(f"auxiliary loss {name!r} added twice in one forward pass")
+        self.terms[name] = value
 
 
 @dataclass
@@ -29,16 +51,20 @@ class AgentInputs:
         cameras: the agents' cameras (:class:`~v2xfuse.datasets.batch.CameraBatch`: images
             (K, 3, H, W) uint8, agent (K,) int64 in ``0..N-1``, intrinsics (K, 3, 3),
             lidar_from_camera (K, 4, 4) into that agent's LiDAR frame), or None.
+        losses: where encoders in training mode add their auxiliary losses for this call
+            (:class:`AuxLosses`), or None: then they compute none.
     """
 
     num_agents: int
     points: torch.Tensor | None = None
     cameras: CameraBatch | None = None
+    losses: AuxLosses | None = None
 
     @classmethod
-    def from_batch(cls, batch: CoopBatch) -> "AgentInputs":
-        """Every agent of ``batch`` with its current observation."""
-        return cls(batch.num_agents, batch.points, batch.cameras)
+    def from_batch(cls, batch: CoopBatch, losses: AuxLosses | None = None) -> "AgentInputs":
+        """Every agent of ``batch`` with its current observation; ``losses``: the sink for the
+        encoders' auxiliary losses (training), or None."""
+        return cls(batch.num_agents, batch.points, batch.cameras, losses)
 
     @classmethod
     def of_history(cls, batch: CoopBatch) -> "AgentInputs":
@@ -78,10 +104,10 @@ class AgentInputs:
 
     def only(self, agents: torch.Tensor) -> "AgentInputs":
         """The same N agents with the data of those not in ``agents`` (K,) int64 removed (their
-        maps come out zero); the numbering is unchanged."""
+        maps come out zero); the numbering and the loss sink are unchanged."""
         points, cameras = self.points, self.cameras
         if points is not None:
             points = points[torch.isin(points[:, 0].long(), agents)]
         if cameras is not None:
             cameras = cameras.select(torch.isin(cameras.agent, agents))
-        return AgentInputs(self.num_agents, points, cameras)
+        return AgentInputs(self.num_agents, points, cameras, self.losses)

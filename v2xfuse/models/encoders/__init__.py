@@ -2,5 +2,6 @@
 ``ENCODERS`` and ``SENSOR_FUSERS``."""
 from . import camera_bev  # noqa: F401
 from . import fuser  # noqa: F401
+from . import lss  # noqa: F401
 from . import pointpillars  # noqa: F401
 from . import second  # noqa: F401,E402

@@ -8,8 +8,8 @@
 No depth is estimated, so an image feature lands on every cell whose chosen heights project
 onto it (the "inverse perspective mapping" of a flat world). It reads the images only through
 their calibration, which is what this encoder is for: the camera path of the data (augmented
-``lidar_from_camera``, adjusted intrinsics) exercised end to end while the lift-splat encoder
-is a later issue.
+``lidar_from_camera``, adjusted intrinsics) exercised end to end at little cost. The encoder
+that estimates depth is :mod:`.lss` (``type: lss``).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from ..formats import dair as fmt
 from ..formats.checks import json_type
 from ..structures.coop import CameraObs
 from ..structures.transforms import invert_transform
+from . import images
 from .base import DatasetError, error_message, reading
 
 __all__ = ["VEHICLE", "INFRA", "POSE_FILES", "read_json", "rel_path", "timestamp_us",
@@ -162,16 +163,10 @@ def read_cameras(side_dir: Path, kind: str, fid: str, row: dict, load_images: bo
 
 
 def read_image(path: Path, load: bool):
-    """(image or None, (height, width)); the size comes from the JPEG header when not loading."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if load:
-                arr = np.asarray(im.convert("RGB"))
-                return arr, arr.shape[:2]
-            return None, (im.height, im.width)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: camera image is missing") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DatasetError(error_message(path, e, "unreadable image")) from None
+    """(image or None, (height, width)): the pixels decoded (:func:`~.images.read_image`) when
+    ``load``, else only the size from the JPEG header; a missing or unreadable file raises
+    :class:`DatasetError` naming it."""
+    if load:
+        image = images.read_image(path)
+        return image, image.shape[:2]
+    return None, images.image_size(path)

@@ -30,7 +30,8 @@ from ..registry import DATASETS
 from ..structures.boxes import transform_boxes
 from ..structures.coop import AgentObs, CameraObs, CoopFrame
 from ..structures.transforms import invert_transform
-from .base import CoopAdapter, DatasetError, PointCache, error_message, load_point_file, reading
+from .base import CoopAdapter, DatasetError, PointCache, load_point_file, reading
+from .images import read_image
 
 __all__ = ["Opv2vAdapter", "Opv2vMeta", "CAMERA_NAMES"]
 
@@ -187,7 +188,7 @@ class Opv2vAdapter(CoopAdapter):
         cameras = []
         for name, (k_mat, lidar_from_camera) in meta.cameras.items():
             img_path = adir / f"{key}_{name}.png"
-            image = _read_image(img_path) if self.load_images else None
+            image = read_image(img_path) if self.load_images else None
             size = image.shape[:2] if image is not None else _image_size(k_mat)
             cameras.append(CameraObs(name, k_mat, lidar_from_camera, size, image, str(img_path)))
         lidar_from_world = invert_transform(meta.world_from_lidar)
@@ -204,16 +205,4 @@ def _flip_points(points: np.ndarray) -> np.ndarray:
 def _image_size(k: np.ndarray) -> tuple[int, int]:
     """Image size implied by a centred principal point (OPV2V's cameras have cx = W/2, cy = H/2)."""
     return int(round(2 * k[1, 2])), int(round(2 * k[0, 2]))
-
-
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: camera image is missing") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DatasetError(error_message(path, e, "unreadable image")) from None
 

@@ -15,6 +15,13 @@ vehicles its LiDAR hit), de-duplicated by actor id, built from location + center
 half extents and expressed in the ego LiDAR frame. Every one of those numbers must be finite
 (NaN ground truth is an error naming the yaml and the vehicle); so must ``lidar_pose``, which
 is rigid by construction (x, y, z, roll, yaw, pitch).
+
+Cameras (``camera_names``, OPV2V's ``camera0..3``): each one the yaml calibrates, with K from
+its ``intrinsic`` and its pose from its ``cords`` and ``lidar_pose`` (see
+:func:`v2xfuse.formats.opv2v.camera_calibration`). With ``load_images`` each one's
+``<key>_<camera>.png`` is decoded (a missing or unreadable file is a :class:`DatasetError`
+naming it, as is a PNG beside a yaml that does not calibrate its camera); without, no image
+file is opened and the size comes from K (``cx = W / 2``, ``cy = H / 2``).
 """
 from __future__ import annotations
 
@@ -45,15 +52,18 @@ class Opv2vMeta:
 
     Also what ``tools/check_dataset.py`` builds to check a yaml, so both judge a file alike:
     any problem is a :class:`DatasetError` naming the file and the field (a finite
-    ``lidar_pose``, finite boxes, a numeric ``ego_speed``, a boolean ``RSU``, rigid cameras).
+    ``lidar_pose``, finite boxes, a numeric ``ego_speed``, a boolean ``RSU``, camera
+    calibrations: ``intrinsic`` 3x3 with positive focal lengths, ``cords`` 6 finite numbers).
     """
 
-    __slots__ = ("world_from_lidar", "ids", "boxes_world", "speed_mps", "is_rsu", "cameras")
+    __slots__ = ("path", "world_from_lidar", "ids", "boxes_world", "speed_mps", "is_rsu",
+                 "cameras", "uncalibrated")
 
     def __init__(self, path: Path, camera_names: tuple[str, ...]):
         where = str(path)
         if not path.exists():
             raise DatasetError(f"{path}: yaml file is missing")
+        self.path = path
         with reading(path, "yaml"):
             meta = fmt.load_yaml(path)
             self.world_from_lidar = fmt.world_from_lidar_rh(meta, where)
@@ -62,6 +72,19 @@ class Opv2vMeta:
             self.is_rsu = fmt.yaml_flag(meta, "RSU", where)
             self.cameras = {name: fmt.camera_calibration(meta, name, where)
                             for name in camera_names if name in meta}
+        self.uncalibrated = tuple(name for name in camera_names if name not in self.cameras)
+
+    def image_path(self, name: str) -> Path:
+        """``<key>_<name>.png`` beside the yaml."""
+        return self.path.with_name(f"{self.path.stem}_{name}.png")
+
+    def check_calibrated(self) -> None:
+        """An image of a camera the yaml does not calibrate is an error naming the yaml: its
+        pixels could not be placed, and dropping the camera without a word would hide it."""
+        for name in self.uncalibrated:
+            if self.image_path(name).exists():
+                raise DatasetError(f"{self.path}: missing field {name!r} (the calibration of "
+                                   f"{self.image_path(name).name})")
 
 
 @DATASETS.register("opv2v")
@@ -183,17 +206,19 @@ class Opv2vAdapter(CoopAdapter):
     def _agent(self, scenario: str, aid: str, key: str) -> AgentObs:
         adir = self._agent_dir(scenario, aid)
         meta = self._meta(adir / f"{key}.yaml")
+        kind = "infrastructure" if int(aid) < 0 or meta.is_rsu else "vehicle"
         pcd = adir / f"{key}.pcd"
         points = self.points.get(str(pcd), lambda: _flip_points(load_point_file(pcd)))
         cameras = []
+        if self.load_images:
+            meta.check_calibrated()
         for name, (k_mat, lidar_from_camera) in meta.cameras.items():
-            img_path = adir / f"{key}_{name}.png"
+            img_path = meta.image_path(name)
             image = read_image(img_path) if self.load_images else None
             size = image.shape[:2] if image is not None else _image_size(k_mat)
             cameras.append(CameraObs(name, k_mat, lidar_from_camera, size, image, str(img_path)))
         lidar_from_world = invert_transform(meta.world_from_lidar)
-        return AgentObs(aid, "infrastructure" if int(aid) < 0 or meta.is_rsu else "vehicle",
-                        meta.world_from_lidar, int(key) * TICK_US, points, cameras,
+        return AgentObs(aid, kind, meta.world_from_lidar, int(key) * TICK_US, points, cameras,
                         transform_boxes(lidar_from_world, meta.boxes_world), meta.ids, meta.speed_mps)
 
 

@@ -40,11 +40,11 @@ def camera_opv2v_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_camera_data(tmp_path_factory):
     """``root(fmt)`` -> the root of a tiny dataset with camera images ("opv2v" or "dair"), made
-    on first use: 1 scene ("train") of 3 frames, the ego, 2 CAVs (OPV2V) and a roadside unit,
-    4-beam LiDARs, cameras at an eighth of their size (50 x 37 on vehicles, 60 x 33 on the
-    roadside unit). The DAIR root holds ``cooperative-vehicle-infrastructure`` and the split
-    file (the adapter and tools/check_dataset.py take either). Read only: copy it to change
-    files."""
+    on first use: 1 scene ("train") of 3 frames, 2 vehicles (the ego and a CAV) and a roadside
+    unit, 4-beam LiDARs, cameras at an eighth of their size (50 x 37 on vehicles, 60 x 33 on
+    the roadside unit). The DAIR root holds ``cooperative-vehicle-infrastructure`` and the
+    split file (the adapter and tools/check_dataset.py take either). Read only: copy it to
+    change files."""
     from v2xfuse.sim import generate_dataset
 
     made = {}

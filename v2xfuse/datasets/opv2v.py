@@ -21,7 +21,8 @@ its ``intrinsic`` and its pose from its ``cords`` and ``lidar_pose`` (see
 :func:`v2xfuse.formats.opv2v.camera_calibration`). With ``load_images`` each one's
 ``<key>_<camera>.png`` is decoded (a missing or unreadable file is a :class:`DatasetError`
 naming it, as is a PNG beside a yaml that does not calibrate its camera); without, no image
-file is opened and the size comes from K (``cx = W / 2``, ``cy = H / 2``).
+file is opened and the size comes from K (``cx = W / 2``, ``cy = H / 2``). ``sensors``
+(``dataset.sensors``, :mod:`v2xfuse.datasets.sensors`) says which agents have which.
 """
 from __future__ import annotations
 
@@ -96,8 +97,9 @@ class Opv2vAdapter(CoopAdapter):
                  comm_range: float = 70.0, ego: str = "first", include_rsu: bool = True,
                  camera_names: tuple[str, ...] = CAMERA_NAMES,
                  load_images: bool = False, skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
-                 meta_cache_size: int = 65536, history_frames: int = 0):
-        super().__init__(skip_bad_frames, history_frames)
+                 meta_cache_size: int = 65536, history_frames: int = 0,
+                 sensors: Mapping | None = None):
+        super().__init__(skip_bad_frames, history_frames, sensors)
         if ego not in ("first", "each"):
             raise ValueError(f"ego must be 'first' or 'each', got {ego!r}")
         if max_agents < 1:
@@ -185,7 +187,7 @@ class Opv2vAdapter(CoopAdapter):
             delay = 0 if aid == ego_id or not delays else int(delays.get(aid, 0))
             # a delay reaching before the agent's first frame serves that first frame
             obs_key = self._key_before(scenario, aid, key, delay) or self.scenarios[scenario][aid][0]
-            agents.append(self._agent(scenario, aid, obs_key))
+            agents.append(self._agent(scenario, aid, obs_key, aid == ego_id))
         ego_from_world = invert_transform(agents[0].world_from_lidar)
         gt = transform_boxes(ego_from_world, np.array(gt_boxes_world).reshape(-1, 7))
         return CoopFrame(self.name, scenario, key, agents, gt, np.array(gt_ids, np.int64),
@@ -201,22 +203,28 @@ class Opv2vAdapter(CoopAdapter):
     def _past(self, idx: int, agent_id: str, steps: int) -> AgentObs | None:
         scenario, ego_id, k = self.samples[idx]
         key = self._key_before(scenario, agent_id, self.scenarios[scenario][ego_id][k], steps)
-        return None if key is None else self._agent(scenario, agent_id, key)
+        return None if key is None else self._agent(scenario, agent_id, key, agent_id == ego_id)
 
-    def _agent(self, scenario: str, aid: str, key: str) -> AgentObs:
+    def _agent(self, scenario: str, aid: str, key: str, ego: bool) -> AgentObs:
+        """Agent ``aid``'s observation at ``key``; only the files of the sensors it carries
+        (``dataset.sensors``) are read."""
         adir = self._agent_dir(scenario, aid)
         meta = self._meta(adir / f"{key}.yaml")
         kind = "infrastructure" if int(aid) < 0 or meta.is_rsu else "vehicle"
-        pcd = adir / f"{key}.pcd"
-        points = self.points.get(str(pcd), lambda: _flip_points(load_point_file(pcd)))
+        carried = self.sensors.of(kind, ego)
+        points = np.zeros((0, 4), np.float32)
+        if "lidar" in carried:
+            pcd = adir / f"{key}.pcd"
+            points = self.points.get(str(pcd), lambda: _flip_points(load_point_file(pcd)))
         cameras = []
-        if self.load_images:
-            meta.check_calibrated()
-        for name, (k_mat, lidar_from_camera) in meta.cameras.items():
-            img_path = meta.image_path(name)
-            image = read_image(img_path) if self.load_images else None
-            size = image.shape[:2] if image is not None else _image_size(k_mat)
-            cameras.append(CameraObs(name, k_mat, lidar_from_camera, size, image, str(img_path)))
+        if "camera" in carried:
+            if self.load_images:
+                meta.check_calibrated()
+            for name, (k_mat, lidar_from_camera) in meta.cameras.items():
+                img_path = meta.image_path(name)
+                image = read_image(img_path) if self.load_images else None
+                size = image.shape[:2] if image is not None else _image_size(k_mat)
+                cameras.append(CameraObs(name, k_mat, lidar_from_camera, size, image, str(img_path)))
         lidar_from_world = invert_transform(meta.world_from_lidar)
         return AgentObs(aid, kind, meta.world_from_lidar, int(key) * TICK_US, points, cameras,
                         transform_boxes(lidar_from_world, meta.boxes_world), meta.ids, meta.speed_mps)

@@ -9,7 +9,8 @@ from PIL import Image
 
 from v2xfuse.datasets.base import DatasetError
 from v2xfuse.datasets.images import (CameraConfig, crop_camera, fit_image, image_size,
-                                     project_points, read_image, resize_camera)
+                                     project_box_edges, project_points, read_image, resize_camera)
+from v2xfuse.structures.boxes import BOX_EDGES, box_corners
 from v2xfuse.structures.coop import CameraObs
 
 
@@ -141,3 +142,19 @@ def test_resize_then_crop_moves_the_principal_point_and_refuses_a_crop_outside()
         crop_camera(half, 12, 0, (10, 20))
     with pytest.raises(DatasetError, match="was not loaded"):
         resize_camera(CameraObs("c", k, np.eye(4), (40, 64)), (20, 32))
+
+
+def test_box_edges_behind_the_camera_are_cut_at_the_near_plane():
+    k = np.array([[100.0, 0, 50], [0, 100.0, 40], [0, 0, 1]])
+    cv_axes = np.eye(4)  # camera looking along LiDAR +x: OpenCV x = -y, y = -z, z = +x
+    cv_axes[:3, :3] = [[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]]
+    ahead = np.array([[10.0, 0, 0, 4, 2, 1.5, 0.3]])
+    edges = project_box_edges(ahead, k, cv_axes)
+    assert edges.shape == (12, 2, 2)
+    uv, _ = project_points(box_corners(ahead)[0], k, cv_axes)
+    np.testing.assert_allclose(edges, uv[BOX_EDGES])
+    assert project_box_edges(np.array([[-10.0, 0, 0, 4, 2, 1.5, 0]]), k, cv_axes).shape == (0, 2, 2)
+    across = project_box_edges(np.array([[0.5, 0, 0, 4, 2, 1.5, 0]]), k, cv_axes, min_depth=0.5)
+    # the 4 edges along x are cut at depth 0.5; the back face (x = -1.5) is dropped
+    assert across.shape == (8, 2, 2) and np.isfinite(across).all()
+    assert np.abs(across).max() == pytest.approx(100.0 * 1.0 / 0.5 + 50)

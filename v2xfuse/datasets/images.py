@@ -32,11 +32,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..structures.boxes import BOX_EDGES, box_corners
 from ..structures.coop import CameraObs
 from .base import DatasetError, error_message
 
 __all__ = ["CameraConfig", "read_image", "image_size", "resize_camera", "crop_camera", "fit_image",
-           "project_points", "CROPS"]
+           "project_points", "project_box_edges", "CROPS"]
 
 CROPS = ("bottom", "centre")
 
@@ -202,3 +203,33 @@ def project_points(points: np.ndarray, intrinsic: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         uv = uvw[:, :2] / uvw[:, 2:3]
     return uv, depth
+
+
+def project_box_edges(boxes: np.ndarray, intrinsic: np.ndarray, lidar_from_camera: np.ndarray,
+                      min_depth: float = 0.1) -> np.ndarray:
+    """Pixels of the parts of boxes' edges in front of a camera, for drawing.
+
+    Args:
+        boxes: (M, 7) [x, y, z, dx, dy, dz, yaw] in the LiDAR frame ``lidar_from_camera``
+            refers to.
+        intrinsic: (3, 3) K; lidar_from_camera: (4, 4), inverted as a matrix (see
+            :func:`project_points`).
+        min_depth: metres; an edge is cut where it passes this close in front of the camera
+            (a box beside or behind the camera still draws the part the camera sees), and an
+            edge wholly nearer is dropped.
+    Returns:
+        (E, 2, 2) float64 ``[[u0, v0], [u1, v1]]`` per kept edge (E <= 12 M), not clipped to
+        the image.
+    """
+    corners = box_corners(np.asarray(boxes, np.float64).reshape(-1, 7))     # (M, 8, 3)
+    cam_from_lidar = np.linalg.inv(lidar_from_camera)
+    p = corners @ cam_from_lidar[:3, :3].T + cam_from_lidar[:3, 3]
+    a, b = p[:, BOX_EDGES[:, 0]].reshape(-1, 3), p[:, BOX_EDGES[:, 1]].reshape(-1, 3)
+    keep = (a[:, 2] >= min_depth) | (b[:, 2] >= min_depth)
+    a, b = a[keep], b[keep]
+    with np.errstate(divide="ignore", invalid="ignore"):  # used only where an edge crosses it
+        t = ((min_depth - a[:, 2]) / (b[:, 2] - a[:, 2]))[:, None]
+        cut = a + t * (b - a)  # where the edge crosses depth min_depth
+    a, b = np.where(a[:, 2:] < min_depth, cut, a), np.where(b[:, 2:] < min_depth, cut, b)
+    ends = np.stack([a, b], 1) @ np.asarray(intrinsic, np.float64).T      # (E, 2, 3)
+    return ends[..., :2] / ends[..., 2:]

@@ -21,7 +21,7 @@ columns) and bilinear sampling would then read 2 x 2 of every 4 x 4 to 9 x 9 pix
 the box average does not. Its geometry is exact at integer ratios; at other ratios OpenCV's
 fractional-area weights put the content within about 0.1 input pixel of the mapping (measured
 on linear ramps: 0.1 px for 800 -> 224 columns, 0.04 px for 1920 -> 228, i.e. a few hundredths
-of an output pixel). ``tests/datasets/test_cameras.py`` checks both on ramps and markers.
+of an output pixel). ``tests/datasets/test_images.py`` checks both on ramps and markers.
 """
 from __future__ import annotations
 

@@ -103,6 +103,10 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        # images are decoded, resized and cropped with OpenCV; the headless build needs no X
+        # libraries (servers without a display). Pillow stays for the synthetic data writers
+        # and for reading an image's size from its header without decoding it.
+        "opencv-python-headless>=4.8",
         "pillow>=9.0",
         "scipy>=1.10",
         "matplotlib>=3.7",

@@ -10,16 +10,18 @@ from v2xfuse.datasets import collate
 from v2xfuse.datasets.pipeline import Sample
 
 
-def small_sim_config(cameras: bool):
+def small_sim_config(cameras: bool, shrink: int = 4, beams: int = 16, azimuth_steps: int = 360,
+                     **scene):
     """Generator settings for test data: 16-beam LiDARs, cameras at a quarter of their size
-    (100 x 75 on vehicles, 120 x 67 on the roadside unit)."""
+    (100 x 75 on vehicles, 120 x 67 on the roadside unit); ``shrink``, ``beams``,
+    ``azimuth_steps`` and ``scene`` keys (e.g. ``n_cavs``) make it smaller still."""
     from v2xfuse.sim import SimConfig
 
-    sim = SimConfig.from_dict({"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
-                               "rsu_lidar": {"azimuth_steps": 360, "beams": 16}})
+    lidar = {"azimuth_steps": azimuth_steps, "beams": beams}
+    sim = SimConfig.from_dict({"vehicle_lidar": lidar, "rsu_lidar": lidar, "scene": scene})
     sim.cameras = cameras
     for cam in sim.vehicle_cameras + sim.rsu_cameras:
-        cam.width, cam.height = cam.width // 4, cam.height // 4
+        cam.width, cam.height = cam.width // shrink, cam.height // shrink
     return sim
 
 
@@ -32,6 +34,29 @@ def camera_opv2v_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("opv2v_cameras")
     generate_dataset("opv2v", root, n_scenes=2, n_frames=3, seed=11, cfg=small_sim_config(True),
                      splits={"train": 0.5, "validate": 0.5}, progress=False, workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_camera_data(tmp_path_factory):
+    """``root(fmt)`` -> the root of a tiny dataset with camera images ("opv2v" or "dair"), made
+    on first use: 1 scene ("train") of 3 frames, 2 vehicles (the ego and a CAV) and a roadside
+    unit, 4-beam LiDARs, cameras at an eighth of their size (50 x 37 on vehicles, 60 x 33 on
+    the roadside unit). The DAIR root holds ``cooperative-vehicle-infrastructure`` and the
+    split file (the adapter and tools/check_dataset.py take either). Read only: copy it to
+    change files."""
+    from v2xfuse.sim import generate_dataset
+
+    made = {}
+
+    def root(fmt: str):
+        if fmt not in made:
+            out = tmp_path_factory.mktemp(f"{fmt}_cameras")
+            generate_dataset(fmt, out, n_scenes=1, n_frames=3, seed=5,
+                             cfg=small_sim_config(True, 8, 4, 64, n_cavs=2),
+                             splits={"train": 1.0}, progress=False, workers=1)
+            made[fmt] = out
+        return made[fmt]
     return root
 
 

@@ -4,6 +4,7 @@
     python tools/check_dataset.py --format opv2v  --root /data/OPV2V
     python tools/check_dataset.py --format dair   --root /data/cooperative-vehicle-infrastructure
     python tools/check_dataset.py --format v2xseq --root /data/V2X-Seq-SPD
+    python tools/check_dataset.py --format opv2v  --root /data/OPV2V --images   # decode every image
 
 Every file is checked by the very code the dataset adapters load it with
 (``v2xfuse.datasets.base.load_point_file``, ``v2xfuse.datasets.dair_side``,
@@ -15,7 +16,9 @@ are directories; PCD headers inconsistent with the data size, truncated or NaN p
 that does not parse or has the wrong type (a label file that is an object, an intrinsic that is
 not one); calibrations that are missing, not rigid (scaled, sheared, reflected, singular) or
 have a bad ``relative_error``; labels without ``"type"``; non-finite ground truth or poses;
-a non-numeric ``ego_speed``; index rows naming frames that are not there. Every problem is
+a non-numeric ``ego_speed``; index rows naming frames that are not there; with ``--images``,
+camera images that are missing, truncated or not images, and OPV2V images whose camera the
+yaml does not calibrate (decoding every image is slow, hence a flag). Every problem is
 printed as ``PATH: what``; a summary by kind follows. Exit status 1 when any problem was found,
 0 otherwise.
 """
@@ -32,6 +35,7 @@ import numpy as np
 from v2xfuse.datasets import dair_side as side
 from v2xfuse.datasets.base import load_point_file
 from v2xfuse.datasets.dair import DairV2XCAdapter, read_ground_truth
+from v2xfuse.datasets.images import read_image
 from v2xfuse.datasets.opv2v import CAMERA_NAMES, Opv2vMeta
 from v2xfuse.datasets.v2xseq import V2XSeqAdapter, read_track_labels
 from v2xfuse.formats import dair as dfmt
@@ -75,7 +79,7 @@ class Report:
 
 
 # ---- OPV2V / V2XSet -----------------------------------------------------------------------
-def check_opv2v(root: Path, r: Report) -> None:
+def check_opv2v(root: Path, r: Report, images: bool = False) -> None:
     splits = [d for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
     if not splits:
         return r.add("missing folder", root, "no split folders (train/validate/test)")
@@ -86,7 +90,12 @@ def check_opv2v(root: Path, r: Report) -> None:
                 yamls = {p.stem: p for p in adir.glob("*.yaml") if "additional" not in p.name}
                 pcds = {p.stem: p for p in adir.glob("*.pcd")}
                 for key, path in sorted(yamls.items()):
-                    r.check("yaml", path, partial(Opv2vMeta, path, CAMERA_NAMES))
+                    meta = r.check("yaml", path, partial(Opv2vMeta, path, CAMERA_NAMES))
+                    if images and meta is not None:
+                        r.check("camera", path, meta.check_calibrated)
+                        for name in meta.cameras:
+                            png = meta.image_path(name)
+                            r.check("image", png, partial(read_image, png))
                     pcd = adir / f"{key}.pcd"
                     r.check("pcd", pcd, partial(load_point_file, pcd))
                 for key in sorted(set(pcds) - set(yamls)):
@@ -106,8 +115,9 @@ def _rows(r: Report, path: Path) -> list:
     return r.check("data_info", path, read) or []
 
 
-def check_side(root: Path, folder: str, kind: str, r: Report) -> dict[str, dict]:
-    """Every row's point cloud, timestamp, calibrations, labels and camera; rows by frame id."""
+def check_side(root: Path, folder: str, kind: str, r: Report, images: bool = False) -> dict[str, dict]:
+    """Every row's point cloud, timestamp, calibrations, labels and camera (its image decoded
+    with ``images``, else its header read); rows by frame id."""
     d = root / folder
     info = d / "data_info.json"
     out = {}
@@ -124,13 +134,13 @@ def check_side(root: Path, folder: str, kind: str, r: Report) -> dict[str, dict]
         if kind == side.INFRA and poses_ok:  # the same file: report it once
             r.check("calib", info, partial(side.read_relative_error, d, fid, row))
         r.check("label", info, partial(side.read_side_labels, d, fid, row))
-        r.check("camera", info, partial(side.read_cameras, d, kind, fid, row))
+        r.check("camera", info, partial(side.read_cameras, d, kind, fid, row, images))
     return out
 
 
-def check_pairs(root: Path, r: Report, adapter, read_labels) -> None:
+def check_pairs(root: Path, r: Report, adapter, read_labels, images: bool = False) -> None:
     """Both sides, then every cooperative row: its frames exist, its offset and its labels."""
-    rows_of = {k: check_side(root, folder, k, r) for folder, k in SIDES}
+    rows_of = {k: check_side(root, folder, k, r, images) for folder, k in SIDES}
     info = root / "cooperative" / "data_info.json"
     labels_seen = set()
     for i, row in enumerate(_rows(r, info)):
@@ -151,17 +161,18 @@ def check_pairs(root: Path, r: Report, adapter, read_labels) -> None:
             r.check("label", info, partial(read_labels, row, ids[0], where))
 
 
-def check_dair(root: Path, r: Report) -> None:
+def check_dair(root: Path, r: Report, images: bool = False) -> None:
     if not (root / "cooperative").is_dir() and (root / "cooperative-vehicle-infrastructure").is_dir():
         root = root / "cooperative-vehicle-infrastructure"
     check_pairs(root, r, DairV2XCAdapter,
-                lambda row, vid, where: read_ground_truth(root, row, vid, np.eye(4), where))
+                lambda row, vid, where: read_ground_truth(root, row, vid, np.eye(4), where), images)
 
 
-def check_v2xseq(root: Path, r: Report) -> None:
+def check_v2xseq(root: Path, r: Report, images: bool = False) -> None:
     if not (root / "cooperative").is_dir() and (root / "V2X-Seq-SPD").is_dir():
         root = root / "V2X-Seq-SPD"
-    check_pairs(root, r, V2XSeqAdapter, lambda row, vid, where: read_track_labels(root, vid))
+    check_pairs(root, r, V2XSeqAdapter, lambda row, vid, where: read_track_labels(root, vid),
+                images)
 
 
 CHECKS = {"opv2v": check_opv2v, "dair": check_dair, "v2xseq": check_v2xseq}
@@ -172,12 +183,15 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=sorted(CHECKS), required=True)
     p.add_argument("--root", required=True, type=Path, help="dataset root")
     p.add_argument("--quiet", action="store_true", help="summary only")
+    p.add_argument("--images", action="store_true",
+                   help="also decode every camera image (slow); without it, DAIR images' headers "
+                        "are read and OPV2V images are not opened")
     args = p.parse_args(argv)
     report = Report(args.quiet)
     if not args.root.is_dir():
         report.add("missing folder", args.root, "dataset root is missing")
     else:
-        CHECKS[args.format](args.root, report)
+        CHECKS[args.format](args.root, report, args.images)
     print(report.summary())
     return 1 if report.problems else 0
 

@@ -5,6 +5,8 @@
         --split val --index 3 --out frame.png
     python tools/visualize.py --checkpoint where2comm/last.pt --index 0 --out frame.png \\
         --set channel.loss=0.3 --size 1600 1600 --open3d
+    python tools/visualize.py --config configs/experimental/hetero.yaml --checkpoint last.pt \\
+        --cameras --out frame.png
 
 The frame runs through the detector with every message serialised through the config's
 simulated channel. Drawn in the ego frame (x forward, right; y left, up; metres): every agent's
@@ -12,6 +14,14 @@ points coloured by agent (placed with the pose the ego believes), ground-truth b
 detections (red, with scores) and, per collaborator, what the ego received from it: the BEV cells
 a sparse method (Where2comm) sent, shaded; the outline of a full map (F-Cooper, AttFuse); the
 boxes of late fusion (dashed). A message lost on the link draws nothing.
+
+``--cameras`` puts every agent's camera images to the right of the BEV, in columns of up to
+four, each with the ground-truth boxes (green) projected as 3D wireframes and, when a
+``--checkpoint`` is given, the detections (red). They are the images the batch holds (resized
+and cropped by ``pipeline.cameras``, or as stored when the config has none), enlarged to a
+quarter of the BEV's height with the intrinsics following, and boxes are placed with each
+agent's true pose: where they are, not where the ego believes. OUT must then be a raster
+format OpenCV writes (``.png``, ``.jpg``).
 
 ``--open3d`` also saves a 3D screenshot (OUT with ``_3d`` before the suffix) when open3d is
 installed and can open a window (it needs a display); otherwise it says why and skips it.
@@ -28,12 +38,13 @@ import numpy as np
 
 log = logging.getLogger("visualize")
 
-__all__ = ["run_frame", "draw_bev", "main"]
+__all__ = ["run_frame", "draw_bev", "camera_panels", "draw_boxes_on_camera", "compose", "main"]
 
 GT_COLOUR, DET_COLOUR = "#1a9850", "#d73027"
 # matplotlib's tab10 without its green and red, which mean ground truth and detections here
 AGENT_COLOURS = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
                  "#7f7f7f"]
+CAMERA_ROWS = 4  # camera panels per column beside the BEV
 
 
 def load_model(args):
@@ -175,6 +186,102 @@ def draw_bev(sample, det, received, grid, lidar_range, size_px=(1000, 1000), dpi
     return fig
 
 
+def rgb(colour: str) -> tuple[int, int, int]:
+    """A matplotlib colour as 0..255 RGB."""
+    from matplotlib.colors import to_rgb
+
+    return tuple(int(round(255 * c)) for c in to_rgb(colour))
+
+
+def draw_boxes_on_camera(image: np.ndarray, intrinsic: np.ndarray, lidar_from_camera: np.ndarray,
+                         boxes: np.ndarray, colour: str, thickness: int = 2) -> None:
+    """Draw the 12 edges of each box, as the camera sees them, into ``image`` in place.
+
+    Args:
+        image: (H, W, 3) uint8 RGB whose pixels ``intrinsic`` (3, 3) describes.
+        lidar_from_camera: (4, 4); boxes: (M, 7) in that LiDAR frame.
+        colour: a matplotlib colour; lines are ``thickness`` pixels, not anti-aliased (every
+            pixel on an edge has exactly that colour), placed to 1/16 pixel.
+    """
+    import cv2
+
+    from v2xfuse.datasets.images import project_box_edges
+
+    colour = rgb(colour)
+    for edge in project_box_edges(boxes, intrinsic, lidar_from_camera):
+        if not np.isfinite(edge).all():
+            continue
+        (u0, v0), (u1, v1) = np.round(np.clip(edge, -1e6, 1e6) * 16).astype(np.int64).tolist()
+        cv2.line(image, (u0, v0), (u1, v1), colour, thickness, cv2.LINE_8, shift=4)
+
+
+def camera_panels(sample, det=None, height: int = 240) -> list[tuple[str, np.ndarray]]:
+    """Every camera image of ``sample`` resized to ``height`` rows (the intrinsics following),
+    with the ground truth and, when ``det`` is given, its boxes drawn as projected 3D boxes.
+
+    Boxes are in the ego frame; each agent's cameras see them through the agent's true pose
+    (``true_ego_from_agent``). A title (agent id, kind, camera) sits in the top-left corner.
+
+    Returns:
+        (title, (height, W, 3) uint8 RGB) per camera, agents in order.
+    """
+    import cv2
+
+    from v2xfuse.datasets.images import resize_camera
+    from v2xfuse.structures.boxes import transform_boxes
+
+    poses = sample.ego_from_agent if sample.true_ego_from_agent is None else sample.true_ego_from_agent
+    gt = np.asarray(sample.gt_boxes, np.float64)
+    pred = None if det is None else det.boxes.detach().cpu().double().numpy()
+    panels = []
+    for k, cams in enumerate(sample.cameras):
+        agent_from_ego = np.linalg.inv(np.asarray(poses[k], np.float64))
+        for cam in cams:
+            h, w = cam.image_size
+            cam = resize_camera(cam, (height, max(1, round(height * w / h))))
+            image = cam.image.copy()
+            if pred is not None:
+                draw_boxes_on_camera(image, cam.intrinsic, cam.lidar_from_camera,
+                                     transform_boxes(agent_from_ego, pred), DET_COLOUR)
+            draw_boxes_on_camera(image, cam.intrinsic, cam.lidar_from_camera,
+                                 transform_boxes(agent_from_ego, gt), GT_COLOUR)
+            title = f"{sample.agent_ids[k]} ({sample.agent_kinds[k]}) {cam.name}"
+            (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+            cv2.rectangle(image, (0, 0), (tw + 4, th + base + 4), (0, 0, 0), cv2.FILLED)
+            cv2.putText(image, title, (2, th + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                        (255, 255, 255), 1, cv2.LINE_AA)
+            panels.append((title, image))
+    return panels
+
+
+def compose(bev: np.ndarray, panels: list[tuple[str, np.ndarray]], rows: int = CAMERA_ROWS
+            ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The BEV image (H, W, 3) with the panels to its right, ``rows`` per column (each
+    ``H // rows`` tall), on white.
+
+    Returns:
+        (the canvas (H, W', 3) uint8, the (top, left) of each panel on it).
+    """
+    height = bev.shape[0] // rows
+    columns = [panels[i:i + rows] for i in range(0, len(panels), rows)]
+    widths = [max(image.shape[1] for _, image in column) for column in columns]
+    canvas = np.full((bev.shape[0], bev.shape[1] + sum(widths), 3), 255, np.uint8)
+    canvas[:, :bev.shape[1]] = bev
+    origins, left = [], bev.shape[1]
+    for column, width in zip(columns, widths):
+        for row, (_, image) in enumerate(column):
+            canvas[row * height:row * height + image.shape[0], left:left + image.shape[1]] = image
+            origins.append((row * height, left))
+        left += width
+    return canvas, origins
+
+
+def figure_pixels(fig) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a matplotlib figure as ``savefig`` at its dpi would write it."""
+    fig.canvas.draw()
+    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+
+
 def save_open3d(sample, det, path: Path, size_px=(1280, 960)) -> bool:
     """A 3D screenshot of the frame with open3d; False (with a message) when it cannot."""
     try:
@@ -184,7 +291,7 @@ def save_open3d(sample, det, path: Path, size_px=(1280, 960)) -> bool:
         return False
     from matplotlib.colors import to_rgb
 
-    from v2xfuse.structures.boxes import box_corners
+    from v2xfuse.structures.boxes import BOX_EDGES, box_corners
 
     vis = o3d.visualization.Visualizer()
     if not vis.create_window(visible=False, width=size_px[0], height=size_px[1]):
@@ -196,8 +303,7 @@ def save_open3d(sample, det, path: Path, size_px=(1280, 960)) -> bool:
         cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.astype(np.float64)))
         cloud.paint_uniform_color(colours[k % len(colours)])
         vis.add_geometry(cloud)
-    edges = [[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4],
-             [0, 4], [1, 5], [2, 6], [3, 7]]
+    edges = BOX_EDGES.tolist()
     for boxes, colour in ((np.asarray(sample.gt_boxes, np.float64), (0.1, 0.6, 0.3)),
                           (det.boxes.detach().cpu().double().numpy(), (0.85, 0.2, 0.15))):
         for corners in box_corners(boxes):
@@ -231,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size in pixels")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--open3d", action="store_true", help="also save a 3D screenshot")
+    p.add_argument("--cameras", action="store_true",
+                   help="also draw every camera image with the ground-truth boxes (and, with a "
+                        "checkpoint, the detections) projected, to the right of the BEV")
     return p
 
 
@@ -246,23 +355,48 @@ def main(argv: list[str] | None = None) -> int:
     from v2xfuse.datasets import PipelineConfig
 
     cfg, model = load_model(args)
-    dataset = build_dataset(cfg, args.split, train=False)
+    pipeline = PipelineConfig.from_dict(cfg.get("pipeline"))
+    # --cameras without pipeline.cameras: the images as stored (the pipeline decodes none)
+    extra = {"load_images": True} if args.cameras and pipeline.cameras is None else {}
+    dataset = build_dataset(cfg, args.split, train=False, **extra)
     if not 0 <= args.index < len(dataset):
         print(f"--index {args.index}: split {args.split!r} has {len(dataset)} samples",
               file=sys.stderr)
         return 2
     sample = dataset[args.index]
+    if args.cameras and not any(sample.cameras):
+        print(f"--cameras: sample {args.index} of split {args.split!r} has no camera images "
+              f"(a dataset generated without cameras, or dataset.sensors giving none)",
+              file=sys.stderr)
+        return 2
     det, received, sent = run_frame(model, sample, cfg, args.device)
     method = cfg["model"].get("fusion", {}).get("type", "none")
     _, sequence, frame = sample.frame
     title = (f"{cfg['dataset']['type']} {args.split} #{args.index} ({sequence}/{frame}), "
              f"{method}: {sent / 1000:.1f} KB sent, {len(received)} messages received")
-    lidar_range = PipelineConfig.from_dict(cfg.get("pipeline")).lidar_range
-    fig = draw_bev(sample, det, received, model.feature_grid, lidar_range, tuple(args.size),
-                   title=title)
+    fig = draw_bev(sample, det, received, model.feature_grid, pipeline.lidar_range,
+                   tuple(args.size), title=title)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=fig.dpi)
+    if args.cameras:
+        import cv2
+
+        bev = figure_pixels(fig)
+        panels = camera_panels(sample, det if args.checkpoint else None,
+                               bev.shape[0] // CAMERA_ROWS)
+        canvas, _ = compose(bev, panels)
+        try:
+            ok, encoded = cv2.imencode(out.suffix or ".png",
+                                       np.ascontiguousarray(canvas[..., ::-1]))
+        except cv2.error:  # no writer for that extension
+            ok = False
+        if not ok:
+            print(f"--cameras: OpenCV cannot write {out.suffix!r} images; use .png or .jpg",
+                  file=sys.stderr)
+            return 2
+        out.write_bytes(encoded.tobytes())
+    else:
+        fig.savefig(out, dpi=fig.dpi)
     print(f"wrote {out}")
     if args.open3d:
         save_open3d(sample, det, out.with_name(out.stem + "_3d" + out.suffix))

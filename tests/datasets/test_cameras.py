@@ -147,7 +147,7 @@ def test_cameras_off_decode_nothing_and_batch_no_images(camera_opv2v_root, monke
     def no_decoding(path):
         raise AssertionError(f"decoded {path}")
 
-    monkeypatch.setattr(opv2v, "_read_image", no_decoding)
+    monkeypatch.setattr(opv2v, "read_image", no_decoding)
     adapter = Opv2vAdapter(camera_opv2v_root, "train", comm_range=200.0)
     batch = collate([CoopSampler(adapter, PipelineConfig(), train=False)[0]])
     assert batch.cameras is None

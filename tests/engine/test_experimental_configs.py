@@ -84,3 +84,33 @@ def test_history_trains_a_step_and_evaluates_with_histories_in_every_batch(tmp_p
         assert count == sum(length)
         # a collaborator one frame late has at most one older frame before frame 2
         assert all(n <= (2 if i in egos else 1) for i, n in enumerate(length))
+
+
+def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tmp_path,
+                                                                              monkeypatch):
+    from v2xfuse.models.detector import CoopDetector
+
+    seen = []
+    forward = CoopDetector.forward
+
+    def recording(self, batch, *args, **kwargs):
+        roadside = batch.agent_kind == 1
+        lidar_agents = set(batch.points[:, 0].long().tolist())
+        seen.append((self.training, roadside.any().item(),
+                     not any(roadside[i] for i in lidar_agents),
+                     set(batch.cameras.agent.tolist()) <= set(torch.nonzero(roadside)[:, 0].tolist()),
+                     self.modality_mask(batch)[:, 1].tolist() == roadside.tolist()))
+        return forward(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(CoopDetector, "forward", recording)
+    cfg = _tiny("hetero", tmp_path, cameras=True)
+    cfg["pipeline"]["cameras"]["image_size"] = [32, 56]
+    assert cfg["dataset"]["sensors"] == {"ego": ["lidar"], "vehicle": ["lidar"],
+                                         "infrastructure": ["camera"]}
+    results = _fit(cfg, tmp_path / "work")
+    assert results["frames"] == 2 and "ap_50" in results and results["bytes_per_frame"] > 0
+    assert [s[0] for s in seen] == [True, False, False]
+    # every batch had a roadside unit, without points, and it alone had cameras
+    assert all(all(s[1:]) for s in seen), seen
+    state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
+    assert int(state["encoder.encoders.camera.image_net.1.num_batches_tracked"]) == 1

@@ -51,6 +51,7 @@ import yaml
 
 from ..io.pcd import read_points
 from ..structures.coop import AgentObs, CoopFrame
+from .sensors import AgentSensors
 
 __all__ = ["DatasetError", "SkippedSample", "CoopAdapter", "PointCache", "load_point_file",
            "reading", "error_message", "READ_ERRORS"]
@@ -172,16 +173,22 @@ class CoopAdapter(abc.ABC):
 
     ``history_frames`` (k): each agent's older observations in ``AgentObs.history`` (module
     docstring); adapters that serve history implement :meth:`_past`.
+
+    ``sensors`` (``dataset.sensors``): which sensors each kind of agent carries
+    (:mod:`v2xfuse.datasets.sensors`); ``load`` removes the data of the others, and adapters
+    ask ``self.sensors.of(kind, ego)`` so as not to read those files at all.
     """
 
     name: str = "dataset"
     frame_period_us: int = 100_000
 
-    def __init__(self, skip_bad_frames: bool = False, history_frames: int = 0):
+    def __init__(self, skip_bad_frames: bool = False, history_frames: int = 0,
+                 sensors: Mapping | None = None):
         if int(history_frames) < 0:
             raise ValueError(f"history_frames must be >= 0, got {history_frames}")
         self.skip_bad_frames = skip_bad_frames
         self.history_frames = int(history_frames)
+        self.sensors = AgentSensors.from_config(sensors)
         self.bad_frames: dict[int, str] = {}
 
     @abc.abstractmethod
@@ -213,7 +220,9 @@ class CoopAdapter(abc.ABC):
             frame = self._load(idx, delays)
             if self.history_frames:
                 self._attach_history(idx, frame, delays)
-            return frame
+        for i, agent in enumerate(frame.agents):
+            self.sensors.drop_absent(agent, ego=i == 0)
+        return frame
 
     def _attach_history(self, idx: int, frame: CoopFrame, delays: Mapping[str, int] | None) -> None:
         """Fill each agent's ``history``: ``history_frames`` observations before the one served

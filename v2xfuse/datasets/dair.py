@@ -169,6 +169,9 @@ class DairV2XCAdapter(CoopAdapter):
         skip_bad_frames: drop index rows that cannot be read (listed in ``dropped_rows``) and
             let the sampler skip samples whose files are bad (:mod:`v2xfuse.datasets.base`).
         history_frames: older frames per agent (:mod:`v2xfuse.datasets.base`).
+        sensors: which sensors the vehicle (the ego) and the roadside unit carry
+            (``dataset.sensors``, :mod:`v2xfuse.datasets.sensors`); the files of the others
+            are not read.
     """
 
     name = "dair-v2x-c"
@@ -180,8 +183,8 @@ class DairV2XCAdapter(CoopAdapter):
                  offset_source: str = "pair", duplicates: str = "keep", load_images: bool = False,
                  cameras: bool = False, side_labels: bool = False, intensity_scale: float = 255.0,
                  skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
-                 history_frames: int = 0):
-        super().__init__(skip_bad_frames, history_frames)
+                 history_frames: int = 0, sensors: Mapping | None = None):
+        super().__init__(skip_bad_frames, history_frames, sensors)
         if offset_source not in ("pair", "calib", "none"):
             raise ValueError(f"offset_source must be 'pair', 'calib' or 'none', got {offset_source!r}")
         if duplicates not in ("keep", "first", "last"):
@@ -386,10 +389,16 @@ class DairV2XCAdapter(CoopAdapter):
         return read_pose(self.root / side, kind, fid, row, self._json)
 
     def _agent(self, kind: str, side: str, fid: str, row: dict, world_from_lidar: np.ndarray) -> AgentObs:
+        """One side's frame; only the files of the sensors it carries are read (the vehicle is
+        the ego)."""
         side_dir = self.root / side
-        pcd = pointcloud_path(side_dir, fid, row)
-        points = self.points.get(str(pcd), lambda: load_point_file(pcd, self.intensity_scale))
+        carried = self.sensors.of(kind, ego=kind == VEHICLE)
+        points = np.zeros((0, 4), np.float32)
+        if "lidar" in carried:
+            pcd = pointcloud_path(side_dir, fid, row)
+            points = self.points.get(str(pcd), lambda: load_point_file(pcd, self.intensity_scale))
         boxes = read_side_labels(side_dir, fid, row, self._json) if self.side_labels else None
-        cams = read_cameras(side_dir, kind, fid, row, self.load_images, self._json) if self.cameras else []
+        cams = (read_cameras(side_dir, kind, fid, row, self.load_images, self._json)
+                if self.cameras and "camera" in carried else [])
         return AgentObs(kind, kind, world_from_lidar, timestamp_us(row, row_where(side_dir, fid)),
                         points, cams, boxes)

@@ -22,6 +22,7 @@ from ..formats import dair as fmt
 from ..formats.checks import json_type
 from ..structures.coop import CameraObs
 from ..structures.transforms import invert_transform
+from . import images
 from .base import DatasetError, error_message, reading
 
 __all__ = ["VEHICLE", "INFRA", "POSE_FILES", "read_json", "rel_path", "timestamp_us",
@@ -140,15 +141,26 @@ def read_side_labels(side_dir: Path, fid: str, row: dict, json=read_json) -> np.
 def read_cameras(side_dir: Path, kind: str, fid: str, row: dict, load_images: bool = False,
                  json=read_json) -> list[CameraObs]:
     """The front camera (intrinsic, extrinsic, image size and path, pixels if ``load_images``),
-    or ``[]`` for a frame whose row names no camera."""
+    or ``[]`` for a frame whose row names no image or no camera extrinsic.
+
+    A row naming both is a camera: its intrinsic (``calib_camera_intrinsic_path``, else
+    ``calib/camera_intrinsic/<id>.json`` or ``calib/camera/<id>.json``), its extrinsic and its
+    image must all be readable, or the error names the file. The extrinsic is kept as given,
+    inverted as a matrix: some released DAIR rotations are not orthonormal (issue #64), and
+    ``K @ inv(lidar_from_camera) @ p`` then projects with the file's own ``R p + t``.
+    """
     where = row_where(side_dir, fid)
     extr_key = next((k for k in CAMERA_TO_KEYS[kind] if row.get(k)), None)
+    if not (extr_key and row.get("image_path")):
+        return []  # a LiDAR-only frame
     intr_rel = row.get("calib_camera_intrinsic_path")
     if not intr_rel:
         intr_rel = next((f"calib/{d}/{fid}.json" for d in INTRINSIC_FOLDERS
                          if (side_dir / "calib" / d / f"{fid}.json").is_file()), None)
-    if not (extr_key and intr_rel and row.get("image_path")):
-        return []  # a LiDAR-only frame
+    if not intr_rel:
+        raise DatasetError(f"{side_dir / 'calib' / INTRINSIC_FOLDERS[0] / f'{fid}.json'}: camera "
+                           f"intrinsic is missing ({where} names image {row['image_path']!r} and "
+                           f"{extr_key}, and no calib_camera_intrinsic_path)")
     intr_path = side_dir / rel_path(intr_rel, None, f"{where}.calib_camera_intrinsic_path")
     extr_path = side_dir / rel_path(row[extr_key], None, f"{where}.{extr_key}")
     img = side_dir / rel_path(row["image_path"], None, f"{where}.image_path")
@@ -157,21 +169,14 @@ def read_cameras(side_dir: Path, kind: str, fid: str, row: dict, load_images: bo
     with reading(extr_path, "camera extrinsic"):
         cam_from_lidar = fmt.camera_from_rt(json(extr_path, "camera extrinsic"), str(extr_path))
     image, size = read_image(img, load_images)
-    # A true inverse: some DAIR camera rotations are not orthonormal (issue #64).
     return [CameraObs("front", k, invert_transform(cam_from_lidar), size, image, str(img))]
 
 
 def read_image(path: Path, load: bool):
-    """(image or None, (height, width)); the size comes from the JPEG header when not loading."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if load:
-                arr = np.asarray(im.convert("RGB"))
-                return arr, arr.shape[:2]
-            return None, (im.height, im.width)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: camera image is missing") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DatasetError(error_message(path, e, "unreadable image")) from None
+    """(image or None, (height, width)): the pixels decoded (:func:`~.images.read_image`) when
+    ``load``, else only the size from the JPEG header; a missing or unreadable file raises
+    :class:`DatasetError` naming it."""
+    if load:
+        image = images.read_image(path)
+        return image, image.shape[:2]
+    return None, images.image_size(path)

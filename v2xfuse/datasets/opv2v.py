@@ -15,6 +15,14 @@ vehicles its LiDAR hit), de-duplicated by actor id, built from location + center
 half extents and expressed in the ego LiDAR frame. Every one of those numbers must be finite
 (NaN ground truth is an error naming the yaml and the vehicle); so must ``lidar_pose``, which
 is rigid by construction (x, y, z, roll, yaw, pitch).
+
+Cameras (``camera_names``, OPV2V's ``camera0..3``): each one the yaml calibrates, with K from
+its ``intrinsic`` and its pose from its ``cords`` and ``lidar_pose`` (see
+:func:`v2xfuse.formats.opv2v.camera_calibration`). With ``load_images`` each one's
+``<key>_<camera>.png`` is decoded (a missing or unreadable file is a :class:`DatasetError`
+naming it, as is a PNG beside a yaml that does not calibrate its camera); without, no image
+file is opened and the size comes from K (``cx = W / 2``, ``cy = H / 2``). ``sensors``
+(``dataset.sensors``, :mod:`v2xfuse.datasets.sensors`) says which agents have which.
 """
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ from ..registry import DATASETS
 from ..structures.boxes import transform_boxes
 from ..structures.coop import AgentObs, CameraObs, CoopFrame
 from ..structures.transforms import invert_transform
-from .base import CoopAdapter, DatasetError, PointCache, error_message, load_point_file, reading
+from .base import CoopAdapter, DatasetError, PointCache, load_point_file, reading
+from .images import read_image
 
 __all__ = ["Opv2vAdapter", "Opv2vMeta", "CAMERA_NAMES"]
 
@@ -44,15 +53,18 @@ class Opv2vMeta:
 
     Also what ``tools/check_dataset.py`` builds to check a yaml, so both judge a file alike:
     any problem is a :class:`DatasetError` naming the file and the field (a finite
-    ``lidar_pose``, finite boxes, a numeric ``ego_speed``, a boolean ``RSU``, rigid cameras).
+    ``lidar_pose``, finite boxes, a numeric ``ego_speed``, a boolean ``RSU``, camera
+    calibrations: ``intrinsic`` 3x3 with positive focal lengths, ``cords`` 6 finite numbers).
     """
 
-    __slots__ = ("world_from_lidar", "ids", "boxes_world", "speed_mps", "is_rsu", "cameras")
+    __slots__ = ("path", "world_from_lidar", "ids", "boxes_world", "speed_mps", "is_rsu",
+                 "cameras", "uncalibrated")
 
     def __init__(self, path: Path, camera_names: tuple[str, ...]):
         where = str(path)
         if not path.exists():
             raise DatasetError(f"{path}: yaml file is missing")
+        self.path = path
         with reading(path, "yaml"):
             meta = fmt.load_yaml(path)
             self.world_from_lidar = fmt.world_from_lidar_rh(meta, where)
@@ -61,6 +73,19 @@ class Opv2vMeta:
             self.is_rsu = fmt.yaml_flag(meta, "RSU", where)
             self.cameras = {name: fmt.camera_calibration(meta, name, where)
                             for name in camera_names if name in meta}
+        self.uncalibrated = tuple(name for name in camera_names if name not in self.cameras)
+
+    def image_path(self, name: str) -> Path:
+        """``<key>_<name>.png`` beside the yaml."""
+        return self.path.with_name(f"{self.path.stem}_{name}.png")
+
+    def check_calibrated(self) -> None:
+        """An image of a camera the yaml does not calibrate is an error naming the yaml: its
+        pixels could not be placed, and dropping the camera without a word would hide it."""
+        for name in self.uncalibrated:
+            if self.image_path(name).exists():
+                raise DatasetError(f"{self.path}: missing field {name!r} (the calibration of "
+                                   f"{self.image_path(name).name})")
 
 
 @DATASETS.register("opv2v")
@@ -72,8 +97,9 @@ class Opv2vAdapter(CoopAdapter):
                  comm_range: float = 70.0, ego: str = "first", include_rsu: bool = True,
                  camera_names: tuple[str, ...] = CAMERA_NAMES,
                  load_images: bool = False, skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
-                 meta_cache_size: int = 65536, history_frames: int = 0):
-        super().__init__(skip_bad_frames, history_frames)
+                 meta_cache_size: int = 65536, history_frames: int = 0,
+                 sensors: Mapping | None = None):
+        super().__init__(skip_bad_frames, history_frames, sensors)
         if ego not in ("first", "each"):
             raise ValueError(f"ego must be 'first' or 'each', got {ego!r}")
         if max_agents < 1:
@@ -161,7 +187,7 @@ class Opv2vAdapter(CoopAdapter):
             delay = 0 if aid == ego_id or not delays else int(delays.get(aid, 0))
             # a delay reaching before the agent's first frame serves that first frame
             obs_key = self._key_before(scenario, aid, key, delay) or self.scenarios[scenario][aid][0]
-            agents.append(self._agent(scenario, aid, obs_key))
+            agents.append(self._agent(scenario, aid, obs_key, aid == ego_id))
         ego_from_world = invert_transform(agents[0].world_from_lidar)
         gt = transform_boxes(ego_from_world, np.array(gt_boxes_world).reshape(-1, 7))
         return CoopFrame(self.name, scenario, key, agents, gt, np.array(gt_ids, np.int64),
@@ -177,22 +203,30 @@ class Opv2vAdapter(CoopAdapter):
     def _past(self, idx: int, agent_id: str, steps: int) -> AgentObs | None:
         scenario, ego_id, k = self.samples[idx]
         key = self._key_before(scenario, agent_id, self.scenarios[scenario][ego_id][k], steps)
-        return None if key is None else self._agent(scenario, agent_id, key)
+        return None if key is None else self._agent(scenario, agent_id, key, agent_id == ego_id)
 
-    def _agent(self, scenario: str, aid: str, key: str) -> AgentObs:
+    def _agent(self, scenario: str, aid: str, key: str, ego: bool) -> AgentObs:
+        """Agent ``aid``'s observation at ``key``; only the files of the sensors it carries
+        (``dataset.sensors``) are read."""
         adir = self._agent_dir(scenario, aid)
         meta = self._meta(adir / f"{key}.yaml")
-        pcd = adir / f"{key}.pcd"
-        points = self.points.get(str(pcd), lambda: _flip_points(load_point_file(pcd)))
+        kind = "infrastructure" if int(aid) < 0 or meta.is_rsu else "vehicle"
+        carried = self.sensors.of(kind, ego)
+        points = np.zeros((0, 4), np.float32)
+        if "lidar" in carried:
+            pcd = adir / f"{key}.pcd"
+            points = self.points.get(str(pcd), lambda: _flip_points(load_point_file(pcd)))
         cameras = []
-        for name, (k_mat, lidar_from_camera) in meta.cameras.items():
-            img_path = adir / f"{key}_{name}.png"
-            image = _read_image(img_path) if self.load_images else None
-            size = image.shape[:2] if image is not None else _image_size(k_mat)
-            cameras.append(CameraObs(name, k_mat, lidar_from_camera, size, image, str(img_path)))
+        if "camera" in carried:
+            if self.load_images:
+                meta.check_calibrated()
+            for name, (k_mat, lidar_from_camera) in meta.cameras.items():
+                img_path = meta.image_path(name)
+                image = read_image(img_path) if self.load_images else None
+                size = image.shape[:2] if image is not None else _image_size(k_mat)
+                cameras.append(CameraObs(name, k_mat, lidar_from_camera, size, image, str(img_path)))
         lidar_from_world = invert_transform(meta.world_from_lidar)
-        return AgentObs(aid, "infrastructure" if int(aid) < 0 or meta.is_rsu else "vehicle",
-                        meta.world_from_lidar, int(key) * TICK_US, points, cameras,
+        return AgentObs(aid, kind, meta.world_from_lidar, int(key) * TICK_US, points, cameras,
                         transform_boxes(lidar_from_world, meta.boxes_world), meta.ids, meta.speed_mps)
 
 
@@ -204,16 +238,4 @@ def _flip_points(points: np.ndarray) -> np.ndarray:
 def _image_size(k: np.ndarray) -> tuple[int, int]:
     """Image size implied by a centred principal point (OPV2V's cameras have cx = W/2, cy = H/2)."""
     return int(round(2 * k[1, 2])), int(round(2 * k[0, 2]))
-
-
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: camera image is missing") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DatasetError(error_message(path, e, "unreadable image")) from None
 

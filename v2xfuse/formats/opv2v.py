@@ -9,8 +9,10 @@ Facts (see shared/reference/opencood-opv2v.md section 2):
 * ``vehicles[id]``: ``location`` is the actor origin in the world, ``center`` the box centre
   offset in the actor's own frame, ``angle`` ``[roll, yaw, pitch]`` degrees, ``extent`` **half**
   sizes along the actor's x (length), y (width), z (height).
-* ``camera{i}.extrinsic`` is ``camera_ue4_from_lidar`` (UE4 camera axes: x forward, y right,
-  z up); OpenCV axes relate to UE4 axes by ``UE4_FROM_CV``.
+* ``camera{i}.cords`` is the camera's world pose ``[x, y, z, roll, yaw, pitch]`` (UE4 camera
+  axes: x forward, y right, z up) and ``camera{i}.extrinsic`` is ``camera_ue4_from_lidar``; the
+  loader takes the camera's pose from ``cords`` (:func:`camera_calibration` says why). OpenCV
+  axes relate to UE4 axes by ``UE4_FROM_CV``.
 
 OpenCOOD adds ``center`` to ``location`` without rotating it; it is an offset in the actor
 frame, so we rotate it (identical for level actors whose offset is vertical, which is nearly
@@ -223,23 +225,44 @@ def yaml_flag(meta: dict, key: str, where: str) -> bool:
 
 
 def camera_calibration(meta: dict, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(K (3, 3), lidar_from_camera (4, 4) OpenCV axes) of ``camera<i>`` in a yaml."""
+    """(K (3, 3), lidar_from_camera (4, 4) OpenCV axes) of ``camera<i>`` in a yaml.
+
+    The camera's pose comes from its ``cords`` (its CARLA world pose) and the yaml's
+    ``lidar_pose``, as HEAL and CoAlign compute it for their OPV2V camera models (they read
+    ``cords`` and leave ``extrinsic`` aside; CoAlign has the ``extrinsic`` line commented out,
+    and OpenCOOD#24 reports a projection with ``extrinsic`` that failed). A yaml without
+    ``cords`` falls back to ``extrinsic`` (``camera_ue4_from_lidar``, checked rigid). The
+    generator writes both, consistent with each other.
+    """
     if name not in meta:
         raise ValueError(f"{where}: missing field {name!r}")
     entry = meta[name]
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: field {name!r} must be a mapping, got {type(entry).__name__}")
+    if "intrinsic" not in entry:
+        raise ValueError(f"{where}: missing field {name}.intrinsic")
     try:
         k = np.asarray(entry["intrinsic"], dtype=np.float64)
-        ext = np.asarray(entry["extrinsic"], dtype=np.float64)
-    except KeyError as e:
-        raise ValueError(f"{where}: missing field {name}.{e.args[0]}") from None
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {name}.intrinsic/extrinsic are not numeric matrices") from None
-    if k.shape != (3, 3) or ext.shape != (4, 4):
-        raise ValueError(f"{where}: {name}: intrinsic must be 3x3 and extrinsic 4x4, "
-                         f"got {k.shape} and {ext.shape}")
+        raise ValueError(f"{where}: {name}.intrinsic is not a numeric matrix") from None
+    if k.shape != (3, 3):
+        raise ValueError(f"{where}: {name}.intrinsic must be 3x3, got {k.shape}")
     check_finite(k, f"{where}: {name}.intrinsic")
+    if not (k[0, 0] > 0 and k[1, 1] > 0):
+        raise ValueError(f"{where}: {name}.intrinsic focal lengths must be positive, got "
+                         f"fx {k[0, 0]}, fy {k[1, 1]}")
+    if "cords" in entry:
+        world_from_cam_ue4 = carla_pose_to_matrix(_pose6(entry, "cords", f"{where}: {name}"))
+        world_from_lidar = carla_pose_to_matrix(_pose6(meta, "lidar_pose", where))
+        return k, camera_lidar_from_cv(invert_transform(world_from_cam_ue4) @ world_from_lidar)
+    if "extrinsic" not in entry:
+        raise ValueError(f"{where}: missing field {name}.cords (or {name}.extrinsic)")
+    try:
+        ext = np.asarray(entry["extrinsic"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name}.extrinsic is not a numeric matrix") from None
+    if ext.shape != (4, 4):
+        raise ValueError(f"{where}: {name}.extrinsic must be 4x4, got {ext.shape}")
     # CARLA computes it from two rigid transforms, so it is rigid to float precision.
     check_rigid(ext, f"{where}: {name}.extrinsic", RIGID_TOL)
     return k, camera_lidar_from_cv(ext)

@@ -146,6 +146,10 @@ class FusionState:
         requests: handshake methods only: stacked sender index -> the request payload that
             sender received from its ego (absent: no request arrived).
         point: the fusion point the current ``encode``/``fuse`` call is for.
+        sensors: the S sensors the detector's encoder reads, in its order (``lidar``, ``camera``).
+        modality_mask: (N, S) bool, which of ``sensors`` each agent had data for (a
+            camera-only roadside unit: ``[False, True]``; its map holds its camera's features
+            only, see :mod:`v2xfuse.models.encoders.fuser`); None outside the detector.
     """
 
     batch: CoopBatch
@@ -156,6 +160,17 @@ class FusionState:
     point: str = "bev"
     #: the detector's NMS, ``nms(Detections) -> Detections`` (for methods fusing detections)
     nms: Callable | None = None
+    sensors: tuple[str, ...] = ()
+    modality_mask: torch.Tensor | None = None
+
+    def has(self, sensor: str) -> torch.Tensor:
+        """(N,) bool: which agents had data of ``sensor`` (all False for a sensor the encoder
+        does not read)."""
+        if self.modality_mask is None:
+            raise ValueError("the detector sets FusionState.modality_mask; this state has none")
+        if sensor not in self.sensors:
+            return self.modality_mask.new_zeros(len(self.modality_mask))
+        return self.modality_mask[:, self.sensors.index(sensor)]
 
 
 class FusionMethod(nn.Module):

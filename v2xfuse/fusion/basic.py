@@ -40,6 +40,10 @@ class EarlyFusion(FusionMethod):
     Received points must be finite and within ``max_point_range_m`` of the sender; a sender
     that sends more than ``max_points`` has its cloud thinned to that many by a uniform stride
     (the ego's encoder would otherwise pay for whatever a collaborator chose to send).
+
+    A collaborator without points (a camera-only roadside unit, ``dataset.sensors``, or nothing
+    left in range) sends nothing: raw points are all early fusion exchanges, and its images
+    stay with it.
     """
 
     contract = Contract(fuses_at=("points",))
@@ -61,7 +65,9 @@ class EarlyFusion(FusionMethod):
     def encode(self, state: FusionState, senders: list[int]):
         pts = state.batch.points
         agent = pts[:, 0].long()
-        return [{"points": pts[agent == i, 1:5].contiguous()} for i in senders]
+        count = torch.bincount(agent, minlength=state.batch.num_agents)
+        return [{"points": pts[agent == i, 1:5].contiguous()} if count[i] > 0 else None
+                for i in senders]
 
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
         """-> (P, 5) [sample, x, y, z, intensity], every point in its sample's ego frame."""

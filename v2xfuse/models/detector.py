@@ -24,7 +24,7 @@ from ..structures.boxes import transform_boxes
 from ..structures.detections import Detections
 from ..utils.timing import null_timer
 from ..structures.bev import BevGrid
-from .encoders.fuser import modality_mask
+from .encoders.fuser import modality_mask, sensors_of
 from .heads.base import Head, OutsideGrid
 from .inputs import AgentInputs, AuxLosses
 
@@ -141,7 +141,8 @@ class CoopDetector(nn.Module):
         if self.sender_frame == "ego_aligned" and any(p == "bev" or p.startswith("decoder:")
                                                       for p in points):
             batch = self._ego_aligned(batch, senders, channel, stage)
-        state = FusionState(batch, None, None, nms=self._nms)
+        state = FusionState(batch, None, None, nms=self._nms, sensors=sensors_of(self.encoder),
+                            modality_mask=self.modality_mask(batch))
         rounds: dict[str, list[Received]] = {}
         # a fresh sink per pass: what the encoders add travels in the output, never as state
         aux = AuxLosses() if self.training else None

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from ..datasets.batch import CameraBatch, CoopBatch
+# SENSORS: what an encoder's ``sensor`` may be, in the order the fuser sees their maps
+from ..structures.coop import SENSORS
 
 __all__ = ["AgentInputs", "AuxLosses", "SENSORS"]
-
-#: the sensors an encoder can read (its ``sensor`` attribute), in the order the fuser sees them
-SENSORS = ("lidar", "camera")
 
 
 class AuxLosses:

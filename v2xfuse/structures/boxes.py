@@ -40,6 +40,7 @@ import torch
 __all__ = [
     "BOX_DIM",
     "CORNER_SIGNS",
+    "BOX_EDGES",
     "box_corners",
     "corners_to_boxes",
     "transform_boxes",
@@ -64,6 +65,10 @@ CORNER_SIGNS = np.array(
     ],
     dtype=np.float64,
 )
+
+# The 12 edges of a box as pairs of those corners: bottom face, top face, then the verticals.
+BOX_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4],
+                      [0, 4], [1, 5], [2, 6], [3, 7]])
 
 
 def _as_torch(x) -> tuple[torch.Tensor, bool]:

@@ -14,9 +14,11 @@ import numpy as np
 from .boxes import BOX_DIM
 from .transforms import relative_transform
 
-__all__ = ["AGENT_KINDS", "CameraObs", "AgentObs", "CoopFrame"]
+__all__ = ["AGENT_KINDS", "SENSORS", "CameraObs", "AgentObs", "CoopFrame"]
 
 AGENT_KINDS = ("vehicle", "infrastructure")
+#: the sensors an agent may carry (``AgentObs.points``: lidar; ``AgentObs.cameras``: camera)
+SENSORS = ("lidar", "camera")
 
 
 def _check_matrix(value, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -70,8 +72,9 @@ class AgentObs:
         kind: ``"vehicle"`` or ``"infrastructure"``.
         world_from_lidar: (4, 4) float64 pose of the agent's LiDAR in the world frame.
         timestamp_us: sensor time in integer microseconds.
-        points: (N, 4) float32 [x, y, z, intensity] in the agent's LiDAR frame, intensity in [0, 1].
-        cameras: the agent's cameras.
+        points: (N, 4) float32 [x, y, z, intensity] in the agent's LiDAR frame, intensity in [0, 1];
+            (0, 4) for an agent without a LiDAR (``dataset.sensors``).
+        cameras: the agent's cameras ([] for an agent without one).
         boxes: (M, 7) boxes in the agent's LiDAR frame from the agent's own labels, if the
             dataset has per-agent labels.
         box_ids: (M,) int64 object ids of ``boxes`` (-1 where the dataset has none).

@@ -115,7 +115,8 @@ def _rows(r: Report, path: Path) -> list:
     return r.check("data_info", path, read) or []
 
 
-def check_side(root: Path, folder: str, kind: str, r: Report, images: bool = False) -> dict[str, dict]:
+def check_side(root: Path, folder: str, kind: str, r: Report,
+               images: bool = False) -> dict[str, dict]:
     """Every row's point cloud, timestamp, calibrations, labels and camera (its image decoded
     with ``images``, else its header read); rows by frame id."""
     d = root / folder

@@ -244,10 +244,13 @@ def test_dair_non_orthonormal_camera_rotations_project_as_given(tiny_camera_data
     cam_from_lidar = np.eye(4)
     cam_from_lidar[:3, :3] = released
     cam_from_lidar[:3, 3] = [-5.779144404715124, 6.037615758600886, 1.0636424034755758]
-    (side / row["calib_virtuallidar_to_camera_path"]).write_text(json.dumps(matrix_to_rt(cam_from_lidar)))
-    k = np.array(json.loads((side / row["calib_camera_intrinsic_path"]).read_text())["cam_K"]).reshape(3, 3)
+    extrinsic = side / row["calib_virtuallidar_to_camera_path"]
+    extrinsic.write_text(json.dumps(matrix_to_rt(cam_from_lidar)))
+    intrinsic = json.loads((side / row["calib_camera_intrinsic_path"]).read_text())
+    k = np.array(intrinsic["cam_K"]).reshape(3, 3)
 
-    sample = CoopSampler(_adapter("dair", root), PipelineConfig.from_dict(PIPELINE), train=False)[BAD]
+    pipeline = PipelineConfig.from_dict(PIPELINE)
+    sample = CoopSampler(_adapter("dair", root), pipeline, train=False)[BAD]
     cam = sample.cameras[1][0]
     points = np.array([[12.0, 1.0, -4.0], [20.0, -3.0, -5.0], [30.0, 4.0, -5.5]])
     uv, depth = project_points(points, cam.intrinsic, cam.lidar_from_camera)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from v2xfuse.builder import build_adapter
-from v2xfuse.datasets import CoopSampler, DairV2XCAdapter, DatasetError, Opv2vAdapter, PipelineConfig
+from v2xfuse.datasets import (CoopSampler, DairV2XCAdapter, DatasetError, Opv2vAdapter,
+                              PipelineConfig)
 from v2xfuse.datasets.sensors import AgentSensors
 
 HETERO = {"ego": ["lidar"], "vehicle": ["lidar"], "infrastructure": ["camera"]}

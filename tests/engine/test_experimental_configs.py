@@ -98,7 +98,7 @@ def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tm
         lidar_agents = set(batch.points[:, 0].long().tolist())
         seen.append((self.training, roadside.any().item(),
                      not any(roadside[i] for i in lidar_agents),
-                     set(batch.cameras.agent.tolist()) <= set(torch.nonzero(roadside)[:, 0].tolist()),
+                     set(batch.cameras.agent.tolist()) <= set(roadside.nonzero()[:, 0].tolist()),
                      self.modality_mask(batch)[:, 1].tolist() == roadside.tolist()))
         return forward(self, batch, *args, **kwargs)
 

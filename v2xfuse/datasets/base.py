@@ -54,7 +54,7 @@ from ..structures.coop import AgentObs, CoopFrame
 from .sensors import AgentSensors
 
 __all__ = ["DatasetError", "SkippedSample", "CoopAdapter", "PointCache", "load_point_file",
-           "reading", "error_message", "READ_ERRORS"]
+           "reading", "opening", "error_message", "READ_ERRORS"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,23 @@ def reading(where, what: str = ""):
         raise DatasetError(error_message(where, e, what)) from e
 
 
+@contextlib.contextmanager
+def opening(path, what: str, missing: str | None = None):
+    """Like :func:`reading`, around opening and reading the file ``path`` itself: a missing file
+    is ``"<path>: <missing>"`` (default ``"<what> is missing"``), a directory ``"<path>: <what>
+    path is a directory, not a file"``, any other of :data:`READ_ERRORS` names ``what``."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {missing or what + ' is missing'}") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: {what} path is a directory, not a file") from None
+    except READ_ERRORS as e:
+        raise DatasetError(error_message(path, e, what)) from e
+
+
 @dataclass(frozen=True)
 class SkippedSample:
     """Stands in for a sample whose files are bad when ``skip_bad_frames`` is on; collate drops it.
@@ -119,14 +136,8 @@ def load_point_file(path: Path, intensity_scale: float = 1.0) -> np.ndarray:
     corrupt file rather than "no return". So is a header inconsistent with the data size
     (:func:`~v2xfuse.io.pcd.read_pcd` is strict), a directory or an unreadable file.
     """
-    try:
+    with opening(path, "point cloud", "point cloud file is missing"):
         pts = read_points(path)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: point cloud file is missing") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{path}: point cloud path is a directory, not a file") from None
-    except READ_ERRORS as e:
-        raise DatasetError(error_message(path, e, "point cloud")) from e
     if intensity_scale != 1.0:
         pts[:, 3] /= intensity_scale
     bad = ~np.isfinite(pts).all(axis=1)

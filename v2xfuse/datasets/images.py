@@ -34,7 +34,7 @@ import numpy as np
 
 from ..structures.boxes import BOX_EDGES, box_corners
 from ..structures.coop import CameraObs
-from .base import DatasetError, error_message
+from .base import DatasetError, error_message, opening
 
 __all__ = ["CameraConfig", "read_image", "image_size", "resize_camera", "crop_camera", "fit_image",
            "project_points", "project_box_edges", "CROPS"]
@@ -83,14 +83,8 @@ def read_image(path) -> np.ndarray:
             not an image OpenCV can decode (truncated, corrupt, another format).
     """
     path = Path(path)
-    try:
+    with opening(path, "camera image"):
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: camera image is missing") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{path}: camera image path is a directory, not a file") from None
-    except OSError as e:
-        raise DatasetError(error_message(path, e, "camera image")) from None
     image = None
     if data:  # imdecode asserts on an empty buffer
         try:

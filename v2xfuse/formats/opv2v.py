@@ -224,6 +224,20 @@ def yaml_flag(meta: dict, key: str, where: str) -> bool:
     raise ValueError(f"{where}: field {key!r} must be true or false, got {value!r}")
 
 
+def _matrix(entry: dict, field: str, shape: tuple[int, int], where: str) -> np.ndarray:
+    """``entry[<last part of field>]`` as a float64 matrix of ``shape``; errors name ``field``."""
+    key = field.rsplit(".", 1)[-1]
+    if key not in entry:
+        raise ValueError(f"{where}: missing field {field}")
+    try:
+        m = np.asarray(entry[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {field} is not a numeric matrix") from None
+    if m.shape != shape:
+        raise ValueError(f"{where}: {field} must be {shape[0]}x{shape[1]}, got {m.shape}")
+    return m
+
+
 def camera_calibration(meta: dict, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(K (3, 3), lidar_from_camera (4, 4) OpenCV axes) of ``camera<i>`` in a yaml.
 
@@ -239,15 +253,8 @@ def camera_calibration(meta: dict, name: str, where: str) -> tuple[np.ndarray, n
     entry = meta[name]
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: field {name!r} must be a mapping, got {type(entry).__name__}")
-    if "intrinsic" not in entry:
-        raise ValueError(f"{where}: missing field {name}.intrinsic")
-    try:
-        k = np.asarray(entry["intrinsic"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {name}.intrinsic is not a numeric matrix") from None
-    if k.shape != (3, 3):
-        raise ValueError(f"{where}: {name}.intrinsic must be 3x3, got {k.shape}")
-    check_finite(k, f"{where}: {name}.intrinsic")
+    k = check_finite(_matrix(entry, f"{name}.intrinsic", (3, 3), where),
+                     f"{where}: {name}.intrinsic")
     if not (k[0, 0] > 0 and k[1, 1] > 0):
         raise ValueError(f"{where}: {name}.intrinsic focal lengths must be positive, got "
                          f"fx {k[0, 0]}, fy {k[1, 1]}")
@@ -257,12 +264,7 @@ def camera_calibration(meta: dict, name: str, where: str) -> tuple[np.ndarray, n
         return k, camera_lidar_from_cv(invert_transform(world_from_cam_ue4) @ world_from_lidar)
     if "extrinsic" not in entry:
         raise ValueError(f"{where}: missing field {name}.cords (or {name}.extrinsic)")
-    try:
-        ext = np.asarray(entry["extrinsic"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {name}.extrinsic is not a numeric matrix") from None
-    if ext.shape != (4, 4):
-        raise ValueError(f"{where}: {name}.extrinsic must be 4x4, got {ext.shape}")
+    ext = _matrix(entry, f"{name}.extrinsic", (4, 4), where)
     # CARLA computes it from two rigid transforms, so it is rigid to float precision.
     check_rigid(ext, f"{where}: {name}.extrinsic", RIGID_TOL)
     return k, camera_lidar_from_cv(ext)

@@ -113,4 +113,4 @@ def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tm
     # every batch had a roadside unit, without points, and it alone had cameras
     assert all(all(s[1:]) for s in seen), seen
     state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
-    assert int(state["encoder.encoders.camera.image_net.1.num_batches_tracked"]) == 1
+    assert int(state["encoder.encoders.camera.image_net.layers.1.num_batches_tracked"]) == 1

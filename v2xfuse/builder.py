@@ -50,6 +50,10 @@ SYNTHETIC_FORMATS = {"opv2v": ("opv2v", None),
                      "v2x_seq_spd": ("v2xseq", "V2X-Seq-SPD")}
 
 
+# What a dataset.synthetic section may say (sim: SimConfig overrides, v2xfuse/sim/config.py).
+SYNTHETIC_KEYS = {"scenes", "frames", "seed", "cameras", "camera_scale", "splits", "sim"}
+
+
 def synthetic_target(dataset_cfg: dict) -> tuple[str, Path]:
     """(generator format, folder the whole generated tree goes to) of a config's synthetic
     dataset. DAIR-V2X-C and V2X-Seq roots may name the dataset folder itself; the tree (that
@@ -80,9 +84,13 @@ def ensure_synthetic(dataset_cfg: dict) -> None:
         return
     from .sim import SimConfig, ensure_dataset
 
+    unknown = sorted(set(spec) - SYNTHETIC_KEYS)
+    if unknown:
+        raise KeyError(f"dataset.synthetic: unknown keys {unknown} (known: {sorted(SYNTHETIC_KEYS)})")
     fmt, out = synthetic_target(dataset_cfg)
     sim_cfg = SimConfig.from_dict(spec.get("sim"))
     sim_cfg.cameras = bool(spec.get("cameras", False))
+    sim_cfg.scale_cameras(float(spec.get("camera_scale", 1.0)))
     _, what = ensure_dataset(fmt, out, int(spec["scenes"]), int(spec["frames"]),
                              int(spec.get("seed", 0)), sim_cfg, splits=spec.get("splits"),
                              progress=True)

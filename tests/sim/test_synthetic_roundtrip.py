@@ -44,8 +44,9 @@ def assert_boxes_close(actual, expected, where):
 
 
 def assert_objects_where_calibration_says(owner_map, intrinsic, lidar_from_camera, boxes_lidar, ids, where):
-    """Every object pixel lies inside the projection of that object's box through the stored
-    calibration (1 px slack), and every object shows up where its box projects."""
+    """Every object pixel (column c, row r: the ray through image point (c, r)) lies inside the
+    projection of that object's box through the stored calibration, and every object shows up
+    where its box projects."""
     cam_from_lidar = invert_transform(lidar_from_camera)
     checked = 0
     for oid, box in zip(ids, boxes_lidar):
@@ -57,8 +58,8 @@ def assert_objects_where_calibration_says(owner_map, intrinsic, lidar_from_camer
             continue
         u = intrinsic[0, 0] * corners[:, 0] / corners[:, 2] + intrinsic[0, 2]
         v = intrinsic[1, 1] * corners[:, 1] / corners[:, 2] + intrinsic[1, 2]
-        assert cols.min() + 0.5 >= u.min() - 1 and cols.max() + 0.5 <= u.max() + 1, f"{where}: object {oid} u"
-        assert rows.min() + 0.5 >= v.min() - 1 and rows.max() + 0.5 <= v.max() + 1, f"{where}: object {oid} v"
+        assert cols.min() >= u.min() - 1e-6 and cols.max() <= u.max() + 1e-6, f"{where}: object {oid} u"
+        assert rows.min() >= v.min() - 1e-6 and rows.max() <= v.max() + 1e-6, f"{where}: object {oid} v"
         checked += 1
     return checked
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import SimConfig
+from .sensors import CAMERA_RENDERER
 from .generate import simulate_scene, visibility_stats
 from .target import (MANIFEST_NAME, ForeignDataError, check_target, inventory, publish,
                      staging)
@@ -194,9 +195,13 @@ def _generate_into(out: Path, fmt: str, n_scenes: int, n_frames: int, seed: int,
 
 def _request(fmt: str, n_scenes: int, n_frames: int, seed: int, cfg: SimConfig,
              splits: dict[str, float]) -> dict:
-    """What a manifest records of the request, as JSON would read it back."""
-    return json.loads(json.dumps({"format": fmt, "scenes": n_scenes, "frames": n_frames,
-                                  "seed": seed, "config": cfg.to_dict(), "splits": splits}))
+    """What a manifest records of the request, as JSON would read it back (with the camera
+    renderer's version when images are rendered)."""
+    request = {"format": fmt, "scenes": n_scenes, "frames": n_frames, "seed": seed,
+               "config": cfg.to_dict(), "splits": splits}
+    if cfg.cameras:
+        request["camera_renderer"] = CAMERA_RENDERER
+    return json.loads(json.dumps(request))
 
 
 def _mismatch(manifest: dict, request: dict) -> list[str]:

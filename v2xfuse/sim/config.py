@@ -6,7 +6,7 @@ field by name.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 __all__ = ["LidarSpec", "CameraSpec", "SceneSpec", "SimConfig"]
 
@@ -100,6 +100,17 @@ class SimConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def scale_cameras(self, scale: float) -> None:
+        """Render every camera at ``scale`` times its size (width and height rounded to whole
+        pixels; the field of view, hence the intrinsics' shape, unchanged). The generated data
+        records the scaled sizes, so data rendered at another scale is told apart."""
+        if not 0.0 < scale <= 4.0:
+            raise ValueError(f"sim config: camera_scale must be in (0, 4], got {scale}")
+        for name in ("vehicle_cameras", "rsu_cameras"):
+            setattr(self, name, [replace(c, width=max(1, round(c.width * scale)),
+                                         height=max(1, round(c.height * scale)))
+                                 for c in getattr(self, name)])
 
 
 def _set_nested(obj, key: str, value) -> None:

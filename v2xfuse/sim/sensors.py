@@ -12,7 +12,11 @@ from ..structures.transforms import invert_transform, make_transform, rotation_f
 from .config import CameraSpec, LidarSpec
 from .raycast import BUILDING, GROUND, NOTHING, Solids, cast_grid
 
-__all__ = ["LidarScan", "scan_lidar", "camera_intrinsic", "lidar_from_camera", "render_camera",
+#: Bumped when rendering changes what a camera dataset holds; a dataset of another renderer is
+#: regenerated (LiDAR-only data does not depend on it). 2: pixel centres at whole coordinates.
+CAMERA_RENDERER = 2
+
+__all__ = ["CAMERA_RENDERER", "LidarScan", "scan_lidar", "camera_intrinsic", "lidar_from_camera", "render_camera",
            "GroundModel"]
 
 # (reflectivity (N,), albedo (N, 3)) of the ground at world xy points (N, 2).
@@ -158,7 +162,10 @@ def _camera_windows(cam_from_world, k, width, height, solids: Solids, exclude_ow
 
 def render_camera(spec: CameraSpec, world_from_camera: np.ndarray, solids: Solids, ground: GroundModel,
                   exclude_owner: int | None = None, max_dist: float = 250.0):
-    """Render one RGB image by ray casting each pixel centre.
+    """Render one RGB image by ray casting each pixel centre. Pixel (row r, column c) is the ray
+    through image point (u, v) = (c, r), the convention of OpenCV and of every consumer here
+    (:func:`~v2xfuse.datasets.images.project_points`, the lss frustum): until renderer 2 the rays
+    went through (c + 0.5, r + 0.5), half a pixel off the intrinsics the data declares.
 
     Returns:
         image: (H, W, 3) uint8 RGB.
@@ -166,8 +173,8 @@ def render_camera(spec: CameraSpec, world_from_camera: np.ndarray, solids: Solid
     """
     k = camera_intrinsic(spec)
     h, w = spec.height, spec.width
-    u = np.arange(w) + 0.5
-    v = np.arange(h) + 0.5
+    u = np.arange(w, dtype=np.float64)
+    v = np.arange(h, dtype=np.float64)
     d_cam = np.stack(np.broadcast_arrays((u[None, :] - k[0, 2]) / k[0, 0],
                                          (v[:, None] - k[1, 2]) / k[1, 1], np.ones((h, w))), axis=-1)
     d_cam /= np.linalg.norm(d_cam, axis=-1, keepdims=True)

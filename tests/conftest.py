@@ -1,7 +1,12 @@
 """Fixtures shared across test folders: a tiny detector config and a one-frame batch of random
 points, for tests that run whole models on CPU in well under a second; a tiny synthetic OPV2V
-dataset with camera images."""
+dataset with camera images; the tools/ scripts as modules; a dataset's train split and the
+frame behind a sample."""
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +97,48 @@ def random_points_batch():
                         ("synthetic", "s0", "000000"), true_ego_from_agent=true_poses)
         return collate([sample])
     return make
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """``load_tool(name)`` -> tools/<name>.py freshly executed as a module (the tools are
+    scripts, not a package); registered in ``sys.modules``, where dataclasses look it up."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"_v2xfuse_tool_{name}", TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
+@pytest.fixture(scope="session")
+def train_adapter():
+    """``train_adapter(fmt, root, **kw)`` -> the "train" split's adapter of a generated dataset
+    ("opv2v", "dair" or "v2xseq"); OPV2V keeps every agent within 1 km."""
+    from v2xfuse.datasets import DairV2XCAdapter, Opv2vAdapter, V2XSeqAdapter
+
+    adapters = {"dair": DairV2XCAdapter, "v2xseq": V2XSeqAdapter, "opv2v": Opv2vAdapter}
+
+    def make(fmt: str, root, **kw):
+        if fmt == "opv2v":
+            kw = {"max_agents": 8, "comm_range": 1e3, **kw}
+        return adapters[fmt](root, "train", **kw)
+    return make
+
+
+@pytest.fixture(scope="session")
+def frame_of():
+    """``frame_of(adapter, i)`` -> the frame id (OPV2V) or vehicle frame id (DAIR, V2X-Seq) of
+    sample i: what a file name of that frame contains."""
+    from v2xfuse.datasets import Opv2vAdapter
+
+    def name(adapter, i: int):
+        if isinstance(adapter, Opv2vAdapter):
+            scenario, ego, k = adapter.samples[i]
+            return adapter.scenarios[scenario][ego][k]
+        return adapter.samples[i]["_vehicle_id"]
+    return name

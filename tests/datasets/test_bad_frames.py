@@ -4,12 +4,10 @@ counted twice, also through DataLoader workers), and tools/check_dataset.py repo
 
 Each case corrupts one file of frame 1 of a tiny generated dataset (3 frames, 1 scene).
 """
-import importlib.util
 import json
 import math
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +19,6 @@ from v2xfuse.datasets import (CoopSampler, DairV2XCAdapter, DatasetError, Opv2vA
 from v2xfuse.formats.dair import matrix_to_rt
 from v2xfuse.sim import SimConfig, generate_dataset
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_dataset.py"
 INNER = {"dair": "cooperative-vehicle-infrastructure", "v2xseq": "V2X-Seq-SPD", "opv2v": ""}
 ADAPTERS = {"dair": DairV2XCAdapter, "v2xseq": V2XSeqAdapter, "opv2v": Opv2vAdapter}
 BAD = 1  # every case breaks sample 1 of 3: the old skip served sample 2 twice
@@ -48,26 +45,6 @@ def copy(generated, tmp_path):
         shutil.copytree(generated[fmt], tmp_path / fmt)
         return tmp_path / fmt / INNER[fmt]
     return make
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("check_dataset", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _adapter(fmt, root, **kw):
-    if fmt == "opv2v":
-        kw = {"max_agents": 8, "comm_range": 1e3, **kw}
-    return ADAPTERS[fmt](root, "train", **kw)
-
-
-def _frame_of(adapter, i):
-    if isinstance(adapter, Opv2vAdapter):
-        scenario, ego, k = adapter.samples[i]
-        return adapter.scenarios[scenario][ego][k]
-    return adapter.samples[i]["_vehicle_id"]
 
 
 def _edit_json(path, edit, replace=False):
@@ -282,17 +259,18 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_file_is_one_named_error_skipped_once_and_reported(case, copy, capsys):
+def test_bad_file_is_one_named_error_skipped_once_and_reported(case, copy, capsys, train_adapter,
+                                                               frame_of, load_tool):
     fmt, corrupt, kw = CASES[case]
     root = copy(fmt)
-    good = [_frame_of(_adapter(fmt, root, **kw), i) for i in range(3)]
+    good = [frame_of(train_adapter(fmt, root, **kw), i) for i in range(3)]
     path, field = corrupt(root)
 
     with pytest.raises(DatasetError) as err:
-        _adapter(fmt, root, **kw).load(BAD)
+        train_adapter(fmt, root, **kw).load(BAD)
     assert str(path) in str(err.value) and field in str(err.value), str(err.value)
 
-    skipping = _adapter(fmt, root, skip_bad_frames=True, **kw)
+    skipping = train_adapter(fmt, root, skip_bad_frames=True, **kw)
     sampler = CoopSampler(skipping, PipelineConfig(), train=False)
     batch = collate([sampler[i] for i in range(len(sampler))])
     assert [m.frame for m in batch.frames] == [f for i, f in enumerate(good) if i != BAD]
@@ -300,7 +278,7 @@ def test_bad_file_is_one_named_error_skipped_once_and_reported(case, copy, capsy
     assert list(skipping.bad_frames) == [BAD]
 
     capsys.readouterr()
-    assert _tool().main(["--format", fmt, "--root", str(root)]) == 1
+    assert load_tool("check_dataset").main(["--format", fmt, "--root", str(root)]) == 1
     out = capsys.readouterr().out
     reported = [line for line in out.splitlines() if line.startswith(str(path))]
     assert reported and field in reported[0], out
@@ -333,35 +311,35 @@ def test_stray_errors_become_dataset_errors_naming_the_sample(copy, monkeypatch)
     assert isinstance(CoopSampler(adapter, PipelineConfig(), train=False)[0], SkippedSample)
 
 
-def test_relative_error_with_empty_strings_reads_as_zero(copy, capsys):
+def test_relative_error_with_empty_strings_reads_as_zero(load_tool, copy, capsys):
     root = copy("dair")
     path = root / "infrastructure-side/calib/virtuallidar_to_world/000001.json"
     _edit_json(path, lambda c: c.update(relative_error={"delta_x": "", "delta_y": ""}))
     calib = DairV2XCAdapter(root, "train", offset_source="calib").load(BAD).agents[1].world_from_lidar
     raw = DairV2XCAdapter(root, "train", offset_source="none").load(BAD).agents[1].world_from_lidar
     np.testing.assert_array_equal(calib, raw)
-    assert _tool().main(["--format", "dair", "--root", str(root), "--quiet"]) == 0
+    assert load_tool("check_dataset").main(["--format", "dair", "--root", str(root), "--quiet"]) == 0
     assert "problems: 0" in capsys.readouterr().out
 
 
-def test_side_row_without_label_file_gives_that_agent_no_boxes(copy, capsys):
+def test_side_row_without_label_file_gives_that_agent_no_boxes(load_tool, copy, capsys):
     root = copy("dair")
     info = root / "infrastructure-side/data_info.json"
     _edit_json(info, lambda rows: [r.pop("label_lidar_std_path") for r in rows
                                    if r["pointcloud_path"].endswith("000001.pcd")])
     frame = DairV2XCAdapter(root, "train", side_labels=True).load(BAD)
     assert frame.agents[1].boxes is None and frame.ego.boxes is not None and len(frame.gt_boxes)
-    assert _tool().main(["--format", "dair", "--root", str(root), "--quiet"]) == 0
+    assert load_tool("check_dataset").main(["--format", "dair", "--root", str(root), "--quiet"]) == 0
     assert "problems: 0" in capsys.readouterr().out
 
 
-def test_slightly_non_orthonormal_dair_rotations_still_load(copy, capsys):
+def test_slightly_non_orthonormal_dair_rotations_still_load(load_tool, copy, capsys):
     """Real DAIR rotations are off by ~1e-3..1e-2; those must keep loading."""
     root = copy("dair")
     path = root / "vehicle-side/calib/novatel_to_world/010001.json"
     _rotation(path, lambda r: r @ np.array([[1.0, 0.01, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.004]]))
     DairV2XCAdapter(root, "train").load(BAD)
-    assert _tool().main(["--format", "dair", "--root", str(root), "--quiet"]) == 0
+    assert load_tool("check_dataset").main(["--format", "dair", "--root", str(root), "--quiet"]) == 0
     capsys.readouterr()
 
 

@@ -7,7 +7,6 @@ rotations are used as given.
 
 Each case breaks one file of sample 1 of 3 in a copy of a tiny generated dataset.
 """
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,36 +15,14 @@ import numpy as np
 import pytest
 import yaml
 
-from v2xfuse.datasets import (CoopSampler, DairV2XCAdapter, DatasetError, Opv2vAdapter,
-                              PipelineConfig, collate)
+from v2xfuse.datasets import CoopSampler, DatasetError, PipelineConfig, collate
 from v2xfuse.datasets.images import project_points
 from v2xfuse.formats.dair import matrix_to_rt
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_dataset.py"
 BAD = 1
 # sized like the generator's images (50 x 37, 60 x 33): resized and cropped by the pipeline
 PIPELINE = {"lidar_range": [-100.0, -100.0, -20.0, 100.0, 100.0, 20.0],
             "cameras": {"image_size": [24, 40]}}
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("check_dataset", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _adapter(fmt, root, **kw):
-    if fmt == "opv2v":
-        return Opv2vAdapter(root, "train", max_agents=8, comm_range=1e3, load_images=True, **kw)
-    return DairV2XCAdapter(root, "train", load_images=True, **kw)
-
-
-def _frame_id(adapter, i):
-    if isinstance(adapter, Opv2vAdapter):
-        scenario, ego, k = adapter.samples[i]
-        return adapter.scenarios[scenario][ego][k]
-    return adapter.samples[i]["_vehicle_id"]
 
 
 # ---- the cases: corrupt(root) -> (the file the error must name, text it must contain) ----
@@ -180,19 +157,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_bad_camera_file_is_one_named_error_and_costs_its_frame_only(case, tiny_camera_data,
-                                                                       tmp_path, capsys):
+def test_a_bad_camera_file_is_one_named_error_and_costs_its_frame_only(
+        case, tiny_camera_data, tmp_path, capsys, train_adapter, frame_of, load_tool):
     fmt, corrupt = CASES[case]
     root = tmp_path / "data"
     shutil.copytree(tiny_camera_data(fmt), root)
-    good = [_frame_id(_adapter(fmt, root), i) for i in range(3)]
+    good = [frame_of(train_adapter(fmt, root, load_images=True), i) for i in range(3)]
     path, text = corrupt(root)
 
     with pytest.raises(DatasetError) as err:
-        _adapter(fmt, root).load(BAD)
+        train_adapter(fmt, root, load_images=True).load(BAD)
     assert str(path) in str(err.value) and text in str(err.value), str(err.value)
 
-    skipping = _adapter(fmt, root, skip_bad_frames=True)
+    skipping = train_adapter(fmt, root, load_images=True, skip_bad_frames=True)
     sampler = CoopSampler(skipping, PipelineConfig.from_dict(PIPELINE), train=False)
     batch = collate([sampler[i] for i in range(len(sampler))])
     assert [m.frame for m in batch.frames] == [f for i, f in enumerate(good) if i != BAD]
@@ -200,38 +177,45 @@ def test_a_bad_camera_file_is_one_named_error_and_costs_its_frame_only(case, tin
     assert batch.cameras is not None and batch.cameras.images.shape[-2:] == (24, 40)
 
     capsys.readouterr()
-    assert _tool().main(["--format", fmt, "--root", str(root), "--images"]) == 1
+    assert load_tool("check_dataset").main(["--format", fmt, "--root", str(root), "--images"]) == 1
     out = capsys.readouterr().out
     reported = [line for line in out.splitlines() if line.startswith(str(path))]
     assert reported and text in reported[0], out
 
 
-def test_the_generated_camera_data_checks_clean(tiny_camera_data, capsys):
+def test_the_generated_camera_data_checks_clean(load_tool, tiny_camera_data, capsys):
     for fmt in ("opv2v", "dair"):
-        assert _tool().main(["--format", fmt, "--root", str(tiny_camera_data(fmt)), "--images",
-                             "--quiet"]) == 0
+        root = tiny_camera_data(fmt)
+        assert load_tool("check_dataset").main(["--format", fmt, "--root", str(root), "--images",
+                                                "--quiet"]) == 0
         assert "problems: 0" in capsys.readouterr().out
 
 
-def test_opv2v_cameras_are_placed_by_cords_and_lidar_pose(tiny_camera_data, tmp_path):
+def test_opv2v_cameras_are_placed_by_cords_and_lidar_pose(tiny_camera_data, tmp_path, train_adapter):
     """``cords`` (the camera's world pose) with ``lidar_pose`` place the camera, as HEAL and
     CoAlign read OPV2V; ``extrinsic`` is the fallback of a yaml without ``cords``. The
     generator writes both consistently, so a wrong ``extrinsic`` shows which one is used."""
     root = tmp_path / "data"
     shutil.copytree(tiny_camera_data("opv2v"), root)
     ego, _, key = _opv2v_files(root)
-    before = {c.name: c.lidar_from_camera for c in _adapter("opv2v", root).load(BAD).ego.cameras}
+
+    def placed():
+        ego_cameras = train_adapter("opv2v", root, load_images=True).load(BAD).ego.cameras
+        return {c.name: c.lidar_from_camera for c in ego_cameras}
+
+    before = placed()
     path = ego / f"{key}.yaml"
     _edit_yaml(path, lambda meta: meta["camera0"]["extrinsic"][0].__setitem__(3, 99.0))
-    after = {c.name: c.lidar_from_camera for c in _adapter("opv2v", root).load(BAD).ego.cameras}
+    after = placed()
     np.testing.assert_array_equal(after["camera0"], before["camera0"])
     _edit_yaml(path, lambda meta: [meta[f"camera{i}"].pop("cords") for i in range(4)])
-    fallback = {c.name: c.lidar_from_camera for c in _adapter("opv2v", root).load(BAD).ego.cameras}
+    fallback = placed()
     np.testing.assert_allclose(fallback["camera1"], before["camera1"], atol=1e-9)
     assert not np.allclose(fallback["camera0"], before["camera0"])  # its extrinsic was moved
 
 
-def test_dair_non_orthonormal_camera_rotations_project_as_given(tiny_camera_data, tmp_path):
+def test_dair_non_orthonormal_camera_rotations_project_as_given(tiny_camera_data, tmp_path,
+                                                                train_adapter):
     """Frame 000009's released ``virtuallidar_to_camera`` (det 0.813, issue #64) is kept as it
     is: a point projects, after the pipeline's resize and crop, where ``K (R p + t)`` of the
     files puts it (scaled with the image), not where an orthonormalised R would."""
@@ -250,7 +234,7 @@ def test_dair_non_orthonormal_camera_rotations_project_as_given(tiny_camera_data
     k = np.array(intrinsic["cam_K"]).reshape(3, 3)
 
     pipeline = PipelineConfig.from_dict(PIPELINE)
-    sample = CoopSampler(_adapter("dair", root), pipeline, train=False)[BAD]
+    sample = CoopSampler(train_adapter("dair", root, load_images=True), pipeline, train=False)[BAD]
     cam = sample.cameras[1][0]
     points = np.array([[12.0, 1.0, -4.0], [20.0, -3.0, -5.0], [30.0, 4.0, -5.5]])
     uv, depth = project_points(points, cam.intrinsic, cam.lidar_from_camera)

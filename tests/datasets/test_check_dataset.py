@@ -1,20 +1,10 @@
 """tools/check_dataset.py finds the defects real releases have, on tiny generated copies."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from v2xfuse.sim import SimConfig, generate_dataset
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_dataset.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("check_dataset", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +29,12 @@ def _copy(src, dst):
 
 
 @pytest.mark.parametrize("fmt", ["opv2v", "dair", "v2xseq"])
-def test_clean_data_passes(datasets, fmt, capsys):
-    assert _tool().main(["--format", fmt, "--root", str(datasets[fmt])]) == 0
+def test_clean_data_passes(load_tool, datasets, fmt, capsys):
+    assert load_tool("check_dataset").main(["--format", fmt, "--root", str(datasets[fmt])]) == 0
     assert "problems: 0" in capsys.readouterr().out
 
 
-def test_dair_defects_are_listed(datasets, tmp_path, capsys):
+def test_dair_defects_are_listed(load_tool, datasets, tmp_path, capsys):
     root = _copy(datasets["dair"], tmp_path / "d") / "cooperative-vehicle-infrastructure"
     infra = root / "infrastructure-side"
     pcds = sorted((infra / "velodyne").glob("*.pcd"))
@@ -54,7 +44,7 @@ def test_dair_defects_are_listed(datasets, tmp_path, capsys):
     calib.unlink()                                                     # missing calib
     label = sorted((root / "cooperative" / "label_world").glob("*.json"))[0]
     label.write_text("[{")                                             # malformed JSON
-    assert _tool().main(["--format", "dair", "--root", str(root.parent)]) == 1
+    assert load_tool("check_dataset").main(["--format", "dair", "--root", str(root.parent)]) == 1
     out = capsys.readouterr().out
     assert f"{pcds[0]}: point cloud file is missing" in out
     assert str(pcds[1]) in out and "malformed pcd: 1" in out
@@ -63,17 +53,17 @@ def test_dair_defects_are_listed(datasets, tmp_path, capsys):
     assert "problems: 4" in out
 
 
-def test_opv2v_and_v2xseq_defects_are_listed(datasets, tmp_path, capsys):
+def test_opv2v_and_v2xseq_defects_are_listed(load_tool, datasets, tmp_path, capsys):
     root = _copy(datasets["opv2v"], tmp_path / "o")
     yaml = sorted(root.rglob("*.yaml"))
     yaml = [p for p in yaml if p.parent.name.lstrip("-").isdigit()]
     yaml[0].write_text("lidar_pose: [1, 2\n")
-    assert _tool().main(["--format", "opv2v", "--root", str(root)]) == 1
+    assert load_tool("check_dataset").main(["--format", "opv2v", "--root", str(root)]) == 1
     assert "malformed yaml: 1" in capsys.readouterr().out
     spd = _copy(datasets["v2xseq"], tmp_path / "s") / "V2X-Seq-SPD"
     info = spd / "cooperative" / "data_info.json"
     rows = json.loads(info.read_text())
     rows[0]["infrastructure_frame"] = "999999"
     info.write_text(json.dumps(rows))
-    assert _tool().main(["--format", "v2xseq", "--root", str(spd), "--quiet"]) == 1
+    assert load_tool("check_dataset").main(["--format", "v2xseq", "--root", str(spd), "--quiet"]) == 1
     assert "missing frame: 1" in capsys.readouterr().out

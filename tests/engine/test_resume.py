@@ -1,11 +1,9 @@
 """--resume around a run's edges: a finished run, a kill during the final validation, a longer
 train.steps, a changed config, a damaged last.pt; and eval.mode dair at the end of training."""
 import copy
-import importlib.util
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +14,6 @@ from v2xfuse.engine.evaluate import summary_ap_keys
 from v2xfuse.engine.trainer import Trainer, load_checkpoint
 from v2xfuse.evaluation import results_from_json
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"v2xfuse_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _trainer(cfg, work_dir) -> Trainer:
@@ -59,7 +49,7 @@ def _forbid_training(monkeypatch):
     monkeypatch.setattr(Trainer, "_step", no_step)
 
 
-def test_resuming_a_finished_run_keeps_its_results(short_cfg, run_copy, monkeypatch):
+def test_resuming_a_finished_run_keeps_its_results(load_tool, short_cfg, run_copy, monkeypatch):
     results_path = run_copy / "results_val.json"
     before = results_path.read_bytes()
     results = json.loads(before)
@@ -75,7 +65,7 @@ def test_resuming_a_finished_run_keeps_its_results(short_cfg, run_copy, monkeypa
                      run_copy).fit(resume=True)
     assert again == results and results_path.read_bytes() == before
     assert not (run_copy / "last.pt.tmp").exists()
-    line = _tool("train").summary_line(again, run_copy)
+    line = load_tool("train").summary_line(again, run_copy)
     assert f"[opencood]: AP@0.3 {results['ap_30']:.4f}  AP@0.5 {results['ap_50']:.4f}" in line
     assert f"(3 steps, {results['train_seconds']:.0f} s training;" in line
 
@@ -143,7 +133,7 @@ def test_a_larger_train_steps_extends_the_run(short_cfg, run_copy, caplog):
         _trainer(_with(short_cfg, train={"steps": 2}), run_copy).fit(resume=True)
 
 
-def test_config_changes_on_resume_are_refused_and_listed(short_cfg, run_copy, monkeypatch):
+def test_config_changes_on_resume_are_refused_and_listed(load_tool, short_cfg, run_copy, monkeypatch):
     config_before = (run_copy / "config.yaml").read_bytes()
     ckpt_before = (run_copy / "last.pt").read_bytes()
     changed = _with(short_cfg, train={"lr": 1e-3, "steps": 9, "weight_decay": 0.0},
@@ -165,32 +155,32 @@ def test_config_changes_on_resume_are_refused_and_listed(short_cfg, run_copy, mo
     # through the tool: exit status 2 and the list on stderr, nothing trained
     cfg_file = run_copy.parent / "changed.yaml"
     cfg_file.write_text(yaml.safe_dump(changed))
-    rc = _tool("train").main(["--config", str(cfg_file), "--work-dir", str(run_copy),
+    rc = load_tool("train").main(["--config", str(cfg_file), "--work-dir", str(run_copy),
                               "--resume", "--quiet", "--no-tensorboard"])
     assert rc == 2
     assert (run_copy / "config.yaml").read_bytes() == config_before
 
 
-def test_a_damaged_last_checkpoint_points_at_the_previous_one(short_cfg, run_copy, capsys):
+def test_a_damaged_last_checkpoint_points_at_the_previous_one(load_tool, short_cfg, run_copy, capsys):
     last, prev = run_copy / "last.pt", run_copy / "prev.pt"
     assert load_checkpoint(prev)["step"] == 2
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(CheckpointError) as info:
         _trainer(short_cfg, run_copy).fit(resume=True)
     assert str(last) in str(info.value) and f"cp {prev} {last}" in str(info.value)
-    rc = _tool("eval").main(["--checkpoint", str(last)])
+    rc = load_tool("eval").main(["--checkpoint", str(last)])
     assert rc == 2 and str(last) in capsys.readouterr().err
     last.unlink()
     with pytest.raises(CheckpointError, match="prev.pt .* is there"):
         _trainer(short_cfg, run_copy).fit(resume=True)
 
 
-def test_eval_mode_dair_scores_training_and_checkpoints_the_dair_way(tiny_dair_cfg, tmp_path,
+def test_eval_mode_dair_scores_training_and_checkpoints_the_dair_way(load_tool, tiny_dair_cfg, tmp_path,
                                                                      capsys):
     work = tmp_path / "dair"
     cfg_file = tmp_path / "dair.yaml"
     cfg_file.write_text(yaml.safe_dump(tiny_dair_cfg))
-    rc = _tool("train").main(["--config", str(cfg_file), "--work-dir", str(work), "--quiet",
+    rc = load_tool("train").main(["--config", str(cfg_file), "--work-dir", str(work), "--quiet",
                               "--no-tensorboard"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -208,10 +198,10 @@ def test_eval_mode_dair_scores_training_and_checkpoints_the_dair_way(tiny_dair_c
     assert records[0].num_det > 0 and records[0].num_gt > 0
 
     out_file, pred_file = tmp_path / "scored.json", tmp_path / "pred.json"
-    assert _tool("eval").main(["--checkpoint", str(work / "last.pt"), "--out", str(out_file),
+    assert load_tool("eval").main(["--checkpoint", str(work / "last.pt"), "--out", str(out_file),
                                "--save-pred", str(pred_file)]) == 0  # the config's eval.mode
     scored = results_from_json(out_file.read_text())
-    from_files = _tool("eval").score_files(pred_file, tmp_path / "pred.gt.json", mode="dair")
+    from_files = load_tool("eval").score_files(pred_file, tmp_path / "pred.gt.json", mode="dair")
     for got, want in zip(from_files, scored, strict=True):  # what --save-pred wrote is what
         assert got.ap == pytest.approx(want.ap, nan_ok=True)  # was scored, bytes included
         assert (got.num_det, got.bytes_per_frame) == (want.num_det, want.bytes_per_frame)
@@ -221,12 +211,12 @@ def test_eval_mode_dair_scores_training_and_checkpoints_the_dair_way(tiny_dair_c
     for r in scored:  # the same model, frames and protocol as the validation at the end
         same = next(x for x in records if (x.iou_type, x.range_name) == (r.iou_type, r.range_name))
         assert r.ap == pytest.approx(same.ap, nan_ok=True) and r.num_gt == same.num_gt
-    assert _tool("eval").main(["--checkpoint", str(work / "last.pt"), "--mode", "opencood",
+    assert load_tool("eval").main(["--checkpoint", str(work / "last.pt"), "--mode", "opencood",
                                "--out", str(out_file)]) == 0
     assert [r.protocol for r in results_from_json(out_file.read_text())] == ["opencood"]
-    assert _tool("eval").main(["--checkpoint", str(work / "last.pt"), "--order", "local"]) == 2
+    assert load_tool("eval").main(["--checkpoint", str(work / "last.pt"), "--order", "local"]) == 2
     with pytest.raises(SystemExit):
-        _tool("eval").main(["--checkpoint", str(work / "last.pt"), "--mode", "dair",
+        load_tool("eval").main(["--checkpoint", str(work / "last.pt"), "--mode", "dair",
                             "--iou", "3d"])
 
 

@@ -1,7 +1,6 @@
 """Where the generator may write: missing, empty or its own folders only, through a staging
 sibling, so that an interrupted run leaves nothing half-made; and how scenes fill the splits."""
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -67,16 +66,8 @@ def test_default_splits_fit_few_scenes():
     assert default_splits("v2xseq", 1) == {"train": 1.0}
 
 
-def _make_synthetic_tool():
-    spec = importlib.util.spec_from_file_location("_tool_make_synthetic",
-                                                  REPO / "tools" / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_with_few_scenes_fills_val_and_refuses_impossible_splits(tmp_path, capsys):
-    tool = _make_synthetic_tool()
+def test_cli_with_few_scenes_fills_val_and_refuses_impossible_splits(load_tool, tmp_path, capsys):
+    tool = load_tool("make_synthetic")
     (tmp_path / "sim.yaml").write_text(json.dumps({"vehicle_lidar": {"azimuth_steps": 64,
                                                                      "beams": 4},
                                                    "rsu_lidar": {"azimuth_steps": 64, "beams": 4}}))

@@ -1,9 +1,7 @@
 """tools/bench_bandwidth.py, bench_latency.py and visualize.py on a tiny generated dataset."""
 import csv
-import importlib.util
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -16,16 +14,7 @@ from v2xfuse.config import dump_config, load_config
 from v2xfuse.sim import SimConfig, generate_dataset
 from v2xfuse.utils.timing import StageTimer
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 METHODS = "none,max,where2comm"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +46,10 @@ def tiny_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bandwidth_run(tiny_config, tmp_path_factory):
+def bandwidth_run(load_tool, tiny_config, tmp_path_factory):
     """One bench_bandwidth run (training the three models), shared by the tests below."""
     out = tmp_path_factory.mktemp("bw")
-    rc = _tool("bench_bandwidth").main(["--config", str(tiny_config), "--methods", METHODS,
+    rc = load_tool("bench_bandwidth").main(["--config", str(tiny_config), "--methods", METHODS,
                                         "--out", str(out), "--steps", "2", "--frames", "2",
                                         "--quiet"])
     assert rc == 0
@@ -72,8 +61,8 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_bench_bandwidth_writes_every_point_of_each_sweep(bandwidth_run):
-    bench = _tool("bench_bandwidth")
+def test_bench_bandwidth_writes_every_point_of_each_sweep(load_tool, bandwidth_run):
+    bench = load_tool("bench_bandwidth")
     with open(bandwidth_run / "results.csv", newline="") as f:
         assert next(csv.reader(f)) == bench.COLUMNS
     rows = _rows(bandwidth_run / "results.csv")
@@ -98,9 +87,9 @@ def test_bench_bandwidth_writes_every_point_of_each_sweep(bandwidth_run):
         assert (bandwidth_run / "ckpt" / m / "last.pt").is_file()
 
 
-def test_bench_bandwidth_rerun_evaluates_only_missing_points(bandwidth_run, tiny_config,
+def test_bench_bandwidth_rerun_evaluates_only_missing_points(load_tool, bandwidth_run, tiny_config,
                                                              monkeypatch, caplog):
-    bench = _tool("bench_bandwidth")
+    bench = load_tool("bench_bandwidth")
     csv_path = bandwidth_run / "results.csv"
     before = _rows(csv_path)
     original = bench.evaluate_detector  # the wrapper must call this, never itself
@@ -136,9 +125,9 @@ def test_bench_bandwidth_rerun_evaluates_only_missing_points(bandwidth_run, tiny
     assert [(r["knob"], r["value"]) for r in after[-2:]] == [("top_k", "1024"), ("top_k", "4096")]
 
 
-def test_bench_bandwidth_attack_mode_scores_each_method_clean_and_attacked(bandwidth_run,
+def test_bench_bandwidth_attack_mode_scores_each_method_clean_and_attacked(load_tool, bandwidth_run,
                                                                           tiny_config, tmp_path):
-    bench = _tool("bench_bandwidth")
+    bench = load_tool("bench_bandwidth")
     out = tmp_path / "attacks"
     argv = ["--config", str(tiny_config), "--methods", "none,max", "--out", str(out),
             "--checkpoints", str(bandwidth_run / "ckpt"), "--frames", "2", "--quiet",
@@ -176,8 +165,8 @@ def test_stage_timer_excludes_nested_stages():
     assert timer.pop() == {}
 
 
-def test_bench_latency_stages_add_up_to_the_frame(tiny_config, tmp_path):
-    bench = _tool("bench_latency")
+def test_bench_latency_stages_add_up_to_the_frame(load_tool, tiny_config, tmp_path):
+    bench = load_tool("bench_latency")
     rc = bench.main(["--config", str(tiny_config), "--set", "model.fusion.type=where2comm",
                      "--agents", "1,3,5", "--frames", "4", "--warmup", "1", "--out",
                      str(tmp_path)])
@@ -199,20 +188,20 @@ def test_bench_latency_stages_add_up_to_the_frame(tiny_config, tmp_path):
     assert {r["stage"] for r in rows} == {*bench.STAGES, "other", "total"}
 
 
-def test_bench_latency_can_time_one_frame_repeatedly(tiny_config):
+def test_bench_latency_can_time_one_frame_repeatedly(load_tool, tiny_config):
     """More frames than the split holds: the frames repeat and the channel is not confused."""
     cfg = load_config(tiny_config, ["model.fusion.type=late"])
     sample = build_dataset(cfg, "val", train=False)[0]
-    measured = _tool("bench_latency").measure(build_detector(cfg), [sample], cfg, 2, frames=3,
+    measured = load_tool("bench_latency").measure(build_detector(cfg), [sample], cfg, 2, frames=3,
                                               warmup=1, device="cpu")
     assert len(measured["seconds"]["total"]) == 3
     assert measured["bytes_per_frame"] > 0
 
 
 @pytest.mark.parametrize("method", ["where2comm", "late"])
-def test_visualize_writes_a_png_of_the_requested_size(tiny_config, tmp_path, method):
+def test_visualize_writes_a_png_of_the_requested_size(load_tool, tiny_config, tmp_path, method):
     out = tmp_path / f"{method}.png"
-    rc = _tool("visualize").main(["--config", str(tiny_config), "--set",
+    rc = load_tool("visualize").main(["--config", str(tiny_config), "--set",
                                   f"model.fusion.type={method}", "--split", "val", "--index",
                                   "1", "--out", str(out), "--size", "480", "360"])
     assert rc == 0
@@ -220,8 +209,8 @@ def test_visualize_writes_a_png_of_the_requested_size(tiny_config, tmp_path, met
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
-def test_bench_latency_on_cuda_without_a_gpu_skips_cleanly(tiny_config, tmp_path, capsys):
-    rc = _tool("bench_latency").main(["--config", str(tiny_config), "--device", "cuda",
+def test_bench_latency_on_cuda_without_a_gpu_skips_cleanly(load_tool, tiny_config, tmp_path, capsys):
+    rc = load_tool("bench_latency").main(["--config", str(tiny_config), "--device", "cuda",
                                       "--out", str(tmp_path)])
     assert rc == 0
     assert "skipped" in capsys.readouterr().out
@@ -230,8 +219,8 @@ def test_bench_latency_on_cuda_without_a_gpu_skips_cleanly(tiny_config, tmp_path
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bench_latency_on_cuda(tiny_config, tmp_path):
-    bench = _tool("bench_latency")
+def test_bench_latency_on_cuda(load_tool, tiny_config, tmp_path):
+    bench = load_tool("bench_latency")
     rc = bench.main(["--config", str(tiny_config), "--set", "model.fusion.type=max", "--agents",
                      "1,3", "--frames", "3", "--warmup", "1", "--device", "cuda", "--out",
                      str(tmp_path)])
@@ -244,7 +233,7 @@ def test_bench_latency_on_cuda(tiny_config, tmp_path):
         assert 0.8 * total <= measured <= total + 1e-6
 
 
-def test_bench_latency_times_the_camera_encoder_per_agent(tmp_path, capsys):
+def test_bench_latency_times_the_camera_encoder_per_agent(load_tool, tmp_path, capsys):
     """--camera-encoder needs no dataset: the synthetic rigs at the config's image size."""
     cfg = {"pipeline": {"lidar_range": [-12.8, -12.8, -4.0, 12.8, 12.8, 2.0],
                         "cameras": {"image_size": [32, 48]}},
@@ -256,7 +245,7 @@ def test_bench_latency_times_the_camera_encoder_per_agent(tmp_path, capsys):
                      "fusion": {"type": "max"}}}
     path = tmp_path / "camera.yaml"
     dump_config(cfg, path)
-    rc = _tool("bench_latency").main(["--config", str(path), "--camera-encoder", "--agents", "1,2",
+    rc = load_tool("bench_latency").main(["--config", str(path), "--camera-encoder", "--agents", "1,2",
                                       "--frames", "2", "--warmup", "1", "--device", "cpu",
                                       "--out", str(tmp_path / "out")])
     assert rc == 0
@@ -268,8 +257,8 @@ def test_bench_latency_times_the_camera_encoder_per_agent(tmp_path, capsys):
     assert "ms/agent" in capsys.readouterr().out
 
 
-def test_bench_ops_pools_what_the_camera_config_s_encoder_keeps():
-    bench = _tool("bench_ops")
+def test_bench_ops_pools_what_the_camera_config_s_encoder_keeps(load_tool):
+    bench = load_tool("bench_ops")
     feats, coords, agents, ny, nx, note = bench.lss_pool_inputs(bench.DEFAULT_LSS_CONFIG, 1,
                                                                 torch.device("cpu"))
     assert agents == 4 and (ny, nx) == (96, 96) and feats.shape == (len(coords), 32)

@@ -5,7 +5,6 @@ The "real" datasets are small ones in each format (OPV2V, DAIR-V2X-C, V2X-Seq SP
 generator, with our manifest deleted: to the tools they look like users' downloads.
 """
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,14 +20,6 @@ from v2xfuse.sim import MANIFEST_NAME, SimConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def sha256_tree(root: Path) -> dict[str, str]:
@@ -93,8 +84,8 @@ def user_roots(real) -> list[Path]:
             real["v2xseq"].parent]
 
 
-def test_train_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_path, capsys):
-    train = _tool("train")
+def test_train_tool_never_generates_into_a_real_dataset(load_tool, real, unchanged, tmp_path, capsys):
+    train = load_tool("train")
     for name, config in synthetic_configs(tmp_path).items():
         for root in user_roots(real):
             work = tmp_path / "work" / f"{name}_{root.name}"
@@ -110,8 +101,8 @@ def test_train_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_pat
                 assert real_config in message
 
 
-def test_eval_tool_never_generates_into_a_real_dataset(real, unchanged, tmp_path, capsys):
-    evaluate = _tool("eval")
+def test_eval_tool_never_generates_into_a_real_dataset(load_tool, real, unchanged, tmp_path, capsys):
+    evaluate = load_tool("eval")
     for name, config in synthetic_configs(tmp_path).items():
         cfg = load_config(config)
         checkpoint = tmp_path / f"{name}.pt"

@@ -1,7 +1,5 @@
 """tools/visualize.py --cameras: the camera images beside the BEV, with the ground-truth boxes
 (and a checkpoint's detections) drawn where they project."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import cv2
@@ -15,17 +13,8 @@ from v2xfuse.datasets.images import project_box_edges, resize_camera
 from v2xfuse.engine.checkpoint import save_checkpoint
 from v2xfuse.structures.boxes import transform_boxes
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 SIZE = (480, 360)  # W, H of the BEV
 INDEX = 1
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("_tool_visualize", TOOLS / "visualize.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +40,15 @@ def _read(path: Path) -> np.ndarray:
                         cv2.COLOR_BGR2RGB)
 
 
-def _run(config, out, *extra) -> int:
-    return _tool().main(["--config", str(config), "--split", "val", "--index", str(INDEX),
+def _run(load_tool, config, out, *extra) -> int:
+    return load_tool("visualize").main(["--config", str(config), "--split", "val", "--index", str(INDEX),
                          "--out", str(out), "--size", *map(str, SIZE), "--cameras", *extra])
 
 
-def test_ground_truth_boxes_are_drawn_where_they_project(camera_config, tmp_path):
-    tool = _tool()
+def test_ground_truth_boxes_are_drawn_where_they_project(load_tool, camera_config, tmp_path):
+    tool = load_tool("visualize")
     out = tmp_path / "frame.png"
-    assert _run(camera_config, out) == 0 and out.is_file()
+    assert _run(load_tool, camera_config, out) == 0 and out.is_file()
     image = _read(out)
     assert image.shape[0] == SIZE[1] and image.shape[1] > SIZE[0]
 
@@ -89,25 +78,25 @@ def test_ground_truth_boxes_are_drawn_where_they_project(camera_config, tmp_path
     assert checked >= 3
 
 
-def test_a_checkpoint_s_detections_are_drawn_too(camera_config, tmp_path):
-    tool = _tool()
+def test_a_checkpoint_s_detections_are_drawn_too(load_tool, camera_config, tmp_path):
+    tool = load_tool("visualize")
     cfg = load_config(camera_config)
     torch.manual_seed(0)
     ckpt = tmp_path / "last.pt"
     save_checkpoint(ckpt, {"model": build_detector(cfg).state_dict(), "config": cfg})
     out = tmp_path / "frame.png"
-    assert _run(camera_config, out, "--checkpoint", str(ckpt)) == 0
+    assert _run(load_tool, camera_config, out, "--checkpoint", str(ckpt)) == 0
     cameras = _read(out)[:, SIZE[0]:]
     red = np.array(tool.rgb(tool.DET_COLOUR))
     assert (cameras == red).all(-1).sum() > 50
     without = tmp_path / "no_ckpt.png"
-    assert _run(camera_config, without) == 0
+    assert _run(load_tool, camera_config, without) == 0
     assert not (_read(without)[:, SIZE[0]:] == red).all(-1).any()  # random weights: none drawn
 
 
-def test_a_sample_without_images_says_so(camera_config, tmp_path, capsys):
+def test_a_sample_without_images_says_so(load_tool, camera_config, tmp_path, capsys):
     out = tmp_path / "frame.png"
-    rc = _run(camera_config, out, "--set",
+    rc = _run(load_tool, camera_config, out, "--set",
               "dataset.sensors={vehicle: [lidar], infrastructure: [lidar]}")
     assert rc == 2 and not out.exists()
     assert "has no camera images" in capsys.readouterr().err

@@ -88,7 +88,8 @@ def test_decode_gives_detections_with_each_box_s_query_and_reference_point(query
     assert out.final.features.shape == (2, 12, 16) and out.final.anchors.shape == (2, 12, 8)
     dets = head.decode(out, 1, score_threshold=0.0)
     assert isinstance(dets, Detections) and len(dets) == 12
-    assert dets.extras["query"].shape == (12, 16) and dets.extras["reference_point"].shape == (12, 3)
+    assert dets.extras["query"].shape == (12, 16)
+    assert dets.extras["reference_point"].shape == (12, 3)
     torch.testing.assert_close(dets.extras["reference_point"], dets.boxes[:, :3])
     assert dets.scores.tolist() == sorted(dets.scores.tolist(), reverse=True)
     # every field follows its box through a selection (NMS, thresholds)

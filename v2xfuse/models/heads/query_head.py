@@ -111,7 +111,8 @@ class QueryHead(Head):
         self.decoder_layers = int(decoder_layers)
         self.dense_weight, self.cls_weight = float(dense_weight), float(cls_weight)
         self.reg_weight, self.direction_weight = float(reg_weight), float(direction_weight)
-        self.match_cls_weight, self.match_reg_weight = float(match_cls_weight), float(match_reg_weight)
+        self.match_cls_weight = float(match_cls_weight)
+        self.match_reg_weight = float(match_reg_weight)
         self.heatmap = CenterHead(in_channels, grid, head_channels=heatmap_channels,
                                   yaw_code="axis_direction")
         self.anchor_encoder = AnchorEncoder(grid, embed_dims)

@@ -226,9 +226,21 @@ def build_detector(cfg: dict) -> CoopDetector:
         fusion_kwargs["channels"] = backbone.out_channels
     if "grid" in params:
         fusion_kwargs["grid"] = encoder.grid.scaled(backbone.out_stride)
+    head = None
+    if "query_dims" in params:
+        # A method fusing object queries is sized by the head's queries (and changes no map
+        # channels): the head comes first.
+        head = build_head(model.get("head"), backbone.out_channels,
+                          encoder.grid.scaled(backbone.out_stride))
+        if not hasattr(head, "embed_dims"):
+            raise ValueError(f"model.fusion.type {fusion_cfg['type']!r} fuses object queries: "
+                             f"the {type(head).__name__} has none (model.head.type: query)")
+        fusion_kwargs["query_dims"] = head.embed_dims
     fusion = fusion_cls(**fusion_kwargs)
-    head = build_head(model.get("head"), getattr(fusion, "out_channels", backbone.out_channels),
-                      encoder.grid.scaled(backbone.out_stride))
+    if head is None:
+        head = build_head(model.get("head"), getattr(fusion, "out_channels",
+                                                     backbone.out_channels),
+                          encoder.grid.scaled(backbone.out_stride))
     post = model.get("post", {})
     return CoopDetector(encoder, backbone, fusion, head,
                         agent_loss_weight=float(model.get("agent_loss_weight", 0.0)),

@@ -114,3 +114,17 @@ def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tm
     assert all(all(s[1:]) for s in seen), seen
     state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
     assert int(state["encoder.encoders.camera.image_net.layers.1.num_batches_tracked"]) == 1
+
+
+def test_query_and_quest_train_a_step_and_evaluate_through_the_channel(tmp_path):
+    results = {}
+    for name in ("query", "quest"):
+        cfg = _tiny(name, tmp_path, cameras=False)  # one dataset for both
+        if name == "quest":  # untrained, its queries score about 0.01: send some all the same
+            cfg["model"]["fusion"].update(score_threshold=0.0, top_k=4)
+        results[name] = _fit(cfg, tmp_path / f"work_{name}")
+    assert results["query"]["frames"] == results["quest"]["frames"] == 2
+    assert "ap_50" in results["query"] and results["query"]["bytes_per_frame"] == 0
+    assert results["quest"]["bytes_per_frame"] > 4 * 480  # 4 queries of about 480 bytes each
+    state = load_checkpoint(tmp_path / "work_quest" / "last.pt")["model"]
+    assert "fusion.align.feature.weight" in state and "head.layers.2.cls.2.bias" in state

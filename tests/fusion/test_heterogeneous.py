@@ -14,6 +14,12 @@ LIDAR = {"type": "pointpillars", "voxel_size": [0.8, 0.8], "out_channels": 8}
 CAMERA = {"type": "camera_bev", "out_channels": 4, "hidden_channels": 4}
 SENSORS = {"ego": ["lidar"], "vehicle": ["lidar"], "infrastructure": ["camera"]}
 IMAGE_SIZE = [24, 40]
+# what a method needs besides its name: QUEST a query head (and, untrained, to send whatever
+# scores its queries get)
+NEEDS = {"quest": {"head": {"type": "query", "num_queries": 8, "embed_dims": 8, "heads": 2,
+                            "ffn_dims": 16, "learned_points": 2, "decoder_layers": 2,
+                            "heatmap_channels": 4}}}
+SETTINGS = {"quest": {"score_threshold": 0.0, "top_k": 3}}
 
 
 def _methods():
@@ -39,13 +45,15 @@ def hetero_batch(tiny_camera_data):
 
 def test_every_registered_method_is_tested():
     assert {"none", "early", "late", "late_tc", "max", "attfuse", "where2comm",
-            "codefilling"} <= set(_methods())
+            "codefilling", "quest"} <= set(_methods())
 
 
 @pytest.mark.parametrize("method", _methods())
 def test_a_lidar_ego_and_a_camera_only_roadside_unit(method, tiny_detector_cfg, hetero_batch):
     cfg = tiny_detector_cfg(method, encoder=None, encoders={"lidar": LIDAR, "camera": CAMERA},
-                            sensor_fuser={"type": "conv"}, agent_loss_weight=0.5)
+                            sensor_fuser={"type": "conv"}, agent_loss_weight=0.5,
+                            **NEEDS.get(method, {}))
+    cfg["model"]["fusion"].update(SETTINGS.get(method, {}))
     cfg["pipeline"]["cameras"] = {"image_size": IMAGE_SIZE}
     torch.manual_seed(0)
     model = build_detector(cfg)

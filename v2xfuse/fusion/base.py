@@ -55,7 +55,10 @@ Services the detector computes before the first point that needs agents' maps (s
 after NMS, inference only) in ``state.extras["detections"]``; ``"passes"``: ``passes``
 stochastic forward passes of the head's confidence with dropout on the maps,
 ``state.extras["confidence_passes"]`` (K, N, 1, H, W); ``"history"``: each agent's earlier
-observations encoded (``state.extras["history"]``, see :class:`Contract`).
+observations encoded (``state.extras["history"]``, see :class:`Contract`); ``"queries"``: each
+sender's own object queries as its query head's decoder leaves them at every ``decoder:<L>``
+point of the contract, in ``state.extras["sender_queries"]``: layer L -> stacked sender index
+-> :class:`~v2xfuse.models.heads.query_decoder.Queries` of that one map (its frame).
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ __all__ = ["Received", "FusionState", "FusionMethod", "Contract", "SERVICES", "F
 #: where a method may fuse, in the order the detector walks them ("decoder:<L>" for any layer L)
 FUSION_POINTS = ("points", "bev", "decoder", "detections")
 #: what a method may ask the detector to compute for it (module docstring)
-SERVICES = ("confidence", "detections", "passes", "history")
+SERVICES = ("confidence", "detections", "passes", "history", "queries")
 
 
 def point_order(point: str) -> tuple[int, int]:

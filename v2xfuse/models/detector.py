@@ -6,8 +6,8 @@
 The detector reads one thing about the method, its :class:`~v2xfuse.fusion.base.Contract`:
 the points where it fuses (``points`` before encoding, ``bev`` before the head,
 ``decoder:<L>`` inside a query head, ``detections`` after it) and the services it needs
-(per-agent confidence, per-agent detections, stochastic passes, history). It walks the points
-in order; it never branches on a method's name.
+(per-agent confidence, per-agent detections, stochastic passes, history, the senders'
+queries). It walks the points in order; it never branches on a method's name.
 """
 from __future__ import annotations
 
@@ -109,6 +109,10 @@ class CoopDetector(nn.Module):
             if int(point.split(":")[1]) >= layers:
                 raise ValueError(f"{type(self.fusion).__name__} fuses at {point!r}: the "
                                  f"{type(self.head).__name__} head has {layers} decoder layers")
+        if "queries" in contract.services and not (decoder and hasattr(self.head,
+                                                                      "queries_after")):
+            raise ValueError(f"{type(self.fusion).__name__} needs the senders' queries at a "
+                             f"decoder point; {type(self.head).__name__} has none to give")
         if "passes" in contract.services and not hasattr(self.head, "confidence"):
             raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes of the "
                              f"head's confidence; {type(self.head).__name__} has none")
@@ -237,6 +241,12 @@ class CoopDetector(nn.Module):
             state.extras["detections"] = self.detect_agents(features, senders)
         if "history" in contract.services:
             self._history(state, senders)
+        if "queries" in contract.services and senders:
+            layers = [int(p.split(":")[1]) for p in contract.fuses_at if p.startswith("decoder:")]
+            per_layer = self.head.queries_after(features[senders], layers)
+            state.extras["sender_queries"] = {
+                layer: {i: queries.rows(slice(k, k + 1)) for k, i in enumerate(senders)}
+                for layer, queries in per_layer.items()}
 
     def _history(self, state: FusionState, senders: list[int]) -> None:
         """The ``history`` service: each agent's ``contract.history_frames`` newest earlier

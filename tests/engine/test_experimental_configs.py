@@ -114,3 +114,15 @@ def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tm
     assert all(all(s[1:]) for s in seen), seen
     state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
     assert int(state["encoder.encoders.camera.image_net.layers.1.num_batches_tracked"]) == 1
+
+
+def test_codyntrust_trains_a_step_and_evaluates_through_the_channel(tmp_path):
+    cfg = _tiny("codyntrust", tmp_path, cameras=False)
+    assert cfg["model"]["fusion"]["type"] == "codyntrust" and cfg["dataset"]["history_frames"] == 1
+    cfg["model"]["fusion"]["passes"] = 2
+    cfg["train"]["val_frames"] = 3
+    results = _fit(cfg, tmp_path / "work")
+    assert results["frames"] == 3 and "ap_50" in results
+    assert results["bytes_per_frame"] > 0 and not results.get("rejected_messages")
+    state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
+    assert "head.log_var.weight" in state and "fusion.trust.mlp.0.weight" in state

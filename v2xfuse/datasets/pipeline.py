@@ -295,6 +295,9 @@ def draw_delays(cfg: PipelineConfig, rng: np.random.Generator, count: int) -> li
     generator (seeded by ``(seed, epoch, index)``), so one seed gives the same delays however
     the frames are loaded. Where a sequence starts later than the draw, the adapter serves its
     first frame (the realised delay is then shorter: ``Sample.delay_us`` says what it was).
+    Consecutive frames may be served the same observation of a collaborator (the latest one
+    available); a channel's replay check (``channel.checks.duplicate_window``) refuses it the
+    second time, so evaluations under these delays turn that check off (tools/bench_delay.py).
     """
     n = cfg.delay_frames
     if cfg.delay_mode == "fixed":

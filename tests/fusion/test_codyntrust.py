@@ -203,3 +203,26 @@ def test_hostile_messages_are_dropped_and_counted(field, corrupt, reason):
     arrived = link.transmit(model.fusion.wire(), batch, [1, 2], [good, bad], state=state)
     assert [r.sender for r in arrived] == [1]
     assert link.ledger.rejected.as_dict() == {reason: 1}
+
+
+def test_every_tampering_attack_is_refused_and_the_ego_fuses_as_if_the_message_was_lost():
+    from v2xfuse.comm.attack import AttackConfig
+    from v2xfuse.comm.channel import LinkConfig
+
+    torch.manual_seed(0)
+    model = build_detector(_cfg()).eval()
+    batch = _batch(delay_us=100_000)
+
+    def run(**channel):
+        link = BatchChannel(Channel(0, **channel))
+        with torch.no_grad():
+            return model.predict(model(batch, channel=link))[0], link.ledger.rejected.as_dict()
+
+    lost, _ = run(link=LinkConfig(loss=1.0))
+    clean, _ = run()
+    assert not torch.equal(clean.scores, lost.scores)  # the collaborators matter
+    for attack in ("nan", "inf", "huge", "nonrigid_pose", "far_pose", "spoof_ego", "stale",
+                   "truncate", "wrong_shape"):  # bad_index may hit a mask byte already 255
+        got, rejected = run(attack=AttackConfig(type=attack, fraction=1.0))
+        assert sum(rejected.values()) == 2, (attack, rejected)  # both collaborators' messages
+        assert torch.equal(got.boxes, lost.boxes) and torch.equal(got.scores, lost.scores), attack

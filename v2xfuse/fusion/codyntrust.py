@@ -23,6 +23,12 @@ timestamp), so the pipeline's delays (``pipeline.delay_mode``) and the channel's
 While training (no delay, as the reference: ``binomial_p 0``) the trust MLP learns from the
 detection loss through the mask.
 
+The senders' boxes come from the detector's shared head on each sender's own map (the
+``detections`` service, in training too, without gradients), so the head must learn on
+single-agent maps as well: train with ``model.agent_loss_weight > 0`` (the reference
+pre-trains a separate single-agent detector and freezes it). The fused map the head also reads
+is the output of the hybrid fusion, not a raw map.
+
 Bytes of one message (what ``len(encode(message))`` is, :func:`message_bytes`), D boxes, K
 cells, C channels, an H x W grid; each array costs ``3 + 4 * ndim + len(its key)`` of header::
 
@@ -204,6 +210,8 @@ class CoDynTrust(FusionMethod):
             prev_dets, agent_from_past, dt = previous
             prev_boxes = transform_boxes(agent_from_past, prev_dets.boxes.double()).float()
             velocity, rows, cols = track_velocity(boxes, prev_boxes, dt, **self.match)
+            # a pair this far apart so soon is a wrong match, not a car: no motion is claimed
+            velocity[velocity.norm(dim=1) > self.max_speed_mps] = 0.0
             if len(rows):  # the reference averages the trust inputs over the matched pair
                 inputs = inputs.clone()
                 inputs[rows] = 0.5 * (inputs[rows] + trust_inputs(prev_dets).float()[cols])

@@ -90,3 +90,15 @@ def test_a_head_without_uncertainty_is_refused_when_the_method_needs_it():
         build_head({"type": "center"}, 8, GRID, uncertainty=True)
     with pytest.raises(KeyError, match="uncertainty: false"):
         build_head({"type": "anchor", "uncertainty": False}, 8, GRID, uncertainty=True)
+
+
+def test_the_variances_do_not_change_the_box_or_score_gradients():
+    x = torch.randn(1, 8, GRID.ny, GRID.nx)
+    grads = []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        head = AnchorHead(8, GRID, uncertainty=True, unc_weight=weight)
+        head.loss(head(x), [CAR])["loss"].backward()
+        grads.append([head.reg.weight.grad.clone(), head.cls.weight.grad.clone()])
+    for without, with_ in zip(*grads):
+        torch.testing.assert_close(with_, without)

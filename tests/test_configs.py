@@ -39,14 +39,18 @@ def test_every_experiment_config_switches_heads_with_one_override(path):
     """Each head's options sit under its name: --set model.head.type=center leaves the anchor
     options behind instead of failing on them."""
     from v2xfuse.models.heads.center_head import CenterHead
-
+    from v2xfuse import fusion  # noqa: F401  (registers the methods)
     from v2xfuse.registry import FUSION
 
     cfg = load_config(path, ["model.head.type=center"])
-    build_detector(load_config(path))  # registers the methods
-    fusion = FUSION.get(cfg["model"]["fusion"]["type"])
-    if any(p.startswith("decoder:") for p in fusion.contract.fuses_at):  # a query head only
+    fusion_cls = FUSION.get(cfg["model"]["fusion"]["type"])
+    if any(p.startswith("decoder:") for p in fusion_cls.contract.fuses_at):  # a query head only
         with pytest.raises(ValueError, match="fuses object queries"):
+            build_detector(cfg)
+        return
+    if fusion_cls.contract.uncertainty:
+        # a method that needs the head's uncertainty (CoDynTrust) says the center head has none
+        with pytest.raises(KeyError, match="does not predict it"):
             build_detector(cfg)
         return
     model = build_detector(cfg)

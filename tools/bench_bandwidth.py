@@ -88,6 +88,9 @@ SWEEPS: dict[str, list[SweepPoint]] = {
                    + _values("top_k", "model.fusion.top_k", (64, 256, 1024, 4096))),
     # The codebook size is learned with the model (another k is another model): only the
     # selection thresholds are swept at evaluation.
+    # CoDynTrust sends its regions' features: their precision is its knob here (its delay
+    # robustness is tools/bench_delay.py's).
+    "codyntrust": _codec_precisions(),
     "codefilling": (_values("fill_threshold", "model.fusion.fill_threshold",
                             (0.3, 0.5, 0.7, 1.0))
                     + _values("conf_threshold", "model.fusion.conf_threshold",

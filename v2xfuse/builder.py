@@ -240,7 +240,8 @@ def build_detector(cfg: dict) -> CoopDetector:
     if head is None:
         head = build_head(model.get("head"), getattr(fusion, "out_channels",
                                                      backbone.out_channels),
-                          encoder.grid.scaled(backbone.out_stride))
+                          encoder.grid.scaled(backbone.out_stride),
+                          uncertainty=fusion.contract.uncertainty)
     post = model.get("post", {})
     return CoopDetector(encoder, backbone, fusion, head,
                         agent_loss_weight=float(model.get("agent_loss_weight", 0.0)),
@@ -250,7 +251,8 @@ def build_detector(cfg: dict) -> CoopDetector:
                                            "agent_loss_weight", "sender_frame")))
 
 
-def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid) -> Head:
+def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid,
+               uncertainty: bool = False) -> Head:
     """The head ``model.head.type`` names in ``HEADS`` (default ``anchor``) on maps of
     ``in_channels`` over ``grid``.
 
@@ -258,7 +260,9 @@ def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid) -> Head:
     hold several heads' options side by side (``head: {type: anchor, anchor: {...}, center:
     {...}}``) and ``--set model.head.type=center`` then switches heads; only the chosen head's
     own keys reach it. A key the chosen head does not take fails here, naming it and the heads
-    it belongs to.
+    it belongs to. ``uncertainty``: the fusion method's contract needs detections with
+    uncertainty, so the head predicts it (a head without that option, or a config that turns
+    it off, fails here).
     """
     _register_builtin()
     section = dict(head_cfg or {})
@@ -283,6 +287,14 @@ def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid) -> Head:
         raise KeyError(f"model.head: unknown keys {unknown} for the {name!r} head "
                        f"({cls.__name__}, options: {known}){where}. Keep each head's options "
                        f"under model.head.<type> to switch heads with --set model.head.type")
+    if uncertainty:
+        if "uncertainty" not in known:
+            raise KeyError(f"model.head: the fusion method needs detections with uncertainty; "
+                           f"the {name!r} head ({cls.__name__}) does not predict it")
+        if options.get("uncertainty") is False:
+            raise KeyError(f"model.head.{name}.uncertainty: false, but the fusion method "
+                           f"needs detections with uncertainty")
+        options["uncertainty"] = True
     return cls(in_channels, grid, **options)
 
 

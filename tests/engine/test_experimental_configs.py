@@ -128,3 +128,15 @@ def test_query_and_quest_train_a_step_and_evaluate_through_the_channel(tmp_path)
     assert results["quest"]["bytes_per_frame"] > 4 * 480  # 4 queries of about 480 bytes each
     state = load_checkpoint(tmp_path / "work_quest" / "last.pt")["model"]
     assert "fusion.align.feature.weight" in state and "head.layers.2.cls.2.bias" in state
+
+
+def test_codyntrust_trains_a_step_and_evaluates_through_the_channel(tmp_path):
+    cfg = _tiny("codyntrust", tmp_path, cameras=False)
+    assert cfg["model"]["fusion"]["type"] == "codyntrust" and cfg["dataset"]["history_frames"] == 1
+    cfg["model"]["fusion"]["passes"] = 2
+    cfg["train"]["val_frames"] = 3
+    results = _fit(cfg, tmp_path / "work")
+    assert results["frames"] == 3 and "ap_50" in results
+    assert results["bytes_per_frame"] > 0 and not results.get("rejected_messages")
+    state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
+    assert "head.log_var.weight" in state and "fusion.trust.mlp.0.weight" in state

@@ -1,7 +1,7 @@
 """From a :class:`CoopFrame` to a training/evaluation sample: delays, pose noise, augmentation, crop.
 
-Order matters and is fixed: (1) per-agent time delay (the adapter serves older observations),
-(2) localisation noise on the poses the ego *receives* (points stay true, so features land in
+Order matters and is fixed: (1) per-agent time delay (the adapter serves older observations:
+fixed, uniform or binomial, see :func:`draw_delays`), (2) localisation noise on the poses the ego *receives* (points stay true, so features land in
 the wrong place, as with a real GNSS error), (3) augmentation, (4) range crop, (5) images
 resized and cropped to ``pipeline.cameras.image_size`` (:mod:`v2xfuse.datasets.images`).
 
@@ -45,7 +45,8 @@ from ..structures.transforms import invert_transform, make_transform, rotation_z
 from .base import CoopAdapter, DatasetError, SkippedSample
 from .images import CameraConfig, fit_image
 
-__all__ = ["PipelineConfig", "Sample", "PastObs", "CoopSampler", "augmentation_matrix"]
+__all__ = ["PipelineConfig", "Sample", "PastObs", "CoopSampler", "augmentation_matrix",
+           "draw_delays", "DELAY_MODES"]
 
 
 @dataclass
@@ -61,7 +62,9 @@ class PipelineConfig:
     loc_noise_yaw_std_deg: float = 0.0
     delay_frames: int = 0                          # max delay of each non-ego agent, in samples
     delay_mode: str = "fixed"                      # "fixed": every collaborator late by delay_frames;
-                                                   # "uniform": each one late by U{0..delay_frames}
+                                                   # "uniform": each one late by U{0..delay_frames};
+                                                   # "binomial": Binomial(delay_frames, delay_p)
+    delay_p: float = 0.0                           # p of the binomial mode
     cameras: CameraConfig | None = None            # images in the batch (None: LiDAR only,
                                                    # no image is decoded)
 
@@ -77,6 +80,14 @@ class PipelineConfig:
                 d[k] = tuple(float(v) for v in d[k])
         d["cameras"] = CameraConfig.from_dict(d.get("cameras"))
         return cls(**d)
+
+    def __post_init__(self):
+        if self.delay_mode not in DELAY_MODES:
+            raise ValueError(f"pipeline.delay_mode must be one of {DELAY_MODES}, "
+                             f"got {self.delay_mode!r}")
+        if not 0.0 <= float(self.delay_p) <= 1.0 or int(self.delay_frames) < 0:
+            raise ValueError(f"pipeline: delay_frames {self.delay_frames} must be >= 0 and "
+                             f"delay_p {self.delay_p} in [0, 1]")
 
 
 @dataclass
@@ -206,12 +217,7 @@ class CoopSampler:
             rng = self.rng(idx, epoch)
             with self.adapter.sample_errors(idx):
                 ids = self.adapter.agent_ids(idx)
-            if cfg.delay_mode == "fixed":
-                delays = {a: cfg.delay_frames for a in ids[1:]}
-            elif cfg.delay_mode == "uniform":
-                delays = {a: int(rng.integers(0, cfg.delay_frames + 1)) for a in ids[1:]}
-            else:
-                raise ValueError(f"delay_mode must be 'fixed' or 'uniform', got {cfg.delay_mode!r}")
+            delays = {a: d for a, d in zip(ids[1:], draw_delays(cfg, rng, len(ids) - 1))}
         return self.adapter.load(idx, delays)
 
     def process(self, frame: CoopFrame, rng: np.random.Generator) -> Sample:
@@ -274,6 +280,33 @@ class CoopSampler:
                       np.stack([a.world_from_lidar for a in frame.agents]),
                       np.array([a.timestamp_us for a in frame.agents], dtype=np.int64),
                       None if cfg.cameras is None else cfg.cameras.image_size, history)
+
+
+DELAY_MODES = ("fixed", "uniform", "binomial")
+
+
+def draw_delays(cfg: PipelineConfig, rng: np.random.Generator, count: int) -> list[int]:
+    """How many samples late each of ``count`` collaborators is (``cfg.delay_mode``).
+
+    ``"binomial"`` is the asynchrony protocol of the CoBEVFlow and CoDynTrust evaluations
+    (shared/reference/fusion-methods.md section 6.6): each collaborator's latest observation is
+    ``Binomial(n = delay_frames, p = delay_p)`` samples old, so the expected delay is
+    ``n * p`` samples (n = 10, p = 0.3 at 10 Hz: 300 ms). The draws come from the sample's own
+    generator (seeded by ``(seed, epoch, index)``), so one seed gives the same delays however
+    the frames are loaded. Where a sequence starts later than the draw, the adapter serves its
+    first frame (the realised delay is then shorter: ``Sample.delay_us`` says what it was).
+    Consecutive frames may be served the same observation of a collaborator (the latest one
+    available); a channel's replay check (``channel.checks.duplicate_window``) refuses it the
+    second time, so evaluations under these delays turn that check off (tools/bench_delay.py).
+    """
+    n = cfg.delay_frames
+    if cfg.delay_mode == "fixed":
+        return [n] * count
+    if cfg.delay_mode == "uniform":
+        return [int(rng.integers(0, n + 1)) for _ in range(count)]
+    if cfg.delay_mode == "binomial":
+        return [int(d) for d in rng.binomial(n, cfg.delay_p, size=count)]
+    raise ValueError(f"pipeline.delay_mode must be one of {DELAY_MODES}, got {cfg.delay_mode!r}")
 
 
 def _crop(points: np.ndarray, lr, dz) -> np.ndarray:

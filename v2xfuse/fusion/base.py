@@ -52,12 +52,17 @@ No point at all means the ego works alone (collaborators are not even encoded).
 Services the detector computes before the first point that needs agents' maps (see
 :data:`SERVICES`): ``"confidence"`` (N, 1, H, W) per-agent detection confidence in
 ``state.extras["confidence"]``; ``"detections"``: each sender's own detections (its frame,
-after NMS, inference only) in ``state.extras["detections"]``; ``"passes"``: ``passes``
-stochastic forward passes of the head's confidence with dropout on the maps,
-``state.extras["confidence_passes"]`` (K, N, 1, H, W); ``"history"``: each agent's earlier
-observations encoded (``state.extras["history"]``, see :class:`Contract`); ``"queries"``: each
-sender's own object queries as its query head's decoder leaves them at every ``decoder:<L>``
-point of the contract, in ``state.extras["sender_queries"]``: layer L -> stacked sender index
+after NMS, inference only unless ``detections_in_training``) in ``state.extras["detections"]``,
+with the head's aleatoric uncertainty in their extras when the contract asks for
+``uncertainty`` (the builder turns the head's on); ``"passes"``: ``passes`` stochastic forward
+passes of the head with dropout (the head's own when it has some, else ``pass_dropout`` on
+the maps), kept on for those passes only: with ``"confidence"`` the confidence maps,
+``state.extras["confidence_passes"]`` (K, N, 1, H, W); with ``"detections"`` what each pass
+predicts for each detected box, ``extras["pass_scores"]`` (D, K) and ``extras["pass_boxes"]``
+(D, K, 7) of each sender's Detections (the epistemic uncertainty of MC dropout);
+``"history"``: each agent's earlier observations encoded (``state.extras["history"]``, see
+:class:`Contract`); ``"queries"``: each sender's own object queries as its query head's
+decoder leaves them at every ``decoder:<L>`` point of the contract, in ``state.extras["sender_queries"]``: layer L -> stacked sender index
 -> :class:`~v2xfuse.models.heads.query_decoder.Queries` of that one map (its frame).
 """
 from __future__ import annotations
@@ -102,6 +107,10 @@ class Contract:
         passes: K for the ``"passes"`` service; ``pass_dropout`` its dropout probability.
         history_frames: how many earlier observations per agent the ``"history"`` service
             encodes (at most ``dataset.history_frames``).
+        uncertainty: the senders' detections carry the head's aleatoric uncertainty
+            (``extras["aleatoric"]``, ``extras["anchor"]``); needs ``"detections"``.
+        detections_in_training: the ``"detections"`` service runs in training too (without
+            gradients), for a method whose fusion depends on the senders' boxes.
     """
 
     fuses_at: tuple[str, ...] = ("bev",)
@@ -110,6 +119,8 @@ class Contract:
     passes: int = 0
     pass_dropout: float = 0.1
     history_frames: int = 0
+    uncertainty: bool = False
+    detections_in_training: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "fuses_at", tuple(self.fuses_at))
@@ -131,6 +142,13 @@ class Contract:
             raise ValueError(f"services {unknown}: not among {SERVICES}")
         if ("passes" in self.services) != (self.passes > 0):
             raise ValueError("the 'passes' service and passes > 0 go together")
+        if "passes" in self.services and not self.services & {"confidence", "detections"}:
+            raise ValueError("the 'passes' service samples the 'confidence' or the "
+                             "'detections' service: declare one of them")
+        if (self.uncertainty or self.detections_in_training) and \
+                "detections" not in self.services:
+            raise ValueError("uncertainty and detections_in_training are about the "
+                             "'detections' service: declare it")
         if ("history" in self.services) != (self.history_frames > 0):
             raise ValueError("the 'history' service and history_frames > 0 go together")
 

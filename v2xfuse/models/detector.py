@@ -113,9 +113,18 @@ class CoopDetector(nn.Module):
                                                                       "queries_after")):
             raise ValueError(f"{type(self.fusion).__name__} needs the senders' queries at a "
                              f"decoder point; {type(self.head).__name__} has none to give")
-        if "passes" in contract.services and not hasattr(self.head, "confidence"):
+        services = contract.services
+        if {"passes", "confidence"} <= services and not hasattr(self.head, "confidence"):
             raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes of the "
                              f"head's confidence; {type(self.head).__name__} has none")
+        if {"passes", "detections"} <= services and not hasattr(self.head, "decode_at"):
+            raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes at its "
+                             f"senders' boxes; {type(self.head).__name__} cannot decode at "
+                             f"given anchors (decode_at)")
+        if contract.uncertainty and not getattr(self.head, "uncertainty", False):
+            raise ValueError(f"{type(self.fusion).__name__} needs detections with uncertainty; "
+                             f"the {type(self.head).__name__} head does not predict it "
+                             f"(model.head.anchor.uncertainty)")
 
     def bev(self, inputs: AgentInputs) -> torch.Tensor:
         """(N, C', H', W') feature maps of the N agents of ``inputs``."""
@@ -232,13 +241,13 @@ class CoopDetector(nn.Module):
         features = state.features
         if "confidence" in contract.services:
             state.extras["confidence"] = self.head.confidence(features)
-        if "passes" in contract.services:
+        if {"passes", "confidence"} <= contract.services:
             with torch.no_grad():
                 state.extras["confidence_passes"] = torch.stack([
                     self.head.confidence(F.dropout(features, contract.pass_dropout, True))
                     for _ in range(contract.passes)])
-        if "detections" in contract.services and senders and not self.training:
-            state.extras["detections"] = self.detect_agents(features, senders)
+        if "detections" in contract.services and senders and self._detecting():
+            state.extras["detections"] = self.detect_agents(features, senders, self._passes())
         if "history" in contract.services:
             self._history(state, senders)
         if "queries" in contract.services and senders:
@@ -263,17 +272,48 @@ class CoopDetector(nn.Module):
         used = torch.nonzero(history.steps <= contract.history_frames).squeeze(1)
         inputs = AgentInputs.of_history(batch).only(used)
         state.extras["history"] = maps = self.bev(inputs)
-        if "detections" in contract.services and not self.training:
+        if "detections" in contract.services and self._detecting():
             sending = set(senders)
             wanted = [h for h in used.tolist() if int(history.agent[h]) in sending]
-            dets = self.detect_agents(maps, wanted) if wanted else []
+            dets = self.detect_agents(maps, wanted, self._passes()) if wanted else []
             state.extras["history_detections"] = dict(zip(wanted, dets))
 
+    def _detecting(self) -> bool:
+        """Whether the ``detections`` service runs in this mode (see Contract)."""
+        return not self.training or self.fusion.contract.detections_in_training
+
+    def _passes(self) -> int:
+        """K stochastic passes at each detected box when the contract asks for them."""
+        contract = self.fusion.contract
+        return contract.passes if "passes" in contract.services else 0
+
     @torch.no_grad()
-    def detect_agents(self, features: torch.Tensor, agents: list[int]) -> list[Detections]:
-        """Each listed agent's own detections (its frame) from its own map, after NMS."""
-        out = self.head(features[agents])
-        return [self._nms(self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
+    def detect_agents(self, features: torch.Tensor, agents: list[int],
+                      passes: int = 0) -> list[Detections]:
+        """Each listed agent's own detections (its frame) from its own map, after NMS.
+
+        ``passes`` > 0: Monte Carlo dropout, that many more passes of the head with dropout on
+        (the head's own, ``mc=True``, when it has some; else ``contract.pass_dropout`` on the
+        maps), the dropout off again afterwards; each box gets what every pass predicts at its
+        anchor: ``extras["pass_scores"]`` (D, K) and ``extras["pass_boxes"]`` (D, K, 7)."""
+        maps = features[agents]
+        out = self.head(maps)
+        dets = [self._nms(self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
+        if passes <= 0:
+            return dets
+        if any("anchor" not in d.extras for d in dets):
+            raise ValueError(f"stochastic passes at the boxes need the anchor of each box: "
+                             f"{type(self.head).__name__}.decode gives none (uncertainty off)")
+        if getattr(self.head, "dropout", 0.0) > 0:
+            runs = [self.head(maps, mc=True) for _ in range(passes)]
+        else:
+            p = self.fusion.contract.pass_dropout
+            runs = [self.head(F.dropout2d(maps, p, training=True)) for _ in range(passes)]
+        for k, d in enumerate(dets):
+            at = [self.head.decode_at(run, k, d.extras["anchor"]) for run in runs]
+            d.extras["pass_scores"] = torch.stack([s for s, _ in at], 1)
+            d.extras["pass_boxes"] = torch.stack([b for _, b in at], 1)
+        return dets
 
     def _nms(self, dets: Detections) -> Detections:
         """Rotated NMS over all labels together, best ``max_detections`` kept; every field

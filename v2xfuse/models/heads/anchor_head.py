@@ -6,6 +6,14 @@ OpenCOOD do): positive above ``pos_iou`` or the best anchor of each box, negativ
 ``neg_iou`` for every box, ignored in between. Regression follows SECOND's box coder; yaw is
 learned through the sine of the angle difference, with a 2-bin direction classifier to
 resolve the remaining pi ambiguity.
+
+With ``uncertainty`` the head also predicts, per anchor, the log-variances of its x, y and yaw
+errors and of its classification logit, trained with the losses of
+:mod:`~v2xfuse.models.heads.uncertainty`; decoded boxes carry them as variances in
+``Detections.extras``, with the index of the anchor each box came from (what CoDynTrust's
+trust modulus reads, and what stochastic passes gather at). ``dropout`` drops whole input
+channels (``Dropout2d``) while training, and in the passes that ask for it (``mc=True``): Monte
+Carlo dropout samples the dropout the head was trained with, and only in those passes.
 """
 from __future__ import annotations
 
@@ -21,20 +29,29 @@ from ...structures.boxes import wrap_angle
 from ...structures.bev import BevGrid
 from ...structures.detections import Detections
 from .base import Head
+from .uncertainty import attenuated_l2, sampled_logit_bce, von_mises_nll
 
-__all__ = ["AnchorHead", "HeadOutput", "standup_iou", "encode_boxes", "decode_boxes"]
+__all__ = ["AnchorHead", "HeadOutput", "standup_iou", "encode_boxes", "decode_boxes",
+           "ALEATORIC"]
+
+#: the columns of ``Detections.extras["aleatoric"]`` (variances: m^2, m^2, rad^2, logit^2)
+ALEATORIC = ("x", "y", "yaw", "logit")
 
 
 @dataclass
 class HeadOutput:
     """Raw head maps for B ego frames. A = anchors per cell.
 
-    cls: (B, A, H, W) logits; reg: (B, A*7, H, W); dir: (B, A*2, H, W).
+    cls: (B, A, H, W) logits; reg: (B, A*7, H, W); dir: (B, A*2, H, W); with uncertainty
+    ``log_var``: (B, A*3, H, W) log-variances of the encoded x, y and yaw errors and
+    ``log_var_cls``: (B, A, H, W) of the logits (else None).
     """
 
     cls: torch.Tensor
     reg: torch.Tensor
     dir: torch.Tensor
+    log_var: torch.Tensor | None = None
+    log_var_cls: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -94,13 +111,21 @@ class AnchorHead(Head):
         grid: the head's BEV grid (the fused map's extent and cell size).
         anchor_size: (l, w, h); anchor_z: anchor centre height in the ego LiDAR frame.
         rotations_deg: anchor yaws.
+        uncertainty: also predict log-variances (module docstring); ``unc_weight`` weighs
+            their losses (``loss_unc_reg``, ``loss_unc_cls``) in the total.
+        dropout: channel dropout on the input maps in training and in ``mc`` passes.
     """
 
     def __init__(self, in_channels: int, grid: BevGrid, anchor_size=(4.5, 1.9, 1.6), anchor_z: float = -1.1,
                  rotations_deg=(0.0, 90.0), pos_iou: float = 0.6, neg_iou: float = 0.45,
                  cls_weight: float = 1.0, reg_weight: float = 2.0, dir_weight: float = 0.2,
-                 dir_offset: float = math.pi / 4):
+                 dir_offset: float = math.pi / 4, uncertainty: bool = False,
+                 unc_weight: float = 1.0, dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.head dropout must be in [0, 1), got {dropout}")
+        self.uncertainty, self.unc_weight = bool(uncertainty), float(unc_weight)
+        self.dropout = float(dropout)
         self.grid = grid
         self.num_anchors = len(rotations_deg)
         self.cls = nn.Conv2d(in_channels, self.num_anchors, 1)
@@ -109,6 +134,12 @@ class AnchorHead(Head):
         nn.init.constant_(self.cls.bias, -math.log((1 - 0.01) / 0.01))  # prior 0.01
         nn.init.normal_(self.reg.weight, std=0.001)
         nn.init.zeros_(self.reg.bias)
+        if self.uncertainty:
+            self.log_var = nn.Conv2d(in_channels, self.num_anchors * 3, 1)
+            self.log_var_cls = nn.Conv2d(in_channels, self.num_anchors, 1)
+            for conv in (self.log_var, self.log_var_cls):
+                nn.init.normal_(conv.weight, std=0.001)
+                nn.init.zeros_(conv.bias)
         self.pos_iou, self.neg_iou = pos_iou, neg_iou
         self.cls_weight, self.reg_weight, self.dir_weight = cls_weight, reg_weight, dir_weight
         self.dir_offset = dir_offset
@@ -124,21 +155,28 @@ class AnchorHead(Head):
         # (H, W, A, 7) -> flat in (A, H, W) order, matching the maps' channel layout.
         self.register_buffer("anchors", anchors.permute(2, 0, 1, 3).reshape(-1, 7), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> HeadOutput:
-        return HeadOutput(self.cls(x), self.reg(x), self.dir(x))
+    def forward(self, x: torch.Tensor, mc: bool = False) -> HeadOutput:
+        """(B, C, H, W) maps -> raw outputs; ``mc``: a Monte Carlo pass, dropout on whatever
+        the module's mode (the module stays as it is)."""
+        if self.dropout > 0 and (self.training or mc):
+            x = F.dropout2d(x, self.dropout, training=True)
+        if not self.uncertainty:
+            return HeadOutput(self.cls(x), self.reg(x), self.dir(x))
+        return HeadOutput(self.cls(x), self.reg(x), self.dir(x), self.log_var(x),
+                          self.log_var_cls(x))
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) per-agent features -> (N, 1, H, W) max anchor probability per cell
         (Where2comm's spatial confidence map, from this same head)."""
         return torch.sigmoid(self.cls(x)).amax(dim=1, keepdim=True)
 
+    def _per_anchor(self, maps: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """(B, A*k, H, W) -> (A*H*W, k) rows of sample ``b`` in anchor order."""
+        return maps[b].view(self.num_anchors, k, *maps.shape[2:]).permute(0, 2, 3, 1).reshape(-1, k)
+
     def _flat(self, out: HeadOutput, b: int):
         """Per-anchor (K,), (K, 7), (K, 2) predictions of sample ``b`` in anchor order."""
-        a = self.num_anchors
-        cls = out.cls[b].reshape(-1)
-        reg = out.reg[b].view(a, 7, *out.reg.shape[2:]).permute(0, 2, 3, 1).reshape(-1, 7)
-        dir_ = out.dir[b].view(a, 2, *out.dir.shape[2:]).permute(0, 2, 3, 1).reshape(-1, 2)
-        return cls, reg, dir_
+        return out.cls[b].reshape(-1), self._per_anchor(out.reg, b, 7), self._per_anchor(out.dir, b, 2)
 
     @torch.no_grad()
     def assign(self, gt: torch.Tensor, ignore: torch.Tensor | None = None):
@@ -174,7 +212,7 @@ class AnchorHead(Head):
             ignore: optional B region rules (see :meth:`Head.loss`), applied to the anchor
                 centres: anchors there are never negatives (see assign).
         """
-        cls_losses, reg_losses, dir_losses = [], [], []
+        cls_losses, reg_losses, dir_losses, unc_reg, unc_cls = [], [], [], [], []
         for b, gt in enumerate(gt_boxes):
             cls, reg, dir_ = self._flat(out, b)
             skip = None if ignore is None else ignore[b](self.anchors[:, :2])
@@ -183,26 +221,52 @@ class AnchorHead(Head):
             n_pos = max(int(pos.sum()), 1)
             care = labels >= 0
             cls_losses.append(sigmoid_focal_loss(cls[care], pos[care].float()).sum() / n_pos)
+            if self.uncertainty:
+                unc_cls.append(self._cls_variance_loss(out, b, cls, pos, care))
             if pos.any():
                 anchors = self.anchors[pos]
                 target = encode_boxes(gt[matched[pos]], anchors)
                 pred = reg[pos]
+                yaw_error = pred[:, 6] - target[:, 6]
                 # Sine of the yaw difference: pred yaw and target yaw compared modulo pi.
                 p_sin = torch.sin(pred[:, 6]) * torch.cos(target[:, 6])
                 t_sin = torch.cos(pred[:, 6]) * torch.sin(target[:, 6])
                 pred = torch.cat([pred[:, :6], p_sin[:, None]], 1)
                 target = torch.cat([target[:, :6], t_sin[:, None]], 1)
                 reg_losses.append(F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum") / n_pos)
+                if self.uncertainty:
+                    log_var = self._per_anchor(out.log_var, b, 3)[pos]
+                    unc_reg.append((attenuated_l2(pred[:, :2] - target[:, :2], log_var[:, :2]).sum()
+                                    + von_mises_nll(yaw_error, log_var[:, 2]).sum()) / n_pos)
                 dir_target = (wrap_angle(gt[matched[pos], 6] - self.dir_offset) > 0).long()
                 dir_losses.append(F.cross_entropy(dir_[pos], dir_target, reduction="sum") / n_pos)
             else:
                 reg_losses.append(reg.sum() * 0.0)
                 dir_losses.append(dir_.sum() * 0.0)
+                if self.uncertainty:
+                    unc_reg.append(out.log_var[b].sum() * 0.0)
         cls_l = torch.stack(cls_losses).mean()
         reg_l = torch.stack(reg_losses).mean()
         dir_l = torch.stack(dir_losses).mean()
         total = self.cls_weight * cls_l + self.reg_weight * reg_l + self.dir_weight * dir_l
-        return {"loss": total, "loss_cls": cls_l.detach(), "loss_reg": reg_l.detach(), "loss_dir": dir_l.detach()}
+        losses = {"loss_cls": cls_l.detach(), "loss_reg": reg_l.detach(), "loss_dir": dir_l.detach()}
+        if self.uncertainty:
+            unc_reg_l, unc_cls_l = torch.stack(unc_reg).mean(), torch.stack(unc_cls).mean()
+            total = total + self.unc_weight * (unc_reg_l + unc_cls_l)
+            losses.update(loss_unc_reg=unc_reg_l.detach(), loss_unc_cls=unc_cls_l.detach())
+        return {"loss": total, **losses}
+
+    def _cls_variance_loss(self, out: HeadOutput, b: int, cls: torch.Tensor, pos: torch.Tensor,
+                           care: torch.Tensor) -> torch.Tensor:
+        """Mean over positives plus mean over negatives of :func:`sampled_logit_bce` (the
+        negatives outnumber the positives a thousandfold: each class weighs half)."""
+        log_var = out.log_var_cls[b].reshape(-1)
+        neg = care & ~pos
+        loss = sampled_logit_bce(cls[care], log_var[care], pos[care].float())
+        parts = [loss[pos[care]].mean() if pos.any() else None,
+                 loss[neg[care]].mean() if neg.any() else None]
+        parts = [p for p in parts if p is not None]
+        return torch.stack(parts).mean() if parts else log_var.sum() * 0.0
 
     @torch.no_grad()
     def decode(self, out: HeadOutput, b: int, score_threshold: float = 0.1,
@@ -216,10 +280,32 @@ class AnchorHead(Head):
         if len(idx) > pre_max:
             idx = idx[scores[idx].topk(pre_max).indices]
         idx = idx[scores[idx].argsort(descending=True)]
+        boxes = self._boxes_at(reg, dir_, idx)
+        if out.log_var is None:
+            return Detections(boxes, scores[idx])
+        # variances in the boxes' units: encoded x, y are metres over the anchor's diagonal
+        anchors = self.anchors[idx]
+        diag2 = anchors[:, 3] ** 2 + anchors[:, 4] ** 2
+        log_var = self._per_anchor(out.log_var, b, 3)[idx]
+        aleatoric = torch.stack([torch.exp(log_var[:, 0]) * diag2, torch.exp(log_var[:, 1]) * diag2,
+                                 torch.exp(log_var[:, 2]),
+                                 torch.exp(out.log_var_cls[b].reshape(-1)[idx])], 1)
+        return Detections(boxes, scores[idx], extras={"anchor": idx, "aleatoric": aleatoric})
+
+    def _boxes_at(self, reg: torch.Tensor, dir_: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(K, 7) boxes decoded at anchors ``idx`` from per-anchor ``reg``, ``dir_``."""
         boxes = decode_boxes(reg[idx], self.anchors[idx])
         # Resolve the pi ambiguity with the direction bin: bin 1 means yaw - dir_offset lies
         # in (0, pi), bin 0 in [-pi, 0] (see ``loss``).
         r = torch.remainder(boxes[:, 6] - self.dir_offset, math.pi)
         label = dir_[idx].argmax(1).to(r.dtype)
         boxes[:, 6] = wrap_angle(r + self.dir_offset - math.pi * (1.0 - label))
-        return Detections(boxes, scores[idx])
+        return boxes
+
+    @torch.no_grad()
+    def decode_at(self, out: HeadOutput, b: int, anchors: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``b``'s (K,) scores and (K, 7) boxes at the anchors ``anchors`` (K,) int64
+        (``Detections.extras["anchor"]``): what another pass predicts for the same boxes."""
+        cls, reg, dir_ = self._flat(out, b)
+        return torch.sigmoid(cls[anchors]), self._boxes_at(reg, dir_, anchors)

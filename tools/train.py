@@ -6,6 +6,7 @@
         --work-dir work_dirs/ego_only
     python tools/train.py --config configs/quickstart.yaml --resume     # continue last.pt
     python tools/train.py --config configs/quickstart.yaml --resume --set train.steps=2400
+    torchrun --nproc_per_node 4 tools/train.py --config configs/quickstart.yaml --device cuda
 
 The synthetic dataset a config names is generated on first use. The resolved config is saved
 as WORK_DIR/config.yaml, checkpoints as WORK_DIR/last.pt (written atomically every
@@ -21,6 +22,11 @@ which extends the run (the one-cycle LR schedule is rebuilt for the new total an
 the current step), and train.num_workers/log_every/checkpoint_every/val_every/val_frames, which
 do not change what is trained. Resuming a finished run prints its results without changing them, or
 validates its final checkpoint if results_val.json is missing or incomplete.
+
+Under torchrun every process trains with DistributedDataParallel (NCCL with --device cuda, one GPU
+per process; gloo on the CPU): train.batch_size is per process, rank 0 writes the files and
+prints the results, a resume needs the same number of processes. See README "Training on several
+processes".
 """
 from __future__ import annotations
 
@@ -28,12 +34,14 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 from v2xfuse.config import ConfigError, load_config
 from v2xfuse.engine.evaluate import dair_summary_key
 from v2xfuse.datasets.base import DatasetError
+from v2xfuse.engine.distributed import close_world, init_world
 from v2xfuse.engine.trainer import CheckpointError, ResumeError, Trainer
 from v2xfuse.sim.target import ForeignDataError
 from v2xfuse.evaluation import DAIR_RANGES
@@ -66,13 +74,18 @@ def main(argv=None) -> int:
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="under torchrun, cuda means cuda:LOCAL_RANK for each process")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # torchrun's environment; a plain run is rank 0 of 1. Other ranks log warnings only.
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"rank {rank} " if size > 1 else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {who}%(levelname)s %(message)s")
 
     import torch
     if args.threads:
@@ -82,15 +95,19 @@ def main(argv=None) -> int:
         return 2
     cfg = load_config(args.config, args.overrides)
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    trainer = Trainer(cfg, work_dir, device=args.device, tensorboard=not args.no_tensorboard,
-                      progress=not args.quiet)
+    world = init_world(args.device)
     try:
+        trainer = Trainer(cfg, work_dir, tensorboard=not args.no_tensorboard,
+                          progress=not args.quiet, world=world)
         results = trainer.fit(resume=args.resume)
     except (ConfigError, CheckpointError, ResumeError, DatasetError, ForeignDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{who}error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(results, indent=2))
-    print(summary_line(results, work_dir))
+    finally:
+        close_world(world)
+    if world.is_main:
+        print(json.dumps(results, indent=2))
+        print(summary_line(results, work_dir))
     return 0
 
 

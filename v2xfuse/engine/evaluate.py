@@ -1,8 +1,17 @@
-"""Run a detector over a split and score it: AP, bytes per frame, latency."""
+"""Run a detector over a split and score it: AP, bytes per frame, latency.
+
+Over the ranks of a torchrun launch (``world``): rank ``r`` of ``W`` predicts frames ``r, r + W,
+...`` of the split (no padding), rank 0 gathers them, scores them in the split's order, and every
+rank returns its results: exactly one process's, when each frame's outcome depends on that frame
+alone (:func:`frames_independent`). A channel that draws losses, delays or pose noise, or an
+attack, carries state from frame to frame (its random stream, link histories): rank 0 then
+evaluates every frame alone while the others wait.
+"""
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -13,9 +22,10 @@ from ..datasets import PipelineConfig
 from ..evaluation import (DAIR_IOU_THRESHOLDS, DAIR_RANGES, DAIR_VIEWS, DairEvaluator, EvalResult,
                           OpenCOODEvaluator)
 from ..evaluation.files import EVAL_MODES
+from .distributed import World, broadcast, gather_to_main
 
 __all__ = ["evaluate_detector", "predict_frames", "build_channel", "eval_mode", "dair_summary_key",
-           "summary_ap_keys"]
+           "summary_ap_keys", "frames_independent"]
 
 log = logging.getLogger(__name__)
 _OPENCOOD_ONLY = ("order", "iou_type", "range", "range_rule")
@@ -31,13 +41,19 @@ def predict_frames(model, dataset, device="cpu", max_frames: int | None = None,
         numpy arrays in the ego frame; ``frame_id`` is "sequence/frame"; ``bytes_sent`` is what
         the channel serialised for the frame (0 without a channel).
     """
+    n = len(dataset) if not max_frames else min(max_frames, len(dataset))
+    for _, *prediction in _predictions(model, dataset, range(n), device, channel, progress):
+        yield tuple(prediction)
+
+
+def _predictions(model, dataset, frames, device, channel, progress):
+    """:func:`predict_frames` of the dataset indices ``frames``, each with its index first."""
     from tqdm import tqdm
 
     model.eval()
     model.fusion.reset()  # methods with memory across frames start afresh
     sent_before = sum(channel.ledger.bytes_per_frame()) if channel is not None else 0
-    n = len(dataset) if not max_frames else min(max_frames, len(dataset))
-    for i in tqdm(range(n), desc="eval", unit="frame", disable=not progress, leave=False,
+    for i in tqdm(frames, desc="eval", unit="frame", disable=not progress, leave=False,
                   dynamic_ncols=True):
         batch = collate([dataset[i]]).to(device)
         if batch.batch_size == 0:  # skip_bad_frames left this frame out: nothing to score
@@ -54,7 +70,7 @@ def predict_frames(model, dataset, device="cpu", max_frames: int | None = None,
             total = sum(channel.ledger.bytes_per_frame())
             sent, sent_before = total - sent_before, total
         record = batch.frames[0]
-        yield (f"{record.sequence}/{record.frame}", det.boxes.cpu().numpy(),
+        yield (i, f"{record.sequence}/{record.frame}", det.boxes.cpu().numpy(),
                det.scores.cpu().numpy(), batch.gt_boxes[0].cpu().numpy(), seconds, sent)
 
 
@@ -81,8 +97,8 @@ def build_channel(cfg: dict):
 
 
 def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int | None = None,
-                      channel="config", progress: bool = False,
-                      split: str = "val") -> tuple[list[EvalResult], dict]:
+                      channel="config", progress: bool = False, split: str = "val",
+                      world: World | None = None) -> tuple[list[EvalResult], dict]:
     """AP, bytes per frame and latency, under the protocol of the config's ``eval.mode``.
 
     The config's ``eval`` section: ``mode`` ("opencood" (default) or "dair", the DAIR-V2X
@@ -91,7 +107,8 @@ def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int |
     ``iou_type`` ("bev" or "3d"), ``range`` (default: the pipeline's ``lidar_range``; ``null``
     for none), ``range_rule`` (default "all_corners_bev"). ``channel``: ``"config"`` builds the
     config's simulated channel so that bytes are measured on serialised messages; ``None``
-    passes tensors straight through (0 bytes).
+    passes tensors straight through (0 bytes). ``world``: the ranks to share the frames over
+    (module docstring; every rank calls this, each with its own channel); None: one process.
 
     Returns:
         (the :class:`EvalResult` records: one in opencood mode, one per view and range in dair
@@ -101,6 +118,29 @@ def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int |
     """
     if channel == "config":
         channel = build_channel(cfg)
+    n = len(dataset) if not max_frames else min(max_frames, len(dataset))
+    world = world or World()
+    frames = range(world.rank, n, world.size)
+    why = frames_independent(model, channel) if world.distributed else None
+    if why is not None:
+        log.warning("evaluation on rank 0 alone (the other ranks wait): %s", why)
+        frames = range(n) if world.is_main else range(0)
+    records = list(_predictions(model, dataset, frames, device, channel, progress))
+    rejected = Counter(channel.ledger.rejected.counts) if channel is not None else Counter()
+    gathered = gather_to_main(world, (records, rejected))
+    if gathered is None:  # not rank 0: its frames are scored there
+        return broadcast(world, None)
+    records = sorted((r for part, _ in gathered for r in part), key=lambda r: r[0])
+    rejected = sum((counts for _, counts in gathered), Counter())
+    scored = _score(records, rejected, n, cfg, channel is not None, split)
+    return broadcast(world, scored)
+
+
+def _score(records: list, rejected: Counter, n: int, cfg: dict, with_channel: bool,
+           split: str) -> tuple[list[EvalResult], dict]:
+    """:func:`evaluate_detector`'s results from the frames' predictions, in the split's order
+    (``records``: (index, frame_id, boxes, scores, gt, seconds, bytes)); ``n`` frames were
+    asked for."""
     eval_cfg = dict(cfg.get("eval") or {})
     mode = eval_mode(cfg)
     if mode == "dair":
@@ -114,8 +154,7 @@ def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int |
             range_rule=eval_cfg.get("range_rule") or "all_corners_bev",
             range_name="lidar_range" if "range" not in eval_cfg else None)
     seconds, sent = [], []
-    for frame_id, boxes, scores, gt, dt, nbytes in predict_frames(
-            model, dataset, device, max_frames, channel, progress):
+    for _, frame_id, boxes, scores, gt, dt, nbytes in records:
         evaluator.add(frame_id, boxes, scores, gt, payload_bytes=nbytes, latency_ms=dt * 1e3)
         seconds.append(dt)
         sent.append(nbytes)
@@ -139,9 +178,8 @@ def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int |
         "latency_ms_median": float(np.median(seconds) * 1e3) if seconds else None,
         "latency_ms_p95": float(np.percentile(seconds, 95) * 1e3) if seconds else None,
         # messages that arrived and failed the receiver's checks, by reason (v2xfuse.comm.checks)
-        "rejected_messages": channel.ledger.rejected.as_dict() if channel is not None else {},
-        "skipped_frames": (min(max_frames, len(dataset)) if max_frames else len(dataset))
-        - len(seconds),
+        "rejected_messages": _by_reason(rejected) if with_channel else {},
+        "skipped_frames": n - len(seconds),
         "attack": (cfg.get("channel") or {}).get("attack"),
     }
     result.extra.update({k: summary[k] for k in ("bytes_per_frame_p95", "latency_ms_median",
@@ -150,6 +188,41 @@ def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int |
     for other in results[1:]:
         other.extra.update(result.extra)
     return results, summary
+
+
+def frames_independent(model, channel) -> str | None:
+    """None when evaluating a frame depends on that frame alone, so that frames split over
+    ranks and merged in order score exactly as one process scores them; else why not.
+
+    What carries over between frames: a channel's random stream (losses, packet losses,
+    delays drawn per message, pose noise), its link histories (delays), an attack's state,
+    and a fusion method's stochastic passes (the global torch RNG). An ideal link (the
+    default) draws but never uses its randoms."""
+    if "passes" in model.fusion.contract.services:
+        return "the fusion method's stochastic passes draw from one random stream"
+    if channel is None:
+        return None
+    link_channel = channel.channel
+    links = [link_channel.link, *link_channel.per_link.values()]
+    stateful = [name for name in ("loss", "packet_loss", "xy_std_m", "yaw_std_deg")
+                if any(getattr(link, name) for link in links)]
+    if any(link.delay_range() != (0, 0) for link in links):
+        stateful.append("delay")
+    if link_channel.attacker is not None:
+        stateful.append("attack")
+    if stateful:
+        return (f"the channel's {', '.join(stateful)} follow(s) one random stream and link "
+                f"history over the frames in order")
+    return None
+
+
+def _by_reason(counts: Counter) -> dict[str, int]:
+    """Rejection counts in :data:`~v2xfuse.comm.checks.REASONS` order, as the ledger gives."""
+    from ..comm.checks import RejectionLog
+
+    rejections = RejectionLog()
+    rejections.counts.update(counts)
+    return rejections.as_dict()
 
 
 def eval_mode(cfg: dict) -> str:

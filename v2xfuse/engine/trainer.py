@@ -3,7 +3,18 @@
 Reproducibility: the model is initialised under ``torch.manual_seed(seed)``; the sample order of
 epoch ``e`` is a permutation drawn from ``(seed, e)``; augmentation draws from ``(seed, e, index)``
 (see :class:`~v2xfuse.datasets.CoopSampler`). A checkpoint records the step, the epoch and the
-position in it, so ``--resume`` replays exactly the batches an uninterrupted run would see.
+position in it (in optimizer steps), so ``--resume`` replays exactly the batches an uninterrupted
+run would see.
+
+One optimizer step takes ``accumulate`` micro-batches of ``batch_size`` samples on each of the
+``W`` ranks of a torchrun launch (:mod:`v2xfuse.engine.distributed`): the losses, each a mean
+over its micro-batch, are divided by ``accumulate`` and DistributedDataParallel averages the
+gradients over the ranks, so a step follows the mean loss of its ``W x accumulate x batch_size``
+samples, those one process with that batch would take at that step (the sampler splits each
+global batch over the ranks). BatchNorm is the exception: it normalises over each micro-batch of
+each rank (over the ranks' micro-batches together with ``sync_bn``, CUDA only). Rank 0 writes
+every file; each rank keeps its own RNG state in the checkpoint; a resume must use the world
+size the checkpoint was written with.
 
 Files in the work dir: ``last.pt`` and ``prev.pt`` (the checkpoint before it, kept in case
 ``last.pt`` is damaged; see :mod:`v2xfuse.engine.checkpoint`), ``config.yaml``,
@@ -34,6 +45,7 @@ What ``--resume`` does:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -45,16 +57,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from ..builder import build_dataset, build_detector
+from ..builder import build_dataset, build_detector, ensure_synthetic
 from ..config import dump_config, section_dataclass
 from ..datasets import collate
 from ..datasets.base import DatasetError
 from ..evaluation import results_to_json
+from ..models.encoders.fuser import sensors_of
 from .checkpoint import (LAST_NAME, PREVIOUS_NAME, CheckpointError, ResumeError, atomic_write_text,
                          config_changes, format_changes, load_checkpoint,
                          remove_stale_temporaries, save_checkpoint)
+from .distributed import (DetectorLoss, EpochSampler, World, all_gather, any_rank, autocast,
+                          broadcast, broadcast_buffers, check_setup, describe, in_groups,
+                          mean_over_ranks, merge_statistics, one_process_first)
 from .evaluate import eval_mode, evaluate_detector, summary_ap_keys
 
 log = logging.getLogger(__name__)
@@ -65,10 +82,12 @@ __all__ = ["TrainConfig", "Trainer", "EpochSampler", "save_checkpoint", "load_ch
 # Sections a checkpoint's weights and optimizer state depend on; --resume may change only
 # RESUME_ALLOWED_CHANGES in them: train.steps (extends the run), and the keys that take effect
 # on resume without changing what is trained (loader processes, logging, checkpoint and
-# validation cadence; the weights do not depend on num_workers, see tests/engine/test_train.py).
+# validation cadence, DDP's search for unused parameters; the weights do not depend on
+# num_workers, see tests/engine/test_train.py).
 RESUME_CHECKED_SECTIONS = ("dataset", "pipeline", "model", "train")
 RESUME_ALLOWED_CHANGES = ("train.steps", "train.num_workers", "train.log_every",
-                          "train.checkpoint_every", "train.val_every", "train.val_frames")
+                          "train.checkpoint_every", "train.val_every", "train.val_frames",
+                          "train.find_unused_parameters")
 _TRAINER_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "torch_rng")
 
 
@@ -78,7 +97,7 @@ class TrainConfig:
 
     seed: int = 0
     steps: int = 1000               # optimizer steps in the whole run
-    batch_size: int = 2
+    batch_size: int = 2             # per process (rank); see accumulate
     lr: float = 3e-3
     weight_decay: float = 1e-2
     warmup_frac: float = 0.3        # one-cycle schedule: fraction of steps rising to lr
@@ -88,26 +107,22 @@ class TrainConfig:
     val_every: int = 0              # steps; 0: validate only at the end
     val_frames: int = 0             # 0: the whole validation split
     log_every: int = 10
+    accumulate: int = 1             # micro-batches per optimizer step (gradients summed)
+    amp: str = "off"                # CUDA only: bf16, fp16 (with a gradient scaler) or off
+    sync_bn: bool = False           # BatchNorm statistics over all ranks (CUDA only)
+    # DDP: whether a rank may leave parameters without a gradient in a step (it then searches
+    # the graph every step). None: only for encoders of several sensors, where a batch may lack
+    # one sensor (a camera-only roadside unit out of range) and its encoder is skipped; every
+    # LiDAR-only model uses all its parameters (tests/engine/test_distributed.py).
+    find_unused_parameters: bool | None = None
+
+    def __post_init__(self):
+        if self.amp is False:  # YAML reads a bare `amp: off` as false
+            self.amp = "off"
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
         return section_dataclass(cls, d, "train")
-
-
-class EpochSampler(Sampler):
-    """``(epoch, index)`` keys: a permutation of ``range(n)`` drawn from ``(seed, epoch)``,
-    starting at position ``start``. ``epoch`` and ``start`` may be changed between passes."""
-
-    def __init__(self, n: int, seed: int, epoch: int = 0, start: int = 0):
-        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=gen)[self.start:].tolist()
-        return iter([(self.epoch, i) for i in order])
-
-    def __len__(self) -> int:
-        return self.n - self.start
 
 
 class Trainer:
@@ -117,50 +132,84 @@ class Trainer:
         cfg: the resolved experiment config (``dataset``, ``pipeline``, ``model``, ``train``).
         work_dir: checkpoints (``last.pt``, ``prev.pt``), ``config.yaml``, TensorBoard logs,
             results.
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"cpu"`` or ``"cuda"``, for one process (``world`` sets it otherwise).
         tensorboard: write TensorBoard scalars under ``work_dir/tb``.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (rank 0).
+        world: this process's place in a torchrun launch (:func:`~.distributed.init_world`);
+            None: one process on ``device``.
     """
 
     def __init__(self, cfg: dict, work_dir: str | os.PathLike, device: str = "cpu",
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, world: World | None = None):
         self.cfg = cfg
         self.tc = TrainConfig.from_dict(cfg.get("train"))
         self.work_dir = Path(work_dir)
-        self.device = torch.device(device)
-        self.progress = progress
-        self.tensorboard = tensorboard
+        self.world = world or World(device=torch.device(device))
+        self.device = self.world.device
+        self.main = self.world.is_main
+        self.progress = progress and self.main
+        self.tensorboard = tensorboard and self.main
+        self.global_batch = self.tc.batch_size * self.tc.accumulate * self.world.size
         self.ckpt_path = self.work_dir / LAST_NAME
         self.prev_path = self.work_dir / PREVIOUS_NAME
         self.train_seconds = 0.0  # cumulative over sessions, as of the latest checkpoint
-        self.skipped_frames = 0  # bad frames left out of training batches in this session
+        self.skipped_frames = 0  # bad frames this rank left out of training batches this session
 
     def _build(self):
-        tc = self.tc
+        tc, world = self.tc, self.world
+        # a synthetic dataset is generated by one process, the others wait for it
+        one_process_first(world, lambda: ensure_synthetic(self.cfg["dataset"]))
         torch.manual_seed(tc.seed)
-        self.model = build_detector(self.cfg).to(self.device)
+        model = build_detector(self.cfg)
+        if tc.sync_bn and world.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device)
+        if world.rank:  # its own random draws (Where2comm's, CodeFilling's training-time
+            torch.manual_seed(tc.seed * 1_000_003 + world.rank)  # selections), not rank 0's
+        loss = DetectorLoss(self.model)
+        self.train_model = loss
+        if world.distributed:
+            unused = tc.find_unused_parameters
+            if unused is None:
+                unused = len(sensors_of(self.model.encoder)) > 1
+            log.info("DDP find_unused_parameters %s", unused)
+            self.train_model = DistributedDataParallel(
+                loss, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused)
         self.train_set = build_dataset(self.cfg, "train", train=True, seed=tc.seed)
-        if len(self.train_set) < tc.batch_size:
-            raise ValueError(f"train split has {len(self.train_set)} samples, fewer than "
-                             f"batch_size {tc.batch_size}")
+        if len(self.train_set) < self.global_batch:
+            raise ValueError(f"train split has {len(self.train_set)} samples, fewer than one "
+                             f"step's {self.global_batch} (batch_size {tc.batch_size} x "
+                             f"{world.size} rank(s) x accumulate {tc.accumulate})")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
                                            weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=tc.lr, total_steps=max(tc.steps, 1),
             pct_start=tc.warmup_frac, anneal_strategy="cos", div_factor=10.0,
             final_div_factor=100.0)
+        # fp16 gradients underflow without loss scaling; disabled, it passes everything through
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
 
     def _state(self, step: int, epoch: int, batch_in_epoch: int) -> dict:
+        """What a checkpoint holds; every rank calls it (each rank's RNG state is gathered)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rank_rng = all_gather(self.world, rng)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "torch_rng": torch.get_rng_state(),
-                "train_seconds": self.train_seconds, "config": self.cfg}
+                "batch_in_epoch": batch_in_epoch, "torch_rng": rank_rng[0]["torch"],
+                "rank_rng": rank_rng, "world_size": self.world.size,
+                "scaler": self.scaler.state_dict(), "train_seconds": self.train_seconds,
+                "config": self.cfg}
 
-    def _loader(self) -> tuple[DataLoader, EpochSampler]:
+    def _loader(self, steps_per_epoch: int) -> tuple[DataLoader, EpochSampler]:
         """One loader for the whole run: with ``num_workers`` > 0 its workers persist, so what
         they have decoded (the adapter's point cache) serves every epoch, and the first epoch's
-        decoding overlaps training."""
-        sampler = EpochSampler(len(self.train_set), self.tc.seed)
+        decoding overlaps training. Each epoch uses ``steps_per_epoch`` whole global batches."""
+        sampler = EpochSampler(len(self.train_set), self.tc.seed, rank=self.world.rank,
+                               world_size=self.world.size,
+                               samples_per_epoch=steps_per_epoch * self.global_batch)
         workers = self.tc.num_workers
         loader = DataLoader(self.train_set, batch_size=self.tc.batch_size, sampler=sampler,
                             collate_fn=collate, num_workers=workers, drop_last=True,
@@ -169,26 +218,38 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict:
         """Train for ``train.steps`` steps (continuing ``last.pt`` when ``resume``), validate,
-        and return the final validation results (also written to ``results_val.json``).
+        and return the final validation results (also written to ``results_val.json``); every
+        rank returns rank 0's.
 
         What a resume may change, and what it does with a finished run: see the module docstring.
 
         Raises:
-            CheckpointError: ``last.pt`` cannot be read (the message names ``prev.pt``).
+            ConfigError: ``train.amp`` or ``train.sync_bn`` on the CPU (with several ranks for
+                sync_bn), a bad ``train.accumulate``, a bad ``eval`` section.
+            CheckpointError: ``last.pt`` cannot be read (the message names ``prev.pt``), or the
+                ranks do not see the same one.
             ResumeError: the config differs from the checkpoint's in keys other than
-                :data:`RESUME_ALLOWED_CHANGES` (all of them are listed), or ``train.steps`` is
-                below the checkpoint's step. Nothing in the work dir has changed then.
+                :data:`RESUME_ALLOWED_CHANGES` (all of them are listed), ``train.steps`` is
+                below the checkpoint's step, or the world size differs. Nothing in the work dir
+                has changed then.
         """
         tc = self.tc
+        check_setup(self.cfg, tc, self.world)
         eval_mode(self.cfg)  # a bad eval section fails now, not after the training
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries([self.ckpt_path, self.prev_path,
-                                  self.work_dir / "results_val.json",
-                                  self.work_dir / "eval_val.json"])
+        for line in describe(self.world, tc.batch_size, tc.accumulate):
+            log.info(line)
+        if self.main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries([self.ckpt_path, self.prev_path,
+                                      self.work_dir / "results_val.json",
+                                      self.work_dir / "eval_val.json"])
         state = self._resume_state() if resume else None
+        if resume:
+            self._agree_on(state)
         # Written only after the check above: config.yaml never claims a config the weights
         # were not trained with.
-        dump_config(self.cfg, self.work_dir / "config.yaml")
+        if self.main:
+            dump_config(self.cfg, self.work_dir / "config.yaml")
         self._build()
         step = epoch = batch_in_epoch = 0
         self.train_seconds = 0.0
@@ -204,8 +265,8 @@ class Trainer:
                 writer.close()
 
     def _train(self, step: int, epoch: int, batch_in_epoch: int, writer) -> dict:
-        tc = self.tc
-        batches_per_epoch = len(self.train_set) // tc.batch_size
+        tc, world = self.tc, self.world
+        steps_per_epoch = len(self.train_set) // self.global_batch
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step",
@@ -213,29 +274,29 @@ class Trainer:
         seconds_before, session_start, val_seconds = self.train_seconds, time.perf_counter(), 0.0
         summary: dict = {}
         self.model.train()
-        loader, sampler = self._loader()
+        loader, sampler = self._loader(steps_per_epoch)
         while step < tc.steps:
-            sampler.epoch, sampler.start = epoch, batch_in_epoch * tc.batch_size
+            sampler.epoch, sampler.start = epoch, batch_in_epoch * self.global_batch
             stepped = False
-            for batch in loader:
-                if batch.skipped:
-                    self.skipped_frames += len(batch.skipped)
-                if batch.batch_size == 0:  # every sample of it skipped (skip_bad_frames)
+            for batches in in_groups(loader, tc.accumulate):
+                self.skipped_frames += sum(len(b.skipped) for b in batches)
+                empty = [b for b in batches if b.batch_size == 0]  # all bad (skip_bad_frames)
+                for b in empty:
                     log.warning("a batch of bad frames skipped: %s",
-                                "; ".join(s.reason for s in batch.skipped))
-                    batch_in_epoch += 1  # the position in the epoch still moves, for --resume
-                    if batch_in_epoch >= batches_per_epoch:
-                        epoch, batch_in_epoch = epoch + 1, 0
-                    continue
-                losses = self._step(batch.to(self.device))
+                                "; ".join(s.reason for s in b.skipped))
+                # the position in the epoch moves even for a skipped step, for --resume
+                batch_in_epoch += 1
+                if batch_in_epoch >= steps_per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                if any_rank(world, bool(empty)):  # the step's gradient would lack a part:
+                    continue                      # every rank skips it
+                losses = self._step([b.to(self.device) for b in batches])
+                merge_statistics(world, self.model)  # each rank saw only its own samples
                 stepped = True
                 step += 1
-                batch_in_epoch += 1
-                if batch_in_epoch >= batches_per_epoch:
-                    epoch, batch_in_epoch = epoch + 1, 0
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.steps:
-                    scalars = {k: float(v) for k, v in losses.items()}
+                    scalars = mean_over_ranks(world, losses)  # the global batch's loss
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", ep=epoch)
                     if writer:
                         for k, v in scalars.items():
@@ -245,8 +306,9 @@ class Trainer:
                     # training time only: validation is not counted, earlier sessions are
                     self.train_seconds = (seconds_before + time.perf_counter() - session_start
                                           - val_seconds)
-                    save_checkpoint(self.ckpt_path, self._state(step, epoch, batch_in_epoch),
-                                    previous=self.prev_path)
+                    state = self._state(step, epoch, batch_in_epoch)
+                    if self.main:
+                        save_checkpoint(self.ckpt_path, state, previous=self.prev_path)
                 if (tc.val_every and step % tc.val_every == 0) or step == tc.steps:
                     started = time.perf_counter()
                     summary = self.validate(step, writer)
@@ -287,10 +349,28 @@ class Trainer:
         if self.tc.steps < state["step"]:
             raise ResumeError(f"--resume: train.steps {self.tc.steps} is below step "
                               f"{state['step']} of {self.ckpt_path}: a run cannot be cut back")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world.size:
+            raise ResumeError(
+                f"--resume: {self.ckpt_path} was written by a run of {saved_world} process(es), "
+                f"this one has {self.world.size}: the global batch, the samples of each rank and "
+                f"each rank's random state belong to that world size. Resume with "
+                f"{saved_world} process(es), or train into another work dir.")
         return state
 
+    def _agree_on(self, state: dict | None) -> None:
+        """Every rank resumes from the same step (with several machines the work dir must be
+        one folder they share)."""
+        seen = all_gather(self.world, None if state is None else int(state["step"]))
+        if len(set(seen)) > 1:
+            raise CheckpointError(
+                f"--resume: the ranks see different checkpoints in {self.work_dir} (step per "
+                f"rank, None: no checkpoint: {seen}): every machine of the run must see the same "
+                f"work dir (a shared folder)")
+
     def _restore(self, state: dict) -> tuple[int, int, int]:
-        """Load ``state`` into the model, optimizer, schedule and RNG; (step, epoch, batch)."""
+        """Load ``state`` into the model, optimizer, schedule, scaler and this rank's RNG;
+        (step, epoch, batch)."""
         step = int(state["step"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -299,7 +379,13 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         else:
             self._reschedule(step, saved_steps)
-        torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        # RNG states go back to the CPU: load_checkpoint mapped every tensor to this device
+        rng = (state.get("rank_rng") or [{"torch": state["torch_rng"]}])[self.world.rank]
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
         self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("resumed %s at step %d (epoch %d, batch %d)", self.ckpt_path, step,
                  state["epoch"], state["batch_in_epoch"])
@@ -323,7 +409,7 @@ class Trainer:
     def _finished(self, step: int, writer) -> dict:
         """Resume of a run at its last step: its results, validating only if they are missing."""
         path = self.work_dir / "results_val.json"
-        results = _read_json(path)
+        results = broadcast(self.world, _read_json(path) if self.main else None)
         mode = eval_mode(self.cfg)
         if _complete(results, step, mode):
             log.info("the run finished at step %d: its results (%s) are kept as they are",
@@ -335,31 +421,50 @@ class Trainer:
         return self._write_results(self.validate(step, writer), step)
 
     def _write_results(self, summary: dict, step: int) -> dict:
-        results = {**summary, "train_seconds": round(self.train_seconds, 1), "steps": step,
-                   "train_skipped_frames": self.skipped_frames}
-        atomic_write_text(self.work_dir / "results_val.json", json.dumps(results, indent=2))
+        skipped = sum(all_gather(self.world, self.skipped_frames))
+        results = broadcast(self.world, {**summary, "train_seconds": round(self.train_seconds, 1),
+                                         "steps": step, "train_skipped_frames": skipped})
+        if self.main:
+            atomic_write_text(self.work_dir / "results_val.json", json.dumps(results, indent=2))
         return results
 
-    def _step(self, batch) -> dict[str, torch.Tensor]:
-        out = self.model(batch)
-        losses = self.model.loss(out, batch)
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"loss is {float(losses['loss'])} "
-                                     f"({ {k: float(v) for k, v in losses.items()} })")
+    def _step(self, batches: list) -> dict[str, torch.Tensor]:
+        """One optimizer step on this rank's micro-batches: each loss (a mean over its
+        micro-batch) divided by their number, gradients summed here and averaged over the ranks
+        by DDP in the last micro-batch's backward. Returns the losses averaged over them."""
+        distributed = self.world.distributed
         self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        total: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            local = distributed and i < len(batches) - 1  # no all-reduce before the last
+            with self.train_model.no_sync() if local else contextlib.nullcontext():
+                with autocast(self.tc.amp):
+                    losses = self.train_model(batch)
+                if not torch.isfinite(losses["loss"]):
+                    raise FloatingPointError(f"loss is {float(losses['loss'])} "
+                                             f"({ {k: float(v) for k, v in losses.items()} })")
+                self.scaler.scale(losses["loss"] / len(batches)).backward()
+            for k, v in losses.items():
+                total[k] = total.get(k, 0.0) + v.detach().float() / len(batches)
+        self.scaler.unscale_(self.optimizer)  # clipping sees true gradients
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
-        return {k: v.detach() for k, v in losses.items()}
+        return total
 
     def validate(self, step: int, writer=None) -> dict:
+        """Evaluate on the val split, sharded over the ranks (see ``evaluate_detector``);
+        rank 0 writes ``eval_val.json`` and the scalars. Every rank calls it."""
+        broadcast_buffers(self.world, self.model)  # BatchNorm statistics: rank 0's, as saved
         val_set = build_dataset(self.cfg, "val", train=False, seed=self.tc.seed)
         results, summary = evaluate_detector(self.model, val_set, self.cfg, device=self.device,
                                              max_frames=self.tc.val_frames or None,
-                                             progress=self.progress)
+                                             progress=self.progress, world=self.world)
         self.model.train()
+        if not self.main:
+            return summary
         for result in results:
             result.extra["step"] = step
         atomic_write_text(self.work_dir / "eval_val.json", results_to_json(results) + "\n")

@@ -119,6 +119,14 @@ class FeatureRange(nn.Module):
         self.lo.copy_(torch.minimum(self.lo, flat.amin(1)))
         self.hi.copy_(torch.maximum(self.hi, flat.amax(1)))
 
+    @torch.no_grad()
+    def merge_over_ranks(self) -> None:
+        """Widen the range to cover what every rank of a torch.distributed run observed
+        (the trainer calls it on every rank after each step: each rank sees only its own
+        samples, and DDP copies rank 0's buffers to the others at every forward)."""
+        torch.distributed.all_reduce(self.lo, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(self.hi, op=torch.distributed.ReduceOp.MAX)
+
     def observe_payloads(self, payloads: list[dict[str, torch.Tensor] | None],
                          name: str = "features") -> None:
         """``observe`` the ``name`` entry of every payload sent (None: nothing sent; a list:

@@ -88,6 +88,13 @@ class AgentInputs:
             cameras.agent = torch.searchsorted(ego, cameras.agent)
         return cls(batch.batch_size, points, cameras)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs live: their points' device, else their cameras', else the CPU."""
+        if self.points is not None:
+            return self.points.device
+        return self.cameras.agent.device if self.cameras is not None else torch.device("cpu")
+
     def present(self, sensor: str) -> torch.Tensor:
         """(N,) bool: which agents have data of ``sensor`` (``"lidar"``: a point; ``"camera"``: a
         camera)."""
@@ -97,8 +104,8 @@ class AgentInputs:
             owner = None if self.cameras is None else self.cameras.agent
         else:
             raise KeyError(f"unknown sensor {sensor!r}; known: {SENSORS}")
-        if owner is None:
-            return torch.zeros(self.num_agents, dtype=torch.bool)
+        if owner is None:  # on the device of the data there is: the mask meets it later
+            return torch.zeros(self.num_agents, dtype=torch.bool, device=self.device)
         return torch.bincount(owner, minlength=self.num_agents)[:self.num_agents] > 0
 
     def only(self, agents: torch.Tensor) -> "AgentInputs":

@@ -26,6 +26,7 @@ __all__ = [
     "IOU_BLOCK_ELEMENTS",
     "MATCH_BATCH_BOXES",
     "PendingFrames",
+    "BatchedEvaluator",
     "keep_rows",
     "boxes_in_range",
     "threshold_key",
@@ -129,26 +130,127 @@ class PendingFrames:
     """Checked frames waiting to be matched as one batch, in the order they were added."""
 
     def __init__(self) -> None:
-        self._frames: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._chunks: list[tuple[np.ndarray, ...]] = []
         self.num_boxes = 0
 
     def add(self, det: np.ndarray, scores: np.ndarray, gt: np.ndarray) -> bool:
         """Queue a frame; True when the queue holds :data:`MATCH_BATCH_BOXES` boxes or more."""
-        self._frames.append((det, scores, gt))
+        return self.add_frames(det, scores, np.array([len(det)]), gt, np.array([len(gt)]))
+
+    def add_frames(self, det: np.ndarray, scores: np.ndarray, det_counts: np.ndarray,
+                   gt: np.ndarray, gt_counts: np.ndarray) -> bool:
+        """Queue frames stored one after another (see :meth:`take`); True as :meth:`add`."""
+        self._chunks.append((det, scores, det_counts, gt, gt_counts))
         self.num_boxes += len(det) + len(gt)
         return self.num_boxes >= MATCH_BATCH_BOXES
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._chunks)
 
     def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Empty the queue: ``det (N, 7), scores (N,), det_counts (F,), gt (M, 7),
         gt_counts (F,)``, frames one after another."""
-        dets, scores, gts = zip(*self._frames)
-        self._frames, self.num_boxes = [], 0
-        return (np.concatenate(dets), np.concatenate(scores),
-                np.array([len(d) for d in dets], dtype=np.int64), np.concatenate(gts),
-                np.array([len(g) for g in gts], dtype=np.int64))
+        chunks, self._chunks, self.num_boxes = self._chunks, [], 0
+        if len(chunks) == 1:
+            return chunks[0]
+        return tuple(np.concatenate(part) for part in zip(*chunks))
+
+
+class BatchedEvaluator:
+    """What the evaluators share: frames are checked when added and matched in batches, by
+    the subclass's ``_match(det, scores, det_counts, gt, gt_counts)`` (arrays as
+    :meth:`PendingFrames.take` gives them), when the queue is full or results are asked for.
+    """
+
+    def __init__(self) -> None:
+        self.frames = FrameLog()
+        self._pending = PendingFrames()
+
+    def add(self, frame_id, det_boxes, det_scores, gt_boxes, payload_bytes: float | None = None,
+            latency_ms: float | None = None) -> None:
+        """Add one frame (checked now, matched with the next batch).
+
+        Args:
+            frame_id: any hashable id, unique over the evaluation.
+            det_boxes: (N, 7) detections in the ego frame (numpy, torch or lists).
+            det_scores: (N,) detection scores.
+            gt_boxes: (M, 7) ground truth in the ego frame.
+            payload_bytes: bytes the non-ego agents sent for this frame, if measured.
+            latency_ms: this frame's latency, if measured.
+        """
+        det = as_boxes(det_boxes, f"frame {frame_id!r}: det_boxes")
+        scores = as_scores(det_scores, len(det), f"frame {frame_id!r}: det_scores")
+        gt = as_boxes(gt_boxes, f"frame {frame_id!r}: gt_boxes")
+        self.frames.add(frame_id, payload_bytes, latency_ms)
+        if self._pending.add(det, scores, gt):
+            self._match_pending()
+
+    def add_frames(self, frame_ids: Sequence, det_boxes, det_scores, det_counts, gt_boxes,
+                   gt_counts, payload_bytes: Sequence | None = None,
+                   latency_ms: Sequence | None = None) -> None:
+        """Add many frames at once, as :meth:`add` for each but checked array-wise.
+
+        Args:
+            frame_ids: (F,) ids.
+            det_boxes: (N, 7) the frames' detections, one frame after another;
+                det_scores: (N,); det_counts: (F,) detections per frame.
+            gt_boxes: (M, 7) likewise; gt_counts: (F,).
+            payload_bytes, latency_ms: (F,) values or None each, or None for all.
+        Raises:
+            ValueError: as :meth:`add` would for the first bad frame (the frames before it are
+                added, as a loop of :meth:`add` would).
+        """
+        det_counts = np.asarray(det_counts, dtype=np.int64).reshape(-1)
+        gt_counts = np.asarray(gt_counts, dtype=np.int64).reshape(-1)
+        num = len(frame_ids)
+        payload_bytes = [None] * num if payload_bytes is None else list(payload_bytes)
+        latency_ms = [None] * num if latency_ms is None else list(latency_ms)
+        try:
+            if not (len(det_counts) == len(gt_counts) == len(payload_bytes) == len(latency_ms)
+                    == num) or (det_counts < 0).any() or (gt_counts < 0).any():
+                raise ValueError("frames and counts disagree")
+            det = as_boxes(det_boxes)
+            scores = as_scores(det_scores, len(det))
+            gt = as_boxes(gt_boxes)
+            if det_counts.sum() != len(det) or gt_counts.sum() != len(gt):
+                raise ValueError("frames and counts disagree")
+            if not self.frames.can_add(frame_ids, payload_bytes, latency_ms):
+                raise ValueError("a frame id or value to report")
+        except ValueError:
+            self._add_one_by_one(frame_ids, det_boxes, det_scores, det_counts, gt_boxes,
+                                 gt_counts, payload_bytes, latency_ms)
+            return
+        for fid, nbytes, ms in zip(frame_ids, payload_bytes, latency_ms):
+            self.frames.add(fid, nbytes, ms)
+        if self._pending.add_frames(det, scores, det_counts, gt, gt_counts):
+            self._match_pending()
+
+    def _add_one_by_one(self, frame_ids, det_boxes, det_scores, det_counts, gt_boxes, gt_counts,
+                        payload_bytes, latency_ms) -> None:
+        """:meth:`add_frames` by :meth:`add`, which names the first bad frame."""
+        if not len(det_counts) == len(gt_counts) == len(payload_bytes) == len(latency_ms) \
+                == len(frame_ids):
+            raise ValueError(f"add_frames: {len(frame_ids)} frame ids, {len(det_counts)} "
+                             f"detection counts, {len(gt_counts)} ground-truth counts, "
+                             f"{len(payload_bytes)} payload_bytes, {len(latency_ms)} latency_ms")
+        det_end, gt_end = np.cumsum(det_counts), np.cumsum(gt_counts)
+        if (det_counts < 0).any() or (gt_counts < 0).any() or det_end[-1:].sum() != \
+                len(det_boxes) or gt_end[-1:].sum() != len(gt_boxes):
+            raise ValueError(f"add_frames: counts must be >= 0 and add up to the boxes given "
+                             f"({len(det_boxes)} detections, {len(gt_boxes)} ground truth)")
+        for k, fid in enumerate(frame_ids):
+            d = slice(det_end[k] - det_counts[k], det_end[k])
+            g = slice(gt_end[k] - gt_counts[k], gt_end[k])
+            self.add(fid, det_boxes[d], det_scores[d], gt_boxes[g], payload_bytes[k],
+                     latency_ms[k])
+
+    def _match_pending(self) -> None:
+        if self._pending:
+            self._match(*self._pending.take())
+
+    def _match(self, det: np.ndarray, scores: np.ndarray, det_counts: np.ndarray, gt: np.ndarray,
+               gt_counts: np.ndarray) -> None:
+        raise NotImplementedError
 
 
 def keep_rows(mask: np.ndarray, counts: np.ndarray, *arrays: np.ndarray):
@@ -237,6 +339,21 @@ class FrameLog:
             self._bytes.append(float(payload_bytes))
         if latency_ms is not None:
             self._latency_ms.append(float(latency_ms))
+
+    def can_add(self, frame_ids: Sequence, payload_bytes: Sequence, latency_ms: Sequence) -> bool:
+        """Whether :meth:`add` would take each of these frames in turn (no id seen before or
+        repeated, every value None or a finite number >= 0)."""
+        ids = set(frame_ids)
+        if len(ids) != len(frame_ids) or not ids.isdisjoint(self._seen):
+            return False
+        for values in (payload_bytes, latency_ms):
+            given = [v for v in values if v is not None]
+            if given and not all(type(v) in (int, float) for v in given):
+                return False  # add() tells which
+            arr = np.array(given, dtype=np.float64)
+            if not (np.isfinite(arr).all() and (arr >= 0).all()):
+                return False
+        return True
 
     def __len__(self) -> int:
         return len(self.frame_ids)

@@ -34,8 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import common
-from .common import (FrameLog, PendingFrames, as_boxes, as_scores, boxes_in_range, keep_rows,
-                     threshold_key)
+from .common import BatchedEvaluator, boxes_in_range, keep_rows, threshold_key
 from .matching import frame_edges, greedy_match
 from .result import EvalResult
 
@@ -158,8 +157,13 @@ def dair_ap(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
 
-class DairEvaluator:
+class DairEvaluator(BatchedEvaluator):
     """Accumulates frames and computes DAIR-V2X official AP-3D and AP-BEV per range.
+
+    ``add(frame_id, det_boxes, det_scores, gt_boxes, payload_bytes=None, latency_ms=None)``
+    takes "car" boxes (N, 7) in the vehicle LiDAR frame, ground truth in label-file order (which
+    decides the matching), and the bytes sent for the frame (DAIR's AB metric) if measured; see
+    :class:`~v2xfuse.evaluation.common.BatchedEvaluator`.
 
     Args:
         ranges: {name: [xmin, ymin, zmin, xmax, ymax, zmax]} in the vehicle LiDAR frame,
@@ -172,43 +176,20 @@ class DairEvaluator:
     def __init__(self, ranges: Mapping[str, Sequence[float]] | None = None,
                  iou_thresholds: Sequence[float] = DAIR_IOU_THRESHOLDS,
                  filter_predictions: bool = True) -> None:
+        super().__init__()
         self.ranges = {k: [float(v) for v in b] for k, b in (ranges or DAIR_RANGES).items()}
         for bounds in self.ranges.values():
             boxes_in_range(np.zeros((0, 7)), bounds, _RANGE_RULE)  # validate now
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
         self.filter_predictions = filter_predictions
-        self.frames = FrameLog()
-        self._pending = PendingFrames()
         # (view, range, threshold) -> (scores, tp) per batch of frames, frames in order
         self._pool: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] = {
             (v, r, t): [] for v in DAIR_VIEWS for r in self.ranges for t in self.iou_thresholds}
         self._num_gt = {r: 0 for r in self.ranges}
         self._num_det = {r: 0 for r in self.ranges}
 
-    def add(self, frame_id, det_boxes, det_scores, gt_boxes, payload_bytes: float | None = None,
-            latency_ms: float | None = None) -> None:
-        """Add one frame: checked now, matched in every range, view and threshold with the next
-        batch (:data:`~v2xfuse.evaluation.common.MATCH_BATCH_BOXES`) or when results are asked for.
-
-        Args:
-            frame_id: hashable, unique over the evaluation.
-            det_boxes: (N, 7) "car" predictions in the vehicle LiDAR frame.
-            det_scores: (N,).
-            gt_boxes: (M, 7) "car" ground truth in the vehicle LiDAR frame, in label-file order.
-            payload_bytes: bytes sent for this frame (DAIR's AB metric), if measured.
-            latency_ms: this frame's latency, if measured.
-        """
-        det = as_boxes(det_boxes, f"frame {frame_id!r}: det_boxes")
-        scores = as_scores(det_scores, len(det), f"frame {frame_id!r}: det_scores")
-        gt = as_boxes(gt_boxes, f"frame {frame_id!r}: gt_boxes")
-        self.frames.add(frame_id, payload_bytes, latency_ms)
-        if self._pending.add(det, scores, gt):
-            self._match_pending()
-
-    def _match_pending(self) -> None:
-        if not self._pending:
-            return
-        det, score, det_counts, gt, gt_counts = self._pending.take()
+    def _match(self, det: np.ndarray, score: np.ndarray, det_counts: np.ndarray, gt: np.ndarray,
+               gt_counts: np.ndarray) -> None:
         # zero-size label boxes are skipped
         gt_counts, (gt,) = keep_rows((gt[:, 3:6] > 0).all(axis=1), gt_counts, gt)
         for name, bounds in self.ranges.items():

@@ -34,8 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from . import common
-from .common import (FrameLog, PendingFrames, as_boxes, as_scores, boxes_in_range, keep_rows,
-                     threshold_key)
+from .common import BatchedEvaluator, boxes_in_range, keep_rows, threshold_key
 from .matching import frame_edges, greedy_match
 from .result import EvalResult
 
@@ -153,7 +152,7 @@ def average_precision(tp: np.ndarray, scores: np.ndarray, num_gt: int, sort_mode
     return voc_ap(cum_tp / num_gt, cum_tp / np.maximum(cum_tp + cum_fp, 1.0))
 
 
-class OpenCOODEvaluator:
+class OpenCOODEvaluator(BatchedEvaluator):
     """Accumulates frames, then computes OpenCOOD-style AP at each IoU threshold.
 
     Example::
@@ -181,6 +180,7 @@ class OpenCOODEvaluator:
     def __init__(self, iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
                  iou_type: str = "bev", eval_range: Sequence[float] | None = None,
                  range_rule: str = "all_corners_bev", range_name: str | None = None) -> None:
+        super().__init__()
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
         if not all(0.0 < t <= 1.0 for t in self.iou_thresholds):
             raise ValueError(f"IoU thresholds must lie in (0, 1], got {self.iou_thresholds}")
@@ -192,36 +192,13 @@ class OpenCOODEvaluator:
         if self.eval_range is not None:  # validates bounds and rule now, not at the first add
             boxes_in_range(np.zeros((0, 7)), self.eval_range, range_rule)
         self.range_name = range_name or ("all" if eval_range is None else "custom")
-        self.frames = FrameLog()
-        self._pending = PendingFrames()
         self._scores: list[np.ndarray] = []  # per batch: scores, each frame in its score order
         self._tp: list[np.ndarray] = []      # per batch: (T, K) TP flags in that order
         self._num_gt = 0
 
-    def add(self, frame_id, det_boxes, det_scores, gt_boxes, payload_bytes: float | None = None,
-            latency_ms: float | None = None) -> None:
-        """Add one frame (checked now, matched with the next batch).
-
-        Args:
-            frame_id: any hashable id, unique over the evaluation.
-            det_boxes: (N, 7) detections in the ego frame (numpy, torch or lists).
-            det_scores: (N,) detection scores.
-            gt_boxes: (M, 7) ground truth in the ego frame.
-            payload_bytes: bytes the non-ego agents sent for this frame, if measured.
-            latency_ms: this frame's latency, if measured.
-        """
-        det = as_boxes(det_boxes, f"frame {frame_id!r}: det_boxes")
-        scores = as_scores(det_scores, len(det), f"frame {frame_id!r}: det_scores")
-        gt = as_boxes(gt_boxes, f"frame {frame_id!r}: gt_boxes")
-        self.frames.add(frame_id, payload_bytes, latency_ms)
-        if self._pending.add(det, scores, gt):
-            self._match_pending()
-
-    def _match_pending(self) -> None:
-        """Range-filter and match the frames added since the last batch."""
-        if not self._pending:
-            return
-        det, score, det_counts, gt, gt_counts = self._pending.take()
+    def _match(self, det: np.ndarray, score: np.ndarray, det_counts: np.ndarray, gt: np.ndarray,
+               gt_counts: np.ndarray) -> None:
+        """Range-filter and match a batch of frames."""
         if self.eval_range is not None:
             inside = boxes_in_range(det, self.eval_range, self.range_rule)
             det_counts, (det, score) = keep_rows(inside, det_counts, det, score)

@@ -5,7 +5,9 @@ evaluators compute IoU here instead of through :mod:`v2xfuse.ops`. The arithmeti
 kernel's (``csrc/box_geometry.h``) step for step in float64, so the values are the op's: box A
 is expressed in box B's frame, A's quad is clipped by B's four half-planes (Sutherland-Hodgman),
 the area is the shoelace fanned from the first vertex. ``tests/evaluation/test_geometry.py``
-holds the two to the same bits.
+holds the two to the same bits. That relies on numpy's float64 sin and cos giving the C
+library's values, as they do on the build machines; numpy's own SIMD versions on other CPUs may
+differ in the last bit, which moves an IoU by about 1e-16.
 
 Boxes are ``(N, 7) [x, y, z, dx, dy, dz, yaw]`` as in :mod:`v2xfuse.structures.boxes`, which
 owns the convention (importing it would import torch; the test above checks that the corner

@@ -1,13 +1,23 @@
-"""Crowded frames: the matchers walk the IoU matrix in bounded blocks and score exactly what the
-whole-matrix matching scores."""
+"""Crowded frames: the matchers score box pairs in bounded blocks and score exactly what a
+per-detection loop over the whole IoU matrix (of the compiled op) scores."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from v2xfuse.evaluation import DairEvaluator, OpenCOODEvaluator, common, pairwise_iou
+from v2xfuse import ops
+from v2xfuse.evaluation import DairEvaluator, OpenCOODEvaluator, common, matching
 from v2xfuse.evaluation.dair import dair_match_frame
 from v2xfuse.evaluation.opencood import FrameMatch
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray, iou_type: str = "bev") -> np.ndarray:
+    """(N, M) IoU by the compiled op, independent of the evaluators' numpy geometry."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    fn = ops.boxes_iou_bev if iou_type == "bev" else ops.boxes_iou_3d
+    return fn(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 def _crowd(rng, n: int, spread: float = 12.0) -> np.ndarray:
@@ -67,6 +77,32 @@ def _dense_dair_match(det_boxes, det_scores, gt_boxes, iou_threshold, view):
     return det_scores[idx], tp
 
 
+def _per_frame(counts: np.ndarray) -> list[slice]:
+    ends = np.cumsum(counts)
+    return [slice(e - c, e) for c, e in zip(counts, ends)]
+
+
+def _dense_match_frames(det, scores, det_counts, gt, gt_counts, thresholds, iou_type):
+    """opencood.match_frames, frame by frame with the whole-matrix loop."""
+    matches = [_dense_opencood_match(det[d], scores[d], gt[g], thresholds, iou_type)
+               for d, g in zip(_per_frame(det_counts), _per_frame(gt_counts))]
+    return (np.concatenate([m.scores for m in matches]),
+            np.concatenate([m.tp for m in matches], axis=1))
+
+
+def _dense_dair_match_frames(det, scores, det_counts, gt, gt_counts, thresholds, views):
+    """dair.dair_match_frames, frame by frame with the official scan."""
+    out = {}
+    for view in views:
+        out[view] = []
+        for thr in thresholds:
+            per_frame = [_dense_dair_match(det[d], scores[d], gt[g], thr, view)
+                         for d, g in zip(_per_frame(det_counts), _per_frame(gt_counts))]
+            out[view].append((np.concatenate([s for s, _ in per_frame]),
+                              np.concatenate([t for _, t in per_frame])))
+    return out
+
+
 def _score(frames):
     oc = {iou: OpenCOODEvaluator(iou_type=iou) for iou in ("bev", "3d")}
     dair = DairEvaluator()
@@ -80,16 +116,17 @@ def _score(frames):
 
 @pytest.fixture
 def iou_calls(monkeypatch):
-    """Sizes of the IoU blocks computed, with blocks limited to 64 values."""
+    """(pairs, most boxes of a frame) of each block of candidate box pairs, blocks limited to
+    64 pairs."""
     sizes = []
-    real = common.pairwise_iou
+    real = matching.candidate_pairs
 
-    def recording(a, b, iou_type="bev"):
-        out = real(a, b, iou_type)
-        sizes.append((out.size, len(b)))
-        return out
+    def recording(a, counts_a, b, counts_b, max_pairs):
+        for ia, ib in real(a, counts_a, b, counts_b, max_pairs):
+            sizes.append((len(ia), int(np.max(counts_b))))
+            yield ia, ib
 
-    monkeypatch.setattr(common, "pairwise_iou", recording)
+    monkeypatch.setattr(matching, "candidate_pairs", recording)
     monkeypatch.setattr(common, "IOU_BLOCK_ELEMENTS", 64)
     return sizes
 
@@ -100,11 +137,8 @@ def test_blocked_matching_scores_what_the_whole_matrix_scores(iou_calls, monkeyp
     assert iou_calls and all(size <= max(64, cols) for size, cols in iou_calls)
 
     from v2xfuse.evaluation import dair, opencood
-    monkeypatch.setattr(common, "IOU_BLOCK_ELEMENTS", 1 << 30)
-    monkeypatch.setattr(opencood, "match_frame", _dense_opencood_match)
-    monkeypatch.setattr(dair, "dair_match_frame_thresholds",
-                        lambda d, s, g, thrs, view: [_dense_dair_match(d, s, g, t, view)
-                                                     for t in thrs])
+    monkeypatch.setattr(opencood, "match_frames", _dense_match_frames)
+    monkeypatch.setattr(dair, "dair_match_frames", _dense_dair_match_frames)
     dense_oc, dense_dair = _score(frames)
     checked = 0
     for key, aps in dense_oc.items():

@@ -33,7 +33,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .common import FrameLog, as_boxes, as_scores, boxes_in_range, iou_row_blocks, threshold_key
+from . import common
+from .common import BatchedEvaluator, boxes_in_range, keep_rows, threshold_key
+from .matching import frame_edges, greedy_match
 from .result import EvalResult
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "DAIR_VIEWS",
     "dair_match_frame",
     "dair_match_frame_thresholds",
+    "dair_match_frames",
     "dair_ap",
     "DairEvaluator",
 ]
@@ -77,37 +80,57 @@ def dair_match_frame_thresholds(det_boxes: np.ndarray, det_scores: np.ndarray,
                                 view: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`dair_match_frame` at several thresholds from one pass over the IoUs.
 
-    The (M, N) IoU matrix is walked a block of GT rows at a time, never whole (memory stays
-    bounded on crowded frames). Per GT row, the official scan (``iou >= mx``, mx starting at
-    the threshold, predictions in score order) picks the last of the remaining predictions
-    with the highest IoU, if that IoU reaches the threshold: the same pick, vectorised.
-
     Returns:
         one ``(scores (N,), tp (N,) bool)`` per threshold, in the official per-frame order.
     """
-    order = np.argsort(-det_scores, kind="stable")
-    n = len(order)
-    remaining = np.ones((len(iou_thresholds), n), dtype=bool)  # by position in score order
-    tp_pos: list[list[int]] = [[] for _ in iou_thresholds]
-    for _, block in iou_row_blocks(gt_boxes, det_boxes[order], view):  # (R, N)
-        if all(len(taken) == n for taken in tp_pos):
-            break  # the remaining GT boxes find nothing at any threshold
-        for row in block:
-            for t, thr in enumerate(iou_thresholds):
-                if len(tp_pos[t]) == n:
-                    continue  # every prediction is taken
-                vals = np.where(remaining[t], row, -np.inf)
-                best = vals.max()
-                if best >= thr:
-                    k = n - 1 - int(np.argmax(vals[::-1] == best))  # ties: the later one
-                    tp_pos[t].append(k)
-                    remaining[t, k] = False
-    out = []
-    for t in range(len(iou_thresholds)):
-        idx = order[np.array(tp_pos[t] + np.flatnonzero(remaining[t]).tolist(), dtype=np.int64)]
-        tp = np.zeros(n, dtype=bool)
-        tp[:len(tp_pos[t])] = True
-        out.append((det_scores[idx], tp))
+    det_boxes = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 7)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 7)
+    return dair_match_frames(det_boxes, np.asarray(det_scores, dtype=np.float64).reshape(-1),
+                             np.array([len(det_boxes)]), gt_boxes, np.array([len(gt_boxes)]),
+                             iou_thresholds, (view,))[view]
+
+
+def dair_match_frames(det_boxes: np.ndarray, det_scores: np.ndarray, det_counts: np.ndarray,
+                      gt_boxes: np.ndarray, gt_counts: np.ndarray,
+                      iou_thresholds: Sequence[float], views: Sequence[str] = DAIR_VIEWS
+                      ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`dair_match_frame` of many frames, thresholds and views in one call.
+
+    Per GT box in input order, the official scan (``iou >= mx``, mx starting at the threshold,
+    predictions in score order) picks the last of the remaining predictions with the highest
+    IoU, if that IoU reaches the threshold: a greedy match with GT boxes proposing, ties to the
+    later prediction in score order (:func:`v2xfuse.evaluation.matching.greedy_match`).
+
+    Args:
+        det_boxes: (N, 7) float64, frames one after another; det_scores: (N,);
+            det_counts: (F,) predictions per frame.
+        gt_boxes: (M, 7) float64, in label order within a frame; gt_counts: (F,).
+        views: "3d" and/or "bev".
+    Returns:
+        ``{view: [(scores (N,), tp (N,) bool) per threshold]}``: per frame, in frame order, its
+        TPs in GT order, then its FPs in score order.
+    """
+    det_counts = np.asarray(det_counts, dtype=np.int64)
+    frame = np.repeat(np.arange(len(det_counts)), det_counts)
+    order = np.lexsort((-det_scores, frame))  # per frame by descending score, stable
+    scores = det_scores[order]
+    gt_idx, pos, ious = frame_edges(gt_boxes, gt_counts, det_boxes[order], det_counts,
+                                    tuple(views), min(iou_thresholds, default=1.0),
+                                    common.IOU_BLOCK_ELEMENTS)
+    out = {}
+    for view in views:
+        taken = greedy_match(gt_idx, pos, ious[view], -pos, iou_thresholds, len(gt_boxes))
+        out[view] = []
+        for t in range(len(iou_thresholds)):
+            tp_pos = taken[t][taken[t] >= 0]  # in GT order
+            left = np.ones(len(order), dtype=bool)
+            left[tp_pos] = False
+            fp_pos = np.flatnonzero(left)
+            idx = np.concatenate([tp_pos, fp_pos])
+            is_tp = np.arange(len(idx)) < len(tp_pos)
+            # frame by frame: its TPs (already in GT order), then its FPs (in score order)
+            regroup = np.lexsort((~is_tp, frame[idx]))  # frame is sorted, so frame[pos] is pos's
+            out[view].append((scores[idx[regroup]], is_tp[regroup]))
     return out
 
 
@@ -134,8 +157,13 @@ def dair_ap(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
 
-class DairEvaluator:
+class DairEvaluator(BatchedEvaluator):
     """Accumulates frames and computes DAIR-V2X official AP-3D and AP-BEV per range.
+
+    ``add(frame_id, det_boxes, det_scores, gt_boxes, payload_bytes=None, latency_ms=None)``
+    takes "car" boxes (N, 7) in the vehicle LiDAR frame, ground truth in label-file order (which
+    decides the matching), and the bytes sent for the frame (DAIR's AB metric) if measured; see
+    :class:`~v2xfuse.evaluation.common.BatchedEvaluator`.
 
     Args:
         ranges: {name: [xmin, ymin, zmin, xmax, ymax, zmax]} in the vehicle LiDAR frame,
@@ -148,50 +176,40 @@ class DairEvaluator:
     def __init__(self, ranges: Mapping[str, Sequence[float]] | None = None,
                  iou_thresholds: Sequence[float] = DAIR_IOU_THRESHOLDS,
                  filter_predictions: bool = True) -> None:
+        super().__init__()
         self.ranges = {k: [float(v) for v in b] for k, b in (ranges or DAIR_RANGES).items()}
         for bounds in self.ranges.values():
             boxes_in_range(np.zeros((0, 7)), bounds, _RANGE_RULE)  # validate now
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
         self.filter_predictions = filter_predictions
-        self.frames = FrameLog()
-        # (view, range, threshold) -> per-frame (scores, tp) lists
+        # (view, range, threshold) -> (scores, tp) per batch of frames, frames in order
         self._pool: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] = {
             (v, r, t): [] for v in DAIR_VIEWS for r in self.ranges for t in self.iou_thresholds}
         self._num_gt = {r: 0 for r in self.ranges}
         self._num_det = {r: 0 for r in self.ranges}
 
-    def add(self, frame_id, det_boxes, det_scores, gt_boxes, payload_bytes: float | None = None,
-            latency_ms: float | None = None) -> None:
-        """Match one frame in every range, view and threshold.
-
-        Args:
-            frame_id: hashable, unique over the evaluation.
-            det_boxes: (N, 7) "car" predictions in the vehicle LiDAR frame.
-            det_scores: (N,).
-            gt_boxes: (M, 7) "car" ground truth in the vehicle LiDAR frame, in label-file order.
-            payload_bytes: bytes sent for this frame (DAIR's AB metric), if measured.
-            latency_ms: this frame's latency, if measured.
-        """
-        det = as_boxes(det_boxes, f"frame {frame_id!r}: det_boxes")
-        scores = as_scores(det_scores, len(det), f"frame {frame_id!r}: det_scores")
-        gt = as_boxes(gt_boxes, f"frame {frame_id!r}: gt_boxes")
-        self.frames.add(frame_id, payload_bytes, latency_ms)
-        gt = gt[(gt[:, 3:6] > 0).all(axis=1)]  # zero-size label boxes are skipped
+    def _match(self, det: np.ndarray, score: np.ndarray, det_counts: np.ndarray, gt: np.ndarray,
+               gt_counts: np.ndarray) -> None:
+        # zero-size label boxes are skipped
+        gt_counts, (gt,) = keep_rows((gt[:, 3:6] > 0).all(axis=1), gt_counts, gt)
         for name, bounds in self.ranges.items():
-            gt_r = gt[boxes_in_range(gt, bounds, _RANGE_RULE)]
-            keep = (boxes_in_range(det, bounds, _RANGE_RULE) if self.filter_predictions
-                    else np.ones(len(det), dtype=bool))
-            det_r, scores_r = det[keep], scores[keep]
+            counts_r, (gt_r,) = keep_rows(boxes_in_range(gt, bounds, _RANGE_RULE), gt_counts, gt)
+            if self.filter_predictions:
+                inside = boxes_in_range(det, bounds, _RANGE_RULE)
+                det_counts_r, (det_r, scores_r) = keep_rows(inside, det_counts, det, score)
+            else:
+                det_counts_r, det_r, scores_r = det_counts, det, score
             self._num_gt[name] += len(gt_r)
             self._num_det[name] += len(det_r)
-            for view in DAIR_VIEWS:
-                matches = dair_match_frame_thresholds(det_r, scores_r, gt_r,
-                                                      self.iou_thresholds, view)
-                for thr, match in zip(self.iou_thresholds, matches):
+            matches = dair_match_frames(det_r, scores_r, det_counts_r, gt_r, counts_r,
+                                        self.iou_thresholds, DAIR_VIEWS)
+            for view, per_threshold in matches.items():
+                for thr, match in zip(self.iou_thresholds, per_threshold):
                     self._pool[view, name, thr].append(match)
 
     def compute(self) -> dict[str, dict[str, dict[float, float]]]:
         """``{view: {range_name: {threshold: AP}}}``, views "3d" and "bev"."""
+        self._match_pending()
         out: dict[str, dict[str, dict[float, float]]] = {}
         for view in DAIR_VIEWS:
             out[view] = {}
@@ -217,3 +235,4 @@ class DairEvaluator:
                        latency_ms=self.frames.mean_latency_ms)
             for view in DAIR_VIEWS for name in self.ranges
         ]
+

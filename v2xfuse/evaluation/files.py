@@ -13,9 +13,15 @@ evaluated in ground-truth file order, which is the frame order of the "local" AP
 in an entry are ignored. Every malformed entry raises :class:`EvalFileError` naming the file, the
 frame and the field. A file nested deeper than :data:`MAX_JSON_DEPTH` is refused before it is
 parsed (the format needs 4 levels; a deep nest would otherwise exhaust the parser's stack).
+
+Reading checks each frame's fields in Python but never each number: all boxes of a file become
+one numpy array whose dtype, shape, finiteness and sizes are checked at once. Only when that
+check fails (or the file holds ``true``/``false``, which numpy would read as 1 and 0) are the
+entries walked value by value, which finds the first bad value and names it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -25,9 +31,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from v2xfuse.structures import BOX_DIM
-
 from .common import RANGE_RULES
+from .geometry import BOX_DIM
 from .dair import DairEvaluator
 from .opencood import DEFAULT_IOU_THRESHOLDS, SORT_MODES, OpenCOODEvaluator
 from .result import EvalResult
@@ -100,8 +105,15 @@ def pair_frames(predictions: dict[str, FrameBoxes], ground_truth: dict[str, Fram
     Raises:
         EvalFileError: a ground-truth frame has no prediction entry, or the other way round.
     """
-    missing = [f for f in ground_truth if f not in predictions]
-    extra = [f for f in predictions if f not in ground_truth]
+    _check_same_frames(list(predictions), list(ground_truth), pred_path, gt_path)
+    return [(predictions[f], ground_truth[f]) for f in ground_truth]
+
+
+def _check_same_frames(pred_ids: list[str], gt_ids: list[str], pred_path: str,
+                       gt_path: str) -> None:
+    in_pred, in_gt = set(pred_ids), set(gt_ids)
+    missing = [f for f in gt_ids if f not in in_pred]
+    extra = [f for f in pred_ids if f not in in_gt]
     if missing:
         raise EvalFileError(
             f"{pred_path}: missing frame {missing[0]!r} present in {gt_path} ({len(missing)} "
@@ -109,7 +121,6 @@ def pair_frames(predictions: dict[str, FrameBoxes], ground_truth: dict[str, Fram
     if extra:
         raise EvalFileError(f"{pred_path}: frame {extra[0]!r} is not in {gt_path} "
                             f"({len(extra)} such frame(s))")
-    return [(predictions[f], ground_truth[f]) for f in ground_truth]
 
 
 def score_files(pred_path: str | os.PathLike, gt_path: str | os.PathLike, mode: str = "opencood",
@@ -145,16 +156,18 @@ def score_files(pred_path: str | os.PathLike, gt_path: str | os.PathLike, mode: 
     range_rule = range_rule or "all_corners_bev"
     if range_rule not in RANGE_RULES:
         raise ValueError(f"range_rule must be one of {RANGE_RULES}, got {range_rule!r}")
-    pairs = pair_frames(load_predictions(pred_path), load_ground_truth(gt_path),
-                        os.fspath(pred_path), os.fspath(gt_path))
+    pred, gt = _load_table(pred_path, with_scores=True), _load_table(gt_path, with_scores=False)
+    _check_same_frames(pred.ids, gt.ids, os.fspath(pred_path), os.fspath(gt_path))
+    if pred.ids != gt.ids:
+        position = {f: k for k, f in enumerate(pred.ids)}
+        pred = pred.take(np.array([position[f] for f in gt.ids], dtype=np.int64))
     if mode == "dair":
         evaluator = DairEvaluator(iou_thresholds=iou_thresholds)
     else:
         evaluator = OpenCOODEvaluator(iou_thresholds=iou_thresholds, iou_type=iou_type or "bev",
                                       eval_range=eval_range, range_rule=range_rule)
-    for pred, gt in pairs:
-        evaluator.add(gt.frame_id, pred.boxes, pred.scores, gt.boxes,
-                      payload_bytes=pred.payload_bytes, latency_ms=pred.latency_ms)
+    evaluator.add_frames(gt.ids, pred.boxes, pred.scores, pred.counts, gt.boxes, gt.counts,
+                         payload_bytes=pred.payload_bytes, latency_ms=pred.latency_ms)
     if mode == "dair":
         return evaluator.results(dataset=dataset, split=split, method=method)
     return [evaluator.result(order, dataset=dataset, split=split, method=method)]
@@ -162,14 +175,69 @@ def score_files(pred_path: str | os.PathLike, gt_path: str | os.PathLike, mode: 
 
 # --- reading and writing -------------------------------------------------------------------------
 
+@dataclass
+class _FrameTable:
+    """A file's frames as arrays, frames one after another in file order.
+
+    Attributes:
+        ids: (F,) frame ids.
+        boxes: (N, 7) float64; counts: (F,) boxes per frame.
+        scores: (N,) float64, None for ground truth.
+        payload_bytes, latency_ms: (F,) each a float or None.
+    """
+
+    ids: list[str]
+    boxes: np.ndarray
+    counts: np.ndarray
+    scores: np.ndarray | None
+    payload_bytes: list[float | None]
+    latency_ms: list[float | None]
+
+    @classmethod
+    def from_frames(cls, frames: Iterable[FrameBoxes], with_scores: bool) -> "_FrameTable":
+        frames = list(frames)
+        return cls(ids=[f.frame_id for f in frames],
+                   boxes=np.concatenate([f.boxes for f in frames] + [np.zeros((0, BOX_DIM))]),
+                   counts=np.array([len(f.boxes) for f in frames], dtype=np.int64),
+                   scores=(np.concatenate([f.scores for f in frames] + [np.zeros(0)])
+                           if with_scores else None),
+                   payload_bytes=[f.payload_bytes for f in frames],
+                   latency_ms=[f.latency_ms for f in frames])
+
+    def frames(self) -> dict[str, FrameBoxes]:
+        ends = np.cumsum(self.counts)
+        return {fid: FrameBoxes(fid, self.boxes[end - n:end],
+                                None if self.scores is None else self.scores[end - n:end],
+                                nbytes, ms)
+                for fid, n, end, nbytes, ms in zip(self.ids, self.counts, ends,
+                                                    self.payload_bytes, self.latency_ms)}
+
+    def take(self, order: np.ndarray) -> "_FrameTable":
+        """The frames at ``order`` (F',) in that order."""
+        counts = self.counts[order]
+        starts = (np.cumsum(self.counts) - self.counts)[order]
+        rows = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts),
+                                                        counts)
+        return _FrameTable(ids=[self.ids[k] for k in order], boxes=self.boxes[rows],
+                           counts=counts,
+                           scores=None if self.scores is None else self.scores[rows],
+                           payload_bytes=[self.payload_bytes[k] for k in order],
+                           latency_ms=[self.latency_ms[k] for k in order])
+
+
 def _load(path: str | os.PathLike, with_scores: bool) -> dict[str, FrameBoxes]:
+    return _load_table(path, with_scores).frames()
+
+
+def _load_table(path: str | os.PathLike, with_scores: bool) -> _FrameTable:
     name = os.fspath(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
         raise EvalFileError(f"{name}: cannot read: {exc.strerror or exc}") from exc
-    if json_depth(raw, stop_above=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    structure = _JSON_STRING.sub(b'""', raw)  # the text outside strings
+    if _depth(structure, stop_above=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise EvalFileError(f"{name}: JSON nested deeper than {MAX_JSON_DEPTH} levels (arrays and "
                             f"objects inside one another); the format needs 4")
     try:
@@ -181,13 +249,17 @@ def _load(path: str | os.PathLike, with_scores: bool) -> dict[str, FrameBoxes]:
     if not isinstance(data, list):
         raise EvalFileError(f"{name}: expected a JSON list with one entry per frame, "
                             f"got {type(data).__name__}")
+    if b"true" not in structure and b"false" not in structure:
+        table = _parse_arrays(data, with_scores)
+        if table is not None:
+            return table
     frames: dict[str, FrameBoxes] = {}
     for index, entry in enumerate(data):
         frame = _parse_entry(entry, index, name, with_scores)
         if frame.frame_id in frames:
             raise EvalFileError(f"{name}: frame {frame.frame_id!r} (entry {index}) appears twice")
         frames[frame.frame_id] = frame
-    return frames
+    return _FrameTable.from_frames(frames.values(), with_scores)
 
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -201,7 +273,11 @@ def json_depth(raw: bytes, stop_above: int | None = None) -> int:
         stop_above: return as soon as the depth exceeds this (the value returned is then only
             known to be larger).
     """
-    text = _JSON_STRING.sub(b'""', raw)
+    return _depth(_JSON_STRING.sub(b'""', raw), stop_above)
+
+
+def _depth(text: bytes, stop_above: int | None) -> int:
+    """:func:`json_depth` of a text whose strings are already emptied."""
     depth = deepest = 0
     chunk = 1 << 22
     for start in range(0, len(text), chunk):
@@ -216,6 +292,70 @@ def json_depth(raw: bytes, stop_above: int | None = None) -> int:
         if stop_above is not None and deepest > stop_above:
             break
     return deepest
+
+
+def _parse_arrays(data: list, with_scores: bool) -> _FrameTable | None:
+    """The frames of a parsed file, numbers checked array-wise; None if anything is off (then
+    :func:`_parse_entry` walks the entries and names the first bad value).
+
+    Must accept exactly what :func:`_parse_entry` accepts and give the same arrays; the caller
+    has made sure the file holds no ``true`` or ``false``.
+    """
+    ids: list[str] = []
+    seen: set[str] = set()
+    box_lists, score_lists, extras = [], [], {"payload_bytes": [], "latency_ms": []}
+    for entry in data:
+        if type(entry) is not dict:
+            return None
+        fid = entry.get("frame_id", _MISSING)
+        boxes = entry.get("boxes", _MISSING)
+        if not ((type(fid) is str and fid) or type(fid) is int) or type(boxes) is not list:
+            return None
+        if with_scores:
+            scores = entry.get("scores", _MISSING)
+            if type(scores) is not list or len(scores) != len(boxes):
+                return None
+            score_lists.append(scores)
+        for key, values in extras.items():
+            value = entry.get(key)
+            if value is not None:
+                if not _is_number(value) or value < 0:
+                    return None
+                value = float(value)
+            values.append(value)
+        fid = str(fid)
+        if fid in seen:
+            return None
+        seen.add(fid)
+        ids.append(fid)
+        box_lists.append(boxes)
+    boxes = _number_array(list(itertools.chain.from_iterable(box_lists)), (BOX_DIM,))
+    if boxes is None or (boxes[:, 3:6] < 0).any():
+        return None
+    scores = None
+    if with_scores:
+        scores = _number_array(list(itertools.chain.from_iterable(score_lists)), ())
+        if scores is None:
+            return None
+    return _FrameTable(ids=ids, boxes=boxes,
+                       counts=np.array([len(b) for b in box_lists], dtype=np.int64),
+                       scores=scores, **extras)
+
+
+def _number_array(values: list, row_shape: tuple[int, ...]) -> np.ndarray | None:
+    """``values`` as a finite float64 (len, *row_shape) array, or None when they are not all
+    JSON numbers of that shape (numpy makes strings, nulls, nested lists and integers past
+    int64 another dtype or an error)."""
+    if not values:
+        return np.zeros((0, *row_shape))
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if arr.dtype.kind not in "if" or arr.shape[1:] != row_shape:
+        return None
+    arr = arr.astype(np.float64, copy=False)
+    return arr if np.isfinite(arr).all() else None
 
 
 def _parse_entry(entry, index: int, name: str, with_scores: bool) -> FrameBoxes:

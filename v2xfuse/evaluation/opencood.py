@@ -19,6 +19,11 @@ The protocol, as OpenCOOD's ``eval_utils`` runs it (reference/opencood-opv2v.md 
 Deviations from OpenCOOD, both on ties only: detections of equal score keep their input order
 (stable sort) where OpenCOOD's ``np.argsort(-score)`` leaves the order unspecified, and a detection
 whose IoU ties two ground-truth boxes takes the first in input order (as ``np.argmax``).
+
+The evaluator matches frames in batches (all frames added since the last batch, in one call of
+:func:`match_frames`): IoU only for box pairs that can overlap, the greedy loop decided for every
+frame and threshold at once (:mod:`v2xfuse.evaluation.matching`). ``tools/bench_eval.py`` times it
+against OpenCOOD's loop.
 """
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import FrameLog, as_boxes, as_scores, boxes_in_range, iou_row_blocks, threshold_key
+from . import common
+from .common import BatchedEvaluator, boxes_in_range, keep_rows, threshold_key
+from .matching import frame_edges, greedy_match
 from .result import EvalResult
 
 __all__ = [
@@ -36,6 +43,7 @@ __all__ = [
     "DEFAULT_IOU_THRESHOLDS",
     "FrameMatch",
     "match_frame",
+    "match_frames",
     "voc_ap",
     "average_precision",
     "OpenCOODEvaluator",
@@ -73,25 +81,39 @@ def match_frame(det_boxes: np.ndarray, det_scores: np.ndarray, gt_boxes: np.ndar
         iou_thresholds: a detection is a TP at ``thr`` when its best remaining IoU is >= thr.
         iou_type: "bev" or "3d".
     """
-    order = np.argsort(-det_scores, kind="stable")
-    tp = np.zeros((len(iou_thresholds), len(order)), dtype=bool)
-    free = np.ones((len(iou_thresholds), len(gt_boxes)), dtype=bool)
-    num_free = [len(gt_boxes)] * len(iou_thresholds)
-    # The (N, M) IoU matrix a block of detections at a time (memory bounded on crowded frames).
-    for start, block in iou_row_blocks(det_boxes[order], gt_boxes, iou_type):
-        if not any(num_free):
-            break  # the rest are false positives at every threshold
-        for r, row in enumerate(block):
-            for t, thr in enumerate(iou_thresholds):
-                if not num_free[t]:
-                    continue
-                masked = np.where(free[t], row, -1.0)
-                j = int(np.argmax(masked))
-                if masked[j] >= thr:
-                    tp[t, start + r] = True
-                    free[t, j] = False
-                    num_free[t] -= 1
-    return FrameMatch(scores=det_scores[order], tp=tp, num_gt=len(gt_boxes))
+    det_boxes = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 7)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 7)
+    scores, tp = match_frames(det_boxes, np.asarray(det_scores, dtype=np.float64).reshape(-1),
+                              np.array([len(det_boxes)]), gt_boxes, np.array([len(gt_boxes)]),
+                              iou_thresholds, iou_type)
+    return FrameMatch(scores=scores, tp=tp, num_gt=len(gt_boxes))
+
+
+def match_frames(det_boxes: np.ndarray, det_scores: np.ndarray, det_counts: np.ndarray,
+                 gt_boxes: np.ndarray, gt_counts: np.ndarray,
+                 iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
+                 iou_type: str = "bev") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`match_frame` of many frames in one call.
+
+    Args:
+        det_boxes: (N, 7) float64, the frames' detections one frame after another;
+            det_scores: (N,); det_counts: (F,) detections per frame.
+        gt_boxes: (M, 7) float64, frames in the same order; gt_counts: (F,).
+    Returns:
+        ``scores`` (N,): each frame's scores in descending order (stable), frames in order;
+        ``tp`` (T, N) bool in that order: whether the detection is a TP at threshold t.
+    """
+    det_counts = np.asarray(det_counts, dtype=np.int64)
+    frame = np.repeat(np.arange(len(det_counts)), det_counts)
+    order = np.lexsort((-det_scores, frame))  # per frame by descending score, ties in input order
+    det_sorted = det_boxes[order]
+    if len(iou_thresholds) == 0:
+        return det_scores[order], np.zeros((0, len(order)), dtype=bool)
+    det_idx, gt_idx, ious = frame_edges(det_sorted, det_counts, gt_boxes, gt_counts, (iou_type,),
+                                        min(iou_thresholds), common.IOU_BLOCK_ELEMENTS)
+    # detections in score order take, of the free ground truth, the best IoU, first on ties
+    taken = greedy_match(det_idx, gt_idx, ious[iou_type], gt_idx, iou_thresholds, len(order))
+    return det_scores[order], taken >= 0
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
@@ -130,7 +152,7 @@ def average_precision(tp: np.ndarray, scores: np.ndarray, num_gt: int, sort_mode
     return voc_ap(cum_tp / num_gt, cum_tp / np.maximum(cum_tp + cum_fp, 1.0))
 
 
-class OpenCOODEvaluator:
+class OpenCOODEvaluator(BatchedEvaluator):
     """Accumulates frames, then computes OpenCOOD-style AP at each IoU threshold.
 
     Example::
@@ -139,6 +161,10 @@ class OpenCOODEvaluator:
         for frame in frames:
             ev.add(frame.id, det_boxes, det_scores, gt_boxes, payload_bytes=n)
         ev.compute("global")  # {0.3: ..., 0.5: ..., 0.7: ...}
+
+    Frames are checked when added and matched in batches (of
+    :data:`~v2xfuse.evaluation.common.MATCH_BATCH_BOXES` boxes, or when results are asked for),
+    which keeps memory bounded and the matching vectorised.
 
     Args:
         iou_thresholds: IoU thresholds, default (0.3, 0.5, 0.7).
@@ -154,6 +180,7 @@ class OpenCOODEvaluator:
     def __init__(self, iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
                  iou_type: str = "bev", eval_range: Sequence[float] | None = None,
                  range_rule: str = "all_corners_bev", range_name: str | None = None) -> None:
+        super().__init__()
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
         if not all(0.0 < t <= 1.0 for t in self.iou_thresholds):
             raise ValueError(f"IoU thresholds must lie in (0, 1], got {self.iou_thresholds}")
@@ -165,38 +192,33 @@ class OpenCOODEvaluator:
         if self.eval_range is not None:  # validates bounds and rule now, not at the first add
             boxes_in_range(np.zeros((0, 7)), self.eval_range, range_rule)
         self.range_name = range_name or ("all" if eval_range is None else "custom")
-        self.frames = FrameLog()
-        self._matches: list[FrameMatch] = []
+        self._scores: list[np.ndarray] = []  # per batch: scores, each frame in its score order
+        self._tp: list[np.ndarray] = []      # per batch: (T, K) TP flags in that order
+        self._num_gt = 0
 
-    def add(self, frame_id, det_boxes, det_scores, gt_boxes, payload_bytes: float | None = None,
-            latency_ms: float | None = None) -> None:
-        """Match one frame.
-
-        Args:
-            frame_id: any hashable id, unique over the evaluation.
-            det_boxes: (N, 7) detections in the ego frame (numpy, torch or lists).
-            det_scores: (N,) detection scores.
-            gt_boxes: (M, 7) ground truth in the ego frame.
-            payload_bytes: bytes the non-ego agents sent for this frame, if measured.
-            latency_ms: this frame's latency, if measured.
-        """
-        det = as_boxes(det_boxes, f"frame {frame_id!r}: det_boxes")
-        scores = as_scores(det_scores, len(det), f"frame {frame_id!r}: det_scores")
-        gt = as_boxes(gt_boxes, f"frame {frame_id!r}: gt_boxes")
-        self.frames.add(frame_id, payload_bytes, latency_ms)
+    def _match(self, det: np.ndarray, score: np.ndarray, det_counts: np.ndarray, gt: np.ndarray,
+               gt_counts: np.ndarray) -> None:
+        """Range-filter and match a batch of frames."""
         if self.eval_range is not None:
-            keep = boxes_in_range(det, self.eval_range, self.range_rule)
-            det, scores = det[keep], scores[keep]
-            gt = gt[boxes_in_range(gt, self.eval_range, self.range_rule)]
-        self._matches.append(match_frame(det, scores, gt, self.iou_thresholds, self.iou_type))
+            inside = boxes_in_range(det, self.eval_range, self.range_rule)
+            det_counts, (det, score) = keep_rows(inside, det_counts, det, score)
+            inside = boxes_in_range(gt, self.eval_range, self.range_rule)
+            gt_counts, (gt,) = keep_rows(inside, gt_counts, gt)
+        sorted_scores, tp = match_frames(det, score, det_counts, gt, gt_counts,
+                                         self.iou_thresholds, self.iou_type)
+        self._scores.append(sorted_scores)
+        self._tp.append(tp)
+        self._num_gt += len(gt)
 
     @property
     def num_gt(self) -> int:
-        return sum(m.num_gt for m in self._matches)
+        self._match_pending()
+        return self._num_gt
 
     @property
     def num_det(self) -> int:
-        return sum(len(m.scores) for m in self._matches)
+        self._match_pending()
+        return sum(len(s) for s in self._scores)
 
     def compute(self, sort_mode: str = "global") -> dict[float, float]:
         """AP per IoU threshold, ``{0.3: AP, 0.5: AP, 0.7: AP}``.
@@ -204,13 +226,15 @@ class OpenCOODEvaluator:
         Reads the stored matches without changing them, so it may be called for both sort modes
         (OpenCOOD's local mode rewrote its stored lists in place, reference §4.3 item 4).
         """
-        if self._matches:
-            scores = np.concatenate([m.scores for m in self._matches])
-            tp = np.concatenate([m.tp for m in self._matches], axis=1)
-        else:
-            scores = np.zeros(0)
-            tp = np.zeros((len(self.iou_thresholds), 0), dtype=bool)
-        return {thr: average_precision(tp[t], scores, self.num_gt, sort_mode)
+        if sort_mode not in SORT_MODES:
+            raise ValueError(f"sort_mode must be one of {SORT_MODES}, got {sort_mode!r}")
+        self._match_pending()
+        scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
+        tp = (np.concatenate(self._tp, axis=1) if self._tp
+              else np.zeros((len(self.iou_thresholds), 0), dtype=bool))
+        if sort_mode == "global":  # one sort for every threshold
+            tp = tp[:, np.argsort(-scores, kind="stable")]
+        return {thr: average_precision(tp[t], scores, self._num_gt, "local")
                 for t, thr in enumerate(self.iou_thresholds)}
 
     def result(self, sort_mode: str = "global", dataset: str = "", split: str = "",
@@ -224,3 +248,4 @@ class OpenCOODEvaluator:
             ap={threshold_key(t): v for t, v in ap.items()}, num_frames=len(self.frames),
             num_gt=self.num_gt, num_det=self.num_det, bytes_per_frame=self.frames.mean_bytes,
             latency_ms=self.frames.mean_latency_ms)
+

@@ -155,6 +155,16 @@ def test_a_training_step_reaches_the_trust_mlp_and_messages_cost_their_formula()
     assert link.ledger.rejected.total() == 0
 
 
+def test_every_parameter_gets_a_gradient_even_when_no_box_arrives():
+    """DDP runs without searching for unused parameters (tests/engine/test_distributed.py)."""
+    torch.manual_seed(0)
+    model = build_detector(_cfg()).train()
+    for batch in (_batch(n=1), _batch()):  # the ego alone: nothing arrives
+        model.zero_grad(set_to_none=True)
+        model.loss(model(batch), batch)["loss"].backward()
+        assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 @pytest.mark.parametrize("cells", [3, 32 * 32])  # flat indices, then the bit mask
 def test_the_bytes_formula_is_the_serialised_length(cells):
     method = CoDynTrust(channels=16, grid=GRID)

@@ -43,7 +43,7 @@ def tiny_bench(tmp_path_factory):
                               "out_channels": 8, "max_points_per_pillar": 8},
                   "backbone": {"layer_strides": [1], "layer_channels": [8], "layer_nums": [1],
                                "upsample_channels": [8], "out_stride": 1},
-                  "fusion": {"type": "max"}, "post": {"score_threshold": 0.0}},
+                  "fusion": {"type": "max"}, "post": {"score_threshold": 0.05}},
         "train": {"seed": 0, "steps": 1, "batch_size": 1},
         "channel": {"seed": 0},
     }
@@ -51,8 +51,9 @@ def tiny_bench(tmp_path_factory):
     dump_config(cfg, work / "tiny.yaml")
     for method in METHODS:
         method_cfg = {**cfg, "model": {**cfg["model"], "fusion": {"type": method}}}
-        if method == "codyntrust":
+        if method == "codyntrust":  # untrained: every anchor's score is about 0.01
             method_cfg["model"]["fusion"]["passes"] = 2
+            method_cfg["model"]["post"] = {"score_threshold": 0.0, "max_detections": 20}
         torch.manual_seed(0)
         (work / "ckpt" / method).mkdir(parents=True)
         save_checkpoint(work / "ckpt" / method / "last.pt",
@@ -69,7 +70,7 @@ def _rows(path: Path) -> list[dict]:
 def _argv(work: Path, out: Path, *extra) -> list[str]:
     return ["--config", str(work / "tiny.yaml"), "--methods", ",".join(METHODS),
             "--checkpoints", str(work / "ckpt"), "--out", str(out), "--frames", "3",
-            "--delays", "0,100,200", "--binomial-n", "2", "--quiet", *extra]
+            "--delays", "0,200", "--binomial-n", "2", "--quiet", *extra]
 
 
 def test_bench_delay_scores_each_method_at_each_delay_and_resumes(tiny_bench, tmp_path,
@@ -79,10 +80,10 @@ def test_bench_delay_scores_each_method_at_each_delay_and_resumes(tiny_bench, tm
     assert bench.main(_argv(tiny_bench, out)) == 0
     rows = _rows(out / "delay.csv")
     assert [(r["method"], r["delay_ms"]) for r in rows] == \
-        [(m, d) for d in ("0", "100", "200") for m in METHODS]
+        [(m, d) for d in ("0", "200") for m in METHODS]
     realised = {r["delay_ms"]: float(r["realised_delay_ms"]) for r in rows}
-    # Binomial(2, p) frames of 100 ms, cut short at the sequence start (3 frames)
-    assert realised["0"] == 0.0 and 0.0 < realised["100"] < realised["200"] <= 200.0
+    # Binomial(2, 1): 2 frames of 100 ms, cut short at the sequence start (frames 0, 1, 2)
+    assert realised["0"] == 0.0 and realised["200"] == pytest.approx(100.0)
     ego_only = {r["ap_50"] for r in rows if r["method"] == "none"}
     assert len(ego_only) == 1  # the ego's own observation is never late
     assert all(float(r["bytes_per_frame"]) > 0 for r in rows if r["method"] != "none")
@@ -92,7 +93,7 @@ def test_bench_delay_scores_each_method_at_each_delay_and_resumes(tiny_bench, tm
     png = (out / "ap_vs_delay.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     table = (out / "delay.md").read_text()
-    assert "| 0 ms | 100 ms | 200 ms |" in table
+    assert "| 0 ms | 200 ms |" in table
     assert all(f"\n| {m} |" in table for m in METHODS)
 
     # a rerun scores nothing; a lost row is scored again, alone

@@ -84,8 +84,9 @@ def _torchrun(cfg: dict, work: Path, *args: str, **hooks: str) -> subprocess.Com
     work.mkdir(parents=True, exist_ok=True)
     config = work.parent / f"{work.name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", **{f"V2XFUSE_TEST_{k}": v for k, v in hooks.items()}}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",  # 2 ranks, 2 cores
+           **{f"V2XFUSE_TEST_{k}": v for k, v in hooks.items()}}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(WORKER), "--config", str(config), "--work-dir", str(work), "--quiet", *args],

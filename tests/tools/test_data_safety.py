@@ -126,8 +126,7 @@ def test_train_command_line_stops_with_the_message(real, unchanged, tmp_path):
          "--quiet"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)})
-    # The log opens with the world size and devices (issue 19); the error is a line of its own.
-    assert res.returncode == 2 and "\nerror: " in "\n" + res.stderr
+    assert res.returncode == 2 and res.stderr.startswith("error: ")
     assert "looks like a real dataset" in res.stderr
     assert f"--config configs/opv2v.yaml --set dataset.root={real['opv2v']}" in res.stderr
 

@@ -57,7 +57,7 @@ def test_a_head_s_options_may_sit_under_its_name():
 
 def test_another_head_s_key_fails_naming_it_and_its_head():
     with pytest.raises(KeyError, match=r"unknown keys \['anchor_size'\] for the 'center' head.*"
-                                       r"'anchor_size' is an option of the 'anchor' head"):
+                                       r"'anchor_size' is an option of the 'anchor' and 'query' head"):
         build_head({"type": "center", "anchor_size": [3.9, 1.6, 1.56]}, 8, GRID)
 
 

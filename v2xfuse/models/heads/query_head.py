@@ -97,8 +97,8 @@ class QueryHead(Head):
         cls_weight, reg_weight, direction_weight: weights of the focal, L1 and front losses of
             each layer.
         match_cls_weight, match_reg_weight: weights of the two matching costs.
-        bank_size, bank_z: ``learned`` only: the size (l, w, h) and centre height the bank's
-            anchors start with.
+        anchor_size, anchor_z: ``learned`` only: the size (l, w, h) and centre height the bank's
+            anchors start with (the anchor head's options of the same name and meaning).
     """
 
     def __init__(self, in_channels: int, grid: BevGrid, num_queries: int = 128,
@@ -107,7 +107,7 @@ class QueryHead(Head):
                  heatmap_channels: int = 32, dense_weight: float = 1.0, cls_weight: float = 1.0,
                  reg_weight: float = 0.25, direction_weight: float = 0.2,
                  match_cls_weight: float = 2.0, match_reg_weight: float = 0.25,
-                 bank_size=(4.5, 1.9, 1.6), bank_z: float = -1.1):
+                 anchor_size=(4.5, 1.9, 1.6), anchor_z: float = -1.1):
         super().__init__()
         if query_init not in QUERY_INITS:
             raise ValueError(f"query_init {query_init!r} is not one of {QUERY_INITS}")
@@ -130,8 +130,8 @@ class QueryHead(Head):
             self.input_proj = nn.Linear(in_channels, embed_dims)
             self.score_embed = nn.Linear(1, embed_dims)
         else:
-            self.bank_anchors = nn.Parameter(lattice_anchors(grid, self.num_queries, bank_size,
-                                                             bank_z))
+            self.bank_anchors = nn.Parameter(lattice_anchors(grid, self.num_queries, anchor_size,
+                                                             anchor_z))
             self.bank_features = nn.Parameter(torch.randn(self.num_queries, embed_dims) * 0.02)
 
     # --- queries -------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Each query carries one anchor and a feature vector. A decoder layer (Sparse4D's 
     5 fixed ones (centre, the 4 BEV corners) and ``learned_points`` offsets predicted from the
     query, weighted per head by a softmax over the points (deformable attention on one level)
  -> feed-forward
- -> box refinement (the anchor plus a predicted residual), a class logit and a front logit.
+ -> refinement: the anchor, the object logit and the front logit each plus a predicted
+    residual (zero at initialisation, so a layer starts from what it was given: the heatmap's
+    peak scores and boxes, or what a collaborator sent).
 
 Where a car's front and back look alike, a heading regressed through ``sin yaw, cos yaw``
 averages the two and lands anywhere in between (the center head measured it: 14% of its boxes
@@ -240,13 +242,14 @@ class DecoderLayer(nn.Module):
         self.cls = nn.Sequential(nn.Linear(embed_dims, embed_dims), nn.ReLU(inplace=True),
                                  nn.Linear(embed_dims, 1))
         self.front = nn.Linear(embed_dims, 1)
-        nn.init.zeros_(self.refine[-1].weight)  # the first prediction is the anchor itself
-        nn.init.zeros_(self.refine[-1].bias)
-        nn.init.constant_(self.cls[-1].bias, -math.log((1 - 0.01) / 0.01))  # prior 0.01
+        # residuals start at zero: a fresh layer predicts what it was given
+        for last in (self.refine[-1], self.cls[-1], self.front):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, queries: Queries, bev: torch.Tensor, encoder: AnchorEncoder) -> Queries:
-        # Each layer refines the anchor it is given without a gradient through it (iterative
-        # box refinement as in Deformable DETR): every layer's box loss is its own.
+        # Each layer refines the anchor and logits it is given without a gradient through them
+        # (iterative box refinement as in Deformable DETR): every layer's loss is its own.
         anchors = queries.anchors.detach()
         pos = encoder(anchors)
         x = queries.features
@@ -258,4 +261,5 @@ class DecoderLayer(nn.Module):
         x = self.norms[2](x + self.ffn(x))
         h = x + pos
         return replace(queries, features=x, anchors=anchors + self.refine(h),
-                       logits=self.cls(h)[..., 0], front=self.front(h)[..., 0], positions=None)
+                       logits=queries.logits.detach() + self.cls(h)[..., 0],
+                       front=queries.front.detach() + self.front(h)[..., 0], positions=None)

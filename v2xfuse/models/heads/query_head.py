@@ -12,6 +12,11 @@ Or from a learned bank (``query_init: learned``): Q anchors spread uniformly ove
 with learned features, the same every frame. The heatmap is trained in both (a dense,
 one-to-many objective for the shared BEV features; in ``learned`` only that).
 
+Every layer refines the anchor, the object logit and the front logit it is given by residuals
+that start at zero, so the decoder starts from the heatmap's own boxes and scores and learns
+corrections. Scores learned from scratch lag: after 100 quickstart steps the decoder's own
+scores ranked its boxes at AP@0.5 0.30, the heatmap's scores ranked the same boxes at 0.38.
+
 Training matches each layer's queries one-to-one to the ground truth (Hungarian,
 :mod:`.matching`: focal classification cost plus L1 box cost) and sums, over every layer, a
 focal classification loss on all queries, an L1 loss on the matched boxes' code
@@ -46,6 +51,8 @@ from .query_decoder import (ANCHOR_DIM, AnchorEncoder, DecoderLayer, Queries, an
 __all__ = ["QueryHead", "QueryOutput", "box_code"]
 
 QUERY_INITS = ("heatmap", "learned")
+#: the object logit learned queries start from (probability 0.01, as RetinaNet's prior)
+PRIOR_LOGIT = -math.log((1 - 0.01) / 0.01)
 
 
 def box_code(anchors: torch.Tensor) -> torch.Tensor:
@@ -90,8 +97,8 @@ class QueryHead(Head):
         cls_weight, reg_weight, direction_weight: weights of the focal, L1 and front losses of
             each layer.
         match_cls_weight, match_reg_weight: weights of the two matching costs.
-        anchor_size, anchor_z: ``learned`` only: the size (l, w, h) and centre height of the
-            initial anchors.
+        anchor_size, anchor_z: ``learned`` only: the size (l, w, h) and centre height the bank's
+            anchors start with (the anchor head's options of the same name and meaning).
     """
 
     def __init__(self, in_channels: int, grid: BevGrid, num_queries: int = 128,
@@ -135,7 +142,7 @@ class QueryHead(Head):
             q = self.num_queries
             return Queries(self.bank_features.expand(b, -1, -1),
                            self.bank_anchors.expand(b, -1, -1),
-                           features.new_zeros(b, q), features.new_zeros(b, q),
+                           features.new_full((b, q), PRIOR_LOGIT), features.new_zeros(b, q),
                            torch.ones(b, q, dtype=torch.bool, device=features.device))
         heat = dense.heatmap.detach().flatten(1)  # (B, H*W) logits
         peak = heat == F.max_pool2d(dense.heatmap.detach(), 3, 1, 1).flatten(1)

@@ -190,7 +190,8 @@ class DiskPointCache:
             entry.parent.mkdir(exist_ok=True)
             with open(tmp, "xb") as f:
                 f.write(head)
-                f.write(memoryview(data).cast("B"))
+                if data.size:  # a view with a zero in its shape cannot be cast to bytes
+                    f.write(memoryview(data).cast("B"))
             os.replace(tmp, entry)
         except OSError as e:
             self.stats["write_errors"] += 1

@@ -26,6 +26,7 @@ def _tiny(name: str, tmp_path: Path, cameras: bool, **dataset) -> dict:
         sim.update(vehicle_cameras=_quarter(default_vehicle_cameras()),
                    rsu_cameras=_quarter(default_rsu_cameras()))
     cfg["dataset"].update(root=str(tmp_path / "data"), comm_range=200.0, cache_points_mb=0,
+                          cache_dir=str(tmp_path / "point_cache"),  # not the repo's work_dirs
                           synthetic={"scenes": 2, "frames": 3, "seed": 11, "cameras": cameras,
                                      "splits": {"train": 0.5, "validate": 0.5}, "sim": sim},
                           **dataset)

@@ -236,3 +236,20 @@ def test_resume_ignores_the_options_of_heads_the_run_does_not_use():
     now["model"]["head"]["type"] = "center"
     changes = config_changes(_comparable(saved), _comparable(now), RESUME_CHECKED_SECTIONS)
     assert "model.head.type" in [c[0] for c in changes]
+
+
+def test_resume_accepts_a_new_or_moved_point_cache():
+    """``dataset.cache_dir`` serves the points the source would: a run saved before the config
+    had one (or with another folder) resumes; the dataset itself still may not change."""
+    from v2xfuse.engine.checkpoint import config_changes
+    from v2xfuse.engine.trainer import RESUME_ALLOWED_CHANGES, RESUME_CHECKED_SECTIONS, _comparable
+
+    saved = {"dataset": {"type": "opv2v", "root": "/data/a"}}
+    now = {"dataset": {"type": "opv2v", "root": "/data/a", "cache_dir": "/work/cache"}}
+    check = lambda: [c[0] for c in config_changes(_comparable(saved), _comparable(now),  # noqa: E731
+                                                  RESUME_CHECKED_SECTIONS, RESUME_ALLOWED_CHANGES)]
+    assert check() == []
+    saved["dataset"]["cache_dir"] = "/elsewhere"
+    assert check() == []
+    now["dataset"]["root"] = "/data/b"
+    assert check() == ["dataset.root"]

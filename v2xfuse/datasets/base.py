@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -51,9 +52,10 @@ import yaml
 
 from ..io.pcd import read_points
 from ..structures.coop import AgentObs, CoopFrame
+from .point_cache import DiskPointCache
 from .sensors import AgentSensors
 
-__all__ = ["DatasetError", "SkippedSample", "CoopAdapter", "PointCache", "load_point_file",
+__all__ = ["DatasetError", "SkippedSample", "CoopAdapter", "PointCache", "disk_point_cache", "load_point_file",
            "reading", "opening", "error_message", "READ_ERRORS"]
 
 log = logging.getLogger(__name__)
@@ -148,14 +150,21 @@ def load_point_file(path: Path, intensity_scale: float = 1.0) -> np.ndarray:
 
 
 class PointCache:
-    """A size-bounded LRU of decoded point clouds (decoding ascii PCD dominates load time)."""
+    """Decoded point clouds: a size-bounded in-memory LRU (``cache_points_mb``; 0 = off) in
+    front of an optional :class:`~v2xfuse.datasets.point_cache.DiskPointCache`
+    (``dataset.cache_dir``), which outlives the process: DataLoader workers and later runs
+    map what an earlier one decoded (decoding ascii PCD dominates load time)."""
 
-    def __init__(self, max_mb: float):
+    def __init__(self, max_mb: float, disk: DiskPointCache | None = None):
         self.max_bytes = int(max_mb * 2**20)
         self.bytes = 0
         self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.disk = disk
 
     def get(self, key: str, load):
+        """The points of the file ``key`` (its path), ``load()`` decoding them on a miss."""
+        if self.disk is not None:
+            load = functools.partial(self.disk.get, key, load)
         if self.max_bytes <= 0:
             return load()
         if key in self.items:
@@ -168,6 +177,13 @@ class PointCache:
             _, old = self.items.popitem(last=False)
             self.bytes -= old.nbytes
         return value
+
+
+def disk_point_cache(cache_dir, roots, variant: str) -> DiskPointCache | None:
+    """The disk cache of ``dataset.cache_dir`` (None when unset), refused inside ``roots``."""
+    if cache_dir is None or str(cache_dir) == "":
+        return None
+    return DiskPointCache(cache_dir, roots, variant)
 
 
 class CoopAdapter(abc.ABC):

@@ -52,7 +52,7 @@ from ..formats import dair as fmt
 from ..registry import DATASETS
 from ..structures.coop import AgentObs, CoopFrame
 from ..structures.transforms import invert_transform
-from .base import CoopAdapter, DatasetError, PointCache, load_point_file, reading
+from .base import CoopAdapter, DatasetError, PointCache, disk_point_cache, load_point_file, reading
 from .dair_side import (INFRA, VEHICLE, pointcloud_path, read_cameras, read_json, read_pose,
                         read_relative_error, read_side_labels, rel_path, row_where, timestamp_us)
 
@@ -172,6 +172,9 @@ class DairV2XCAdapter(CoopAdapter):
         sensors: which sensors the vehicle (the ego) and the roadside unit carry
             (``dataset.sensors``, :mod:`v2xfuse.datasets.sensors`); the files of the others
             are not read.
+        cache_points_mb: decoded clouds kept in memory (an LRU of that size; 0 = none).
+        cache_dir: decoded clouds kept on disk, memory-mapped by later epochs, workers and
+            runs (:mod:`v2xfuse.datasets.point_cache`); must lie outside ``root``.
     """
 
     name = "dair-v2x-c"
@@ -183,8 +186,10 @@ class DairV2XCAdapter(CoopAdapter):
                  offset_source: str = "pair", duplicates: str = "keep", load_images: bool = False,
                  cameras: bool = False, side_labels: bool = False, intensity_scale: float = 255.0,
                  skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
-                 history_frames: int = 0, sensors: Mapping | None = None):
+                 history_frames: int = 0, sensors: Mapping | None = None,
+                 cache_dir: str | Path | None = None):
         super().__init__(skip_bad_frames, history_frames, sensors)
+        given_root = Path(root)
         if offset_source not in ("pair", "calib", "none"):
             raise ValueError(f"offset_source must be 'pair', 'calib' or 'none', got {offset_source!r}")
         if duplicates not in ("keep", "first", "last"):
@@ -198,7 +203,8 @@ class DairV2XCAdapter(CoopAdapter):
         self.cameras = cameras or load_images
         self.side_labels = side_labels
         self.intensity_scale = intensity_scale
-        self.points = PointCache(cache_points_mb)
+        self.points = PointCache(cache_points_mb, disk_point_cache(
+            cache_dir, [given_root, root], f"dair:intensity/{float(intensity_scale)!r}"))
         self._json = lru_cache(maxsize=16384)(read_json)
         # Index rows dropped here, under skip_bad_frames, before any DataLoader worker exists:
         # the index shrinks once, the same in every process.

@@ -23,6 +23,10 @@ its ``intrinsic`` and its pose from its ``cords`` and ``lidar_pose`` (see
 naming it, as is a PNG beside a yaml that does not calibrate its camera); without, no image
 file is opened and the size comes from K (``cx = W / 2``, ``cy = H / 2``). ``sensors``
 (``dataset.sensors``, :mod:`v2xfuse.datasets.sensors`) says which agents have which.
+
+Decoded clouds (right-handed, after the y flip) can be kept in memory (``cache_points_mb``, an
+LRU) and on disk (``cache_dir``, outside ``root``: :mod:`v2xfuse.datasets.point_cache`), where
+later epochs, DataLoader workers and runs memory-map them instead of parsing the PCD again.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from ..registry import DATASETS
 from ..structures.boxes import transform_boxes
 from ..structures.coop import AgentObs, CameraObs, CoopFrame
 from ..structures.transforms import invert_transform
-from .base import CoopAdapter, DatasetError, PointCache, load_point_file, reading
+from .base import CoopAdapter, DatasetError, PointCache, disk_point_cache, load_point_file, reading
 from .images import read_image
 
 __all__ = ["Opv2vAdapter", "Opv2vMeta", "CAMERA_NAMES"]
@@ -98,7 +102,7 @@ class Opv2vAdapter(CoopAdapter):
                  camera_names: tuple[str, ...] = CAMERA_NAMES,
                  load_images: bool = False, skip_bad_frames: bool = False, cache_points_mb: float = 0.0,
                  meta_cache_size: int = 65536, history_frames: int = 0,
-                 sensors: Mapping | None = None):
+                 sensors: Mapping | None = None, cache_dir: str | Path | None = None):
         super().__init__(skip_bad_frames, history_frames, sensors)
         if ego not in ("first", "each"):
             raise ValueError(f"ego must be 'first' or 'each', got {ego!r}")
@@ -113,7 +117,8 @@ class Opv2vAdapter(CoopAdapter):
         self.include_rsu = include_rsu
         self.camera_names = tuple(camera_names)
         self.load_images = load_images
-        self.points = PointCache(cache_points_mb)
+        # the variant names what _flip_points does: entries of another decoding never match
+        self.points = PointCache(cache_points_mb, disk_point_cache(cache_dir, [self.root], "opv2v:flip_y"))
         self._meta = lru_cache(maxsize=meta_cache_size)(self._read_meta)
         # scenario -> agent id -> sorted keys
         self.scenarios: dict[str, dict[str, list[str]]] = {}

@@ -28,7 +28,7 @@ What ``--resume`` does:
   ``pipeline``, ``model`` and ``train`` must be the same (``train`` compared with its defaults
   filled in), except ``train.steps`` and the ``train`` keys that take effect on resume without
   changing what is trained (``num_workers``, ``log_every``, ``checkpoint_every``, ``val_every``,
-  ``val_frames``: :data:`RESUME_ALLOWED_CHANGES`). Any other difference is a
+  ``val_frames``, and ``dataset.cache_dir``: :data:`RESUME_ALLOWED_CHANGES`). Any other difference is a
   :class:`ResumeError` listing each key with both values, raised before anything in the work
   dir is written. ``eval`` and ``channel`` may change: they only affect validation.
 * A larger (or smaller, but not below the checkpoint's step) ``train.steps`` extends the run.
@@ -82,12 +82,13 @@ __all__ = ["TrainConfig", "Trainer", "EpochSampler", "save_checkpoint", "load_ch
 # Sections a checkpoint's weights and optimizer state depend on; --resume may change only
 # RESUME_ALLOWED_CHANGES in them: train.steps (extends the run), and the keys that take effect
 # on resume without changing what is trained (loader processes, logging, checkpoint and
-# validation cadence, DDP's search for unused parameters; the weights do not depend on
-# num_workers, see tests/engine/test_train.py).
+# validation cadence, DDP's search for unused parameters, where decoded clouds are cached: the
+# cache serves the points the source would; the weights do not depend on num_workers, see
+# tests/engine/test_train.py).
 RESUME_CHECKED_SECTIONS = ("dataset", "pipeline", "model", "train")
 RESUME_ALLOWED_CHANGES = ("train.steps", "train.num_workers", "train.log_every",
                           "train.checkpoint_every", "train.val_every", "train.val_frames",
-                          "train.find_unused_parameters")
+                          "train.find_unused_parameters", "dataset.cache_dir")
 _TRAINER_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "torch_rng")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Speed of OpenCOOD-style evaluation against OpenCOOD's own loop, on a generated 2000-frame set.
 
-    python tools/bench_eval.py [--frames 2000] [--repeat 5] [--reference-repeat N] [--seed 0] [--keep DIR]
+    python tools/bench_eval.py [--frames 2000] [--repeat 5] [--reference-repeat N] [--seed 0]
+                                [--keep DIR]
 
 Generates street frames (cars in lanes and parked rows over +-100 m x +-16 m, 0 to 40 per frame;
 detections are jittered copies of 90 % of them, some turned by pi, some duplicated, plus strays;

@@ -150,3 +150,31 @@ def test_eval_tool_file_path_does_not_import_torch(tmp_path, opencood_vectors):
         assert "v2xfuse.evaluation.files" in imported
         assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
     assert "AP@0.3 0.6000" in _run_tool(["--pred", str(pred), "--gt", str(gt)]).stdout
+
+
+_SCORE_WITHOUT_TORCH = """
+import importlib.util, json, sys
+from v2xfuse.evaluation.files import score_files
+spec = importlib.util.spec_from_file_location("eval_tool", sys.argv[3])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))  # tools/eval.py's imports
+aps = {mode: [r.ap for r in score_files(sys.argv[1], sys.argv[2], mode=mode)]
+       for mode in ("opencood", "dair")}
+print(json.dumps({"torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
+                  "ap": aps["opencood"][0], "dair_rows": len(aps["dair"])}))
+"""
+
+
+def test_file_scoring_leaves_torch_unimported(tmp_path, opencood_vectors):
+    """Importing the file-scoring path and scoring both protocols loads no torch module."""
+    pred, gt = tmp_path / "pred.json", tmp_path / "gt.json"
+    files.write_predictions(pred, [FrameBoxes(f, d, s) for f, d, s, _ in opencood_vectors])
+    files.write_ground_truth(gt, [FrameBoxes(f, g) for f, _, _, g in opencood_vectors])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    done = subprocess.run([sys.executable, "-c", _SCORE_WITHOUT_TORCH, str(pred), str(gt),
+                           str(ROOT / "tools" / "eval.py")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["torch"] == []
+    assert out["ap"]["0.3"] == pytest.approx(0.6) and out["dair_rows"] == 8

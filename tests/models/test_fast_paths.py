@@ -64,3 +64,34 @@ def test_anchor_head_one_conv_matches_separate_convs():
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5)
         # checkpoints keep the separate parameter names
         assert {"cls.weight", "reg.weight", "dir.bias"} <= set(head.state_dict())
+
+
+def _random_rigid(gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    t = torch.eye(4, dtype=torch.float64)
+    t[:3, :3] = q * torch.sign(torch.det(q))
+    t[:3, 3] = torch.randn(3, generator=gen, dtype=torch.float64) * 30
+    return t
+
+
+def test_sender_points_move_like_per_point_homogeneous_transform():
+    from v2xfuse.models.detector import _move_agents_points
+
+    gen = torch.Generator().manual_seed(1)
+    n, p = 4, 500
+    agent = torch.randint(0, n, (p,), generator=gen).float()
+    points = torch.cat([agent[:, None], torch.rand(p, 3, generator=gen) * 100 - 50,
+                        torch.rand(p, 1, generator=gen)], 1)
+    a = torch.stack([_random_rigid(gen) for _ in range(n)])
+    moved = [1, 3]
+    for i in range(n):
+        if i not in moved:
+            a[i] = torch.eye(4, dtype=torch.float64)
+    per_point = a[agent.long()].to(points.dtype)
+    ref_xyz = torch.einsum("pij,pj->pi", per_point[:, :3, :3], points[:, 1:4]) + per_point[:, :3, 3]
+    out = _move_agents_points(points, a, moved)
+    torch.testing.assert_close(out[:, 1:4], ref_xyz, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out[:, [0, 4]], points[:, [0, 4]], rtol=0, atol=0)
+    still = (agent != 1) & (agent != 3)
+    assert torch.equal(out[still], points[still])
+    assert not torch.allclose(out[agent == 1, 1:4], points[agent == 1, 1:4])

@@ -95,3 +95,29 @@ def test_sender_points_move_like_per_point_homogeneous_transform():
     still = (agent != 1) & (agent != 3)
     assert torch.equal(out[still], points[still])
     assert not torch.allclose(out[agent == 1, 1:4], points[agent == 1, 1:4])
+
+
+def test_voxelizer_same_voxels_for_grouped_and_shuffled_points():
+    from v2xfuse.models.voxelize import Voxelizer
+
+    gen = torch.Generator().manual_seed(2)
+    vox = Voxelizer([0.8, 0.8, 8.0], [-8.0, -8.0, -5.0, 8.0, 8.0, 3.0], 4, 1000)
+    n, p = 3, 900
+    agent = torch.sort(torch.randint(0, n, (p,), generator=gen)).values.float()
+    xyz = torch.rand(p, 3, generator=gen) * torch.tensor([16.0, 16.0, 8.0]) - torch.tensor([8.0, 8.0, 5.0])
+    grouped = torch.cat([agent[:, None], xyz, torch.rand(p, 1, generator=gen)], 1)
+    # reference: the old path, a stable argsort by agent whatever the order
+    shuffled = grouped[torch.randperm(p, generator=gen)]
+    order = torch.argsort(shuffled[:, 0].long(), stable=True)
+    for got, want in [(vox(grouped, n), None), (vox(shuffled, n), vox(shuffled[order], n))]:
+        if want is None:  # grouped input: the same as voxelising each agent alone
+            for i in range(n):
+                alone = vox(torch.cat([torch.zeros_like(grouped[agent == i, :1]),
+                                       grouped[agent == i, 1:]], 1), 1)
+                sel = got.coords[:, 0] == i
+                torch.testing.assert_close(got.features[sel], alone.features, rtol=0, atol=0)
+                torch.testing.assert_close(got.coords[sel, 1:], alone.coords[:, 1:], rtol=0, atol=0)
+            continue
+        torch.testing.assert_close(got.features, want.features, rtol=0, atol=0)
+        torch.testing.assert_close(got.coords, want.coords, rtol=0, atol=0)
+        torch.testing.assert_close(got.num_points, want.num_points, rtol=0, atol=0)

@@ -121,3 +121,71 @@ def test_voxelizer_same_voxels_for_grouped_and_shuffled_points():
         torch.testing.assert_close(got.features, want.features, rtol=0, atol=0)
         torch.testing.assert_close(got.coords, want.coords, rtol=0, atol=0)
         torch.testing.assert_close(got.num_points, want.num_points, rtol=0, atol=0)
+
+
+def _shift_reference(feature, dx, dy):
+    out = torch.zeros_like(feature)
+    ny, nx = feature.shape[-2:]
+    if abs(dx) < nx and abs(dy) < ny:
+        out[:, max(dy, 0):ny + min(dy, 0), max(dx, 0):nx + min(dx, 0)] = \
+            feature[:, max(-dy, 0):ny + min(-dy, 0), max(-dx, 0):nx + min(-dx, 0)]
+    return out
+
+
+def test_shift_map_matches_zero_and_slice():
+    from v2xfuse.structures.bev import shift_map
+
+    f = torch.randn(3, 5, 7)
+    for dx, dy in [(0, 0), (2, -1), (-3, 4), (6, 0), (7, 0), (0, -5), (-9, 9)]:
+        torch.testing.assert_close(shift_map(f, dx, dy), _shift_reference(f, dx, dy), rtol=0, atol=0)
+
+
+def test_max_fusion_matches_stack_and_warp_reference():
+    from v2xfuse.comm.received import Received
+    from v2xfuse.fusion.base import Arrivals
+    from v2xfuse.fusion.basic import MaxFusion
+    from v2xfuse.structures.bev import BevGrid, ego_to_agent_theta
+
+    gen = torch.Generator().manual_seed(3)
+    grid = BevGrid(-6.4, -6.4, 6.4, 6.4, 0.8)
+    c = 4
+    poses = []
+    for dx, dy in [(3, -2), (0, 0), (-5, 1)]:  # ego-aligned: whole-cell shifts
+        t = torch.eye(4)
+        t[0, 3], t[1, 3] = dx * grid.cell, dy * grid.cell
+        poses.append(t)
+    rotated = _random_rigid(gen).float()
+    rotated[:3, 3] = torch.tensor([1.3, -0.7, 0.0])
+    poses.insert(1, rotated)
+    ego = torch.randn(c, grid.ny, grid.nx, generator=gen).relu().requires_grad_(True)
+    maps = [torch.randn(c, grid.ny, grid.nx, generator=gen).requires_grad_(True) for _ in poses]
+    # ties with the ego and with zeros, where the maximum's gradient splits
+    with torch.no_grad():
+        maps[0][:, :2] = 0.0
+        maps[2][:, 3:5] = ego[:, 3:5]
+    msgs = [Received(0, k + 1, {"features": m}, p) for k, (m, p) in enumerate(zip(maps, poses))]
+    arrived = Arrivals(0, ego, msgs, torch.stack(poses), grid)
+    out = MaxFusion.fuse_one(arrived)
+
+    ego_r = ego.detach().clone().requires_grad_(True)
+    maps_r = [m.detach().clone().requires_grad_(True) for m in maps]
+    warped = []
+    for m, p in zip(maps_r, poses):
+        dx, dy = round(float(p[0, 3]) / grid.cell), round(float(p[1, 3]) / grid.cell)
+        if p is not rotated:
+            warped.append(_shift_reference(m, dx, dy))
+        else:
+            theta = ego_to_agent_theta(p[None].double(), grid).float()
+            sampling = torch.nn.functional.affine_grid(theta, [1, c, grid.ny, grid.nx], align_corners=False)
+            warped.append(torch.nn.functional.grid_sample(m[None], sampling, mode="bilinear",
+                                                          align_corners=False)[0])
+    ref = ego_r
+    for w in torch.stack(warped).unbind(0):
+        ref = torch.maximum(ref, w)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(out.shape, generator=gen)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(ego.grad, ego_r.grad, rtol=1e-5, atol=1e-5)
+    for m, m_r in zip(maps, maps_r):
+        torch.testing.assert_close(m.grad, m_r.grad, rtol=1e-5, atol=1e-5)

@@ -189,3 +189,19 @@ def test_max_fusion_matches_stack_and_warp_reference():
     torch.testing.assert_close(ego.grad, ego_r.grad, rtol=1e-5, atol=1e-5)
     for m, m_r in zip(maps, maps_r):
         torch.testing.assert_close(m.grad, m_r.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_malloc_tuning_applies_once_and_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+
+    code = "import v2xfuse.models; from v2xfuse.utils.malloc import tune_malloc; print(tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "V2XFUSE_TUNE_MALLOC")}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        check=True).stdout.strip()
+    off = subprocess.run([sys.executable, "-c", code], env=dict(env, V2XFUSE_TUNE_MALLOC="0"),
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert off == "disabled"
+    expected = "tuned" if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6") else on
+    assert on == expected

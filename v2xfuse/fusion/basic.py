@@ -5,6 +5,7 @@ import torch
 
 from ..comm.received import Received
 from ..registry import FUSION
+from ..structures.bev import _resample, shift_map, whole_cell_shifts
 from ..structures.boxes import transform_boxes
 from ..structures.detections import Detections
 from .base import (Arrivals, Contract, FusionMethod, FusionState, fuse_each_sample,
@@ -143,9 +144,26 @@ class MaxFusion(DenseMapFusion):
 
     @staticmethod
     def fuse_one(arrived: Arrivals) -> torch.Tensor:
-        fused = arrived.ego
-        for w in arrived.warped(arrived.stacked("features")).unbind(0):
-            fused = torch.maximum(fused, w)
+        # The max of the ego's map and each warped map in turn, without stacking the payloads
+        # or the warped maps: a map shifted by whole cells (ego-aligned senders) is one padded
+        # copy; only rotated senders are stacked for the resampler.
+        ego = arrived.ego
+        shifts, is_shift = whole_cell_shifts(arrived.ego_from_sender, arrived.grid)
+        is_shift = is_shift.tolist()
+        rotated = [k for k, ok in enumerate(is_shift) if not ok]
+        resampled = iter(())
+        if rotated:
+            maps = torch.stack([arrived.messages[k].payload["features"].to(ego.dtype) for k in rotated])
+            resampled = iter(_resample(maps, arrived.ego_from_sender[rotated], arrived.grid,
+                                       "bilinear").unbind(0))
+        fused = ego
+        for k, message in enumerate(arrived.messages):
+            if is_shift[k]:
+                dx, dy = shifts[k].tolist()
+                warped = shift_map(message.payload["features"].to(ego.dtype), dx, dy)
+            else:
+                warped = next(resampled)
+            fused = torch.maximum(fused, warped)
         return fused
 
 

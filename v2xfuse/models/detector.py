@@ -421,10 +421,7 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
     a[idx, :3, :3] = p[:, :3, :3]
     a[idx, :3, 3] = p[:, :3, 3] - shift
     a_inv = torch.linalg.inv(a)
-    pts = batch.points
-    per_point = a[pts[:, 0].long()].to(pts.dtype)
-    xyz = torch.einsum("pij,pj->pi", per_point[:, :3, :3], pts[:, 1:4]) + per_point[:, :3, 3]
-    points = torch.cat([pts[:, :1], xyz, pts[:, 4:]], 1)
+    points = _move_agents_points(batch.points, a, agents)
     true_pose = batch.true_ego_from_agent
     if true_pose is not None:
         true_pose = (true_pose.to(torch.float64) @ a_inv).to(true_pose.dtype)
@@ -437,3 +434,21 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
         history = replace(history, agent_from_past=a[history.agent] @ history.agent_from_past)
     return replace(batch, points=points, ego_from_agent=(pose.to(torch.float64) @ a_inv).to(dtype),
                    true_ego_from_agent=true_pose, cameras=cameras, history=history)
+
+
+def _move_agents_points(points: torch.Tensor, agent_from_old: torch.Tensor,
+                        agents: list[int]) -> torch.Tensor:
+    """points (P, 5) [agent, x, y, z, intensity] with the listed agents' xyz moved by their
+    ``agent_from_old`` (N, 4, 4) (the others unchanged) -> a new (P, 5) tensor.
+
+    One 3x3 rotation and a translation per agent rather than a gathered 4x4 per point: the
+    per-point matrices cost 5-7 ms a frame on the OPV2V grid."""
+    out = points.clone()
+    agent = points[:, 0].long()
+    rot = agent_from_old[:, :3, :3].to(points.dtype)
+    trans = agent_from_old[:, :3, 3].to(points.dtype)
+    for i in agents:
+        rows = torch.nonzero(agent == i).squeeze(1)
+        if len(rows):
+            out[rows, 1:4] = torch.addmm(trans[i], points[rows, 1:4], rot[i].T)
+    return out

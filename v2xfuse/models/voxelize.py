@@ -61,9 +61,12 @@ class Voxelizer(nn.Module):
         """points: (P, 5) [agent, x, y, z, intensity] -> :class:`Voxels` of all agents."""
         gen = self._generator(points.device)
         agent = points[:, 0].long()
-        order = torch.argsort(agent, stable=True)
         counts = torch.bincount(agent, minlength=num_agents).tolist()
-        chunks = torch.split(points[order, 1:].contiguous(), counts)
+        # collate stacks the agents' clouds in order: then each agent's points are already one
+        # run and the stable argsort (1.2-1.7x the rest of the voxeliser) changes nothing.
+        if len(agent) > 1 and not bool((agent[1:] >= agent[:-1]).all()):
+            points = points[torch.argsort(agent, stable=True)]
+        chunks = torch.split(points[:, 1:].contiguous(), counts)
         feats, coords, npts = [], [], []
         for i, chunk in enumerate(chunks):
             if len(chunk) == 0:

@@ -94,14 +94,16 @@ def whole_cell_shifts(ego_from_agent: torch.Tensor, grid: BevGrid) -> tuple[torc
     return rounded.long(), is_shift
 
 
-def _shift(feature: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """(C, ny, nx) map moved by ``dx`` columns and ``dy`` rows, zeros where nothing moved in."""
-    out = torch.zeros_like(feature)
+def shift_map(feature: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(..., ny, nx) map moved by ``dx`` columns and ``dy`` rows, zeros where nothing moved in.
+    One padded copy (negative padding crops) rather than a zero map and a sliced copy."""
     ny, nx = feature.shape[-2:]
-    if abs(dx) < nx and abs(dy) < ny:
-        out[:, max(dy, 0):ny + min(dy, 0), max(dx, 0):nx + min(dx, 0)] = \
-            feature[:, max(-dy, 0):ny + min(-dy, 0), max(-dx, 0):nx + min(-dx, 0)]
-    return out
+    if abs(dx) >= nx or abs(dy) >= ny:
+        return torch.zeros_like(feature)
+    return F.pad(feature, (dx, -dx, dy, -dy))
+
+
+_shift = shift_map
 
 
 def _resample(features: torch.Tensor, ego_from_agent: torch.Tensor, grid: BevGrid,

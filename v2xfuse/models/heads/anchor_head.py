@@ -160,10 +160,19 @@ class AnchorHead(Head):
         the module's mode (the module stays as it is)."""
         if self.dropout > 0 and (self.training or mc):
             x = F.dropout2d(x, self.dropout, training=True)
-        if not self.uncertainty:
-            return HeadOutput(self.cls(x), self.reg(x), self.dir(x))
-        return HeadOutput(self.cls(x), self.reg(x), self.dir(x), self.log_var(x),
-                          self.log_var_cls(x))
+        convs = self._convs()
+        # One 1x1 conv over the concatenated weights reads the input map once instead of once
+        # per output (the separate convs made the head 1.5x OpenCOOD's); the parameters stay
+        # separate, so checkpoints keep their names.
+        weight = torch.cat([c.weight for c in convs])
+        bias = torch.cat([c.bias for c in convs])
+        maps = F.conv2d(x, weight, bias).split([c.out_channels for c in convs], dim=1)
+        return HeadOutput(*maps)
+
+    def _convs(self) -> list[nn.Conv2d]:
+        """The 1x1 convs in :class:`HeadOutput`'s field order."""
+        convs = [self.cls, self.reg, self.dir]
+        return convs + [self.log_var, self.log_var_cls] if self.uncertainty else convs
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) per-agent features -> (N, 1, H, W) max anchor probability per cell

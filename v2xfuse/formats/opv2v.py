@@ -244,6 +244,23 @@ def _entry_error(field_name: str, e: Exception) -> ValueError:
     return ValueError(text if text.startswith(field_name) else f"{field_name}: {text}")
 
 
+def _valid_inputs(vehicles: dict):
+    """(ids (M,) int64, (loc, angle, centre, half) each (M, 3) float64) when every entry passes
+    :func:`_vehicle_inputs` and has an integer id, converted in one go; else None."""
+    if not vehicles:
+        return None
+    try:
+        ids = np.array([int(vid) for vid in vehicles], dtype=np.int64)
+        values = np.array([[entry["location"], entry["angle"], entry["center"], entry["extent"]]
+                           for entry in vehicles.values()], dtype=np.float64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if values.shape != (len(vehicles), 4, 3) or not np.all(np.isfinite(values)) or \
+            np.any(values[:, 3] < 0) or not all(type(e) is dict for e in vehicles.values()):
+        return None
+    return ids, tuple(np.ascontiguousarray(values[:, k]) for k in range(4))
+
+
 def vehicle_boxes(meta: dict, world_from_lidar: np.ndarray, where: str):
     """(ids (M,) int64, boxes (M, 7) in the right-handed LiDAR frame) of a yaml's ``vehicles``.
 
@@ -252,6 +269,13 @@ def vehicle_boxes(meta: dict, world_from_lidar: np.ndarray, where: str):
     applied to each entry.
     """
     vehicles = _vehicles(meta, where)
+    fast = _valid_inputs(vehicles)
+    if fast is not None:
+        ids, (loc, angle, centre, half) = fast
+        boxes = _vehicle_boxes_in_lidar(loc, angle, centre, half, world_from_lidar)
+        if np.all(np.isfinite(boxes)):
+            return ids, np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    # Something is wrong (or there is nothing): check entry by entry to name the first culprit.
     ids, inputs = [], []
     pending = None  # (vehicle index, error) of the first entry that fails its own checks
     for index, (vid, entry) in enumerate(vehicles.items()):

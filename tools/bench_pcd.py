@@ -100,7 +100,7 @@ def main() -> None:
         import open3d as o3d
     except ImportError:
         o3d = None
-        print("open3d is not importable: timing v2xfuse only (see tools/README or "
+        print("open3d is not importable: timing v2xfuse only (README, Benchmarks: "
               "`pip install --target DIR open3d` and PYTHONPATH=DIR to compare)")
     compiled = _ext.extension() is not None
     if not compiled:

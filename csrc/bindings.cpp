@@ -3,15 +3,21 @@
 // The ops go through the dispatcher (TORCH_LIBRARY) rather than pybind11: the dispatcher picks
 // the CPU or CUDA kernel from the tensors' device, the ops work with torch.compile and
 // torch.library, and this file does not need the heavy <torch/extension.h>. Importing
-// v2xfuse._C loads this shared library, whose static initialisers register the ops; the Python
-// module itself is empty apart from `with_cuda`.
+// v2xfuse._C loads this shared library, whose static initialisers register the ops. The Python
+// module holds `with_cuda` and the PCD decoders (`lzf_decompress`, `pcd_ascii_parse`), which work
+// on bytes rather than tensors and so are plain Python C-API functions; they release the GIL.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "bev_pool/bev_pool.h"
 #include "box_geometry.h"
 #include "box_iou/box_iou.h"
+#include "lzf/lzf.h"
 #include "nms_rotated/nms_rotated.h"
+#include "pcd_ascii/pcd_ascii.h"
+
+#include <string>
+#include <vector>
 
 namespace v2xfuse {
 namespace {
@@ -94,8 +100,105 @@ PyObject* with_cuda(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+// lzf_decompress(data: bytes-like, out_size: int) -> bytearray; ValueError names the problem.
+PyObject* lzf_decompress(PyObject*, PyObject* args) {
+  Py_buffer in;
+  Py_ssize_t out_size;
+  if (!PyArg_ParseTuple(args, "y*n:lzf_decompress", &in, &out_size)) return nullptr;
+  if (out_size < 0) {
+    PyBuffer_Release(&in);
+    PyErr_Format(PyExc_ValueError, "%zd compressed bytes cannot expand to %zd bytes", in.len,
+                 out_size);
+    return nullptr;
+  }
+  // Checked before allocating, so a hostile size cannot ask for more than 88x the input.
+  std::string error;
+  if (static_cast<size_t>(out_size) / 88 > static_cast<size_t>(in.len)) {
+    v2xfuse::lzf_decode(static_cast<const uint8_t*>(in.buf), in.len, nullptr, out_size, &error);
+    PyBuffer_Release(&in);
+    PyErr_SetString(PyExc_ValueError, error.c_str());
+    return nullptr;
+  }
+  PyObject* out = PyByteArray_FromStringAndSize(nullptr, out_size);
+  if (out == nullptr) {
+    PyBuffer_Release(&in);
+    return nullptr;
+  }
+  bool ok;
+  Py_BEGIN_ALLOW_THREADS
+  ok = v2xfuse::lzf_decode(static_cast<const uint8_t*>(in.buf), in.len,
+                           reinterpret_cast<uint8_t*>(PyByteArray_AS_STRING(out)), out_size,
+                           &error);
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&in);
+  if (!ok) {
+    Py_DECREF(out);
+    PyErr_SetString(PyExc_ValueError, error.c_str());
+    return nullptr;
+  }
+  return out;
+}
+
+// pcd_ascii_parse(body: bytes-like, points: int, columns: tuple of (kind: str, size: int,
+// offset: int), row_bytes: int, out: writable buffer of points * row_bytes bytes)
+//   -> (status, line, found) as AsciiResult in pcd_ascii/pcd_ascii.h.
+PyObject* pcd_ascii_parse(PyObject*, PyObject* args) {
+  Py_buffer body, out;
+  Py_ssize_t points, row_bytes;
+  PyObject* column_specs;
+  if (!PyArg_ParseTuple(args, "y*nO!nw*:pcd_ascii_parse", &body, &points, &PyTuple_Type,
+                        &column_specs, &row_bytes, &out)) {
+    return nullptr;
+  }
+  auto release = [&]() {
+    PyBuffer_Release(&body);
+    PyBuffer_Release(&out);
+  };
+  std::vector<v2xfuse::AsciiColumn> columns;
+  const Py_ssize_t width = PyTuple_GET_SIZE(column_specs);
+  for (Py_ssize_t i = 0; i < width; ++i) {
+    const char* kind;
+    int size;
+    Py_ssize_t offset;
+    if (!PyArg_ParseTuple(PyTuple_GET_ITEM(column_specs, i), "sin", &kind, &size, &offset)) {
+      release();
+      return nullptr;
+    }
+    const bool valid = (kind[0] == 'f' && kind[1] == 0 && (size == 4 || size == 8)) ||
+                       ((kind[0] == 'i' || kind[0] == 'u') && kind[1] == 0 &&
+                        (size == 1 || size == 2 || size == 4 || size == 8));
+    if (!valid || offset < 0 || offset + size > row_bytes) {
+      release();
+      PyErr_Format(PyExc_ValueError, "pcd_ascii_parse: column %zd (%s, %d bytes at %zd) does not "
+                   "fit a record of %zd bytes", i, kind, size, offset, row_bytes);
+      return nullptr;
+    }
+    columns.push_back({kind[0], size, offset});
+  }
+  if (width == 0 || points < 0 || row_bytes <= 0 || out.len / row_bytes < points) {
+    release();
+    PyErr_Format(PyExc_ValueError, "pcd_ascii_parse: %zd columns, output of %zd bytes for %zd "
+                 "points of %zd bytes", width, out.len, points, row_bytes);
+    return nullptr;
+  }
+  v2xfuse::AsciiResult result;
+  Py_BEGIN_ALLOW_THREADS
+  result = v2xfuse::pcd_ascii_parse(static_cast<const char*>(body.buf), body.len, points, columns,
+                                    row_bytes, static_cast<uint8_t*>(out.buf));
+  Py_END_ALLOW_THREADS
+  release();
+  return Py_BuildValue("(iLL)", result.status, static_cast<long long>(result.line),
+                       static_cast<long long>(result.found));
+}
+
 PyMethodDef module_methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"lzf_decompress", lzf_decompress, METH_VARARGS,
+     "lzf_decompress(data, out_size) -> bytearray: an LZF stream that must expand to exactly "
+     "out_size bytes; ValueError names what is corrupt."},
+    {"pcd_ascii_parse", pcd_ascii_parse, METH_VARARGS,
+     "pcd_ascii_parse(body, points, columns, row_bytes, out) -> (status, line, found): a PCD "
+     "ascii body into packed records (see csrc/pcd_ascii/pcd_ascii.h)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

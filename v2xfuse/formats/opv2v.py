@@ -82,6 +82,20 @@ def _vector(entry: dict, key: str, where: str) -> np.ndarray:
     return arr
 
 
+def _vehicle_inputs(entry: dict, where: str):
+    """(location, [roll, yaw, pitch], center, extent), each (3,) finite float64, of a
+    ``vehicles[id]`` entry; ``KeyError`` for an absent field, ``ValueError`` for a bad one."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(entry).__name__}")
+    loc = _vector(entry, "location", where)
+    angle = _vector(entry, "angle", where)
+    centre = _vector(entry, "center", where)
+    half = _vector(entry, "extent", where)
+    if np.any(half < 0):
+        raise ValueError(f"{where}.extent: expected 3 non-negative half sizes, got {entry['extent']!r}")
+    return loc, angle, centre, half
+
+
 def vehicle_box_in_lidar(entry: dict, world_from_lidar_rh: np.ndarray,
                          where: str = "vehicle") -> np.ndarray:
     """(7,) finite box in our right-handed LiDAR frame from an OPV2V ``vehicles[id]`` entry.
@@ -92,19 +106,50 @@ def vehicle_box_in_lidar(entry: dict, world_from_lidar_rh: np.ndarray,
         world_from_lidar_rh: (4, 4) right-handed pose of the LiDAR the box is expressed in.
         where: names the entry in error messages (``"<file>: vehicles[12]"``).
     """
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(entry).__name__}")
-    loc = _vector(entry, "location", where)
-    roll, yaw, pitch = _vector(entry, "angle", where)
+    loc, (roll, yaw, pitch), centre, half = _vehicle_inputs(entry, where)
     world_from_actor = lh_to_rh(carla_pose_to_matrix([*loc, roll, yaw, pitch]))
-    centre_local = FLIP_Y[:3, :3] @ _vector(entry, "center", where)
-    half = _vector(entry, "extent", where)
-    if np.any(half < 0):
-        raise ValueError(f"{where}.extent: expected 3 non-negative half sizes, got {entry['extent']!r}")
+    centre_local = FLIP_Y[:3, :3] @ centre
     local = centre_local + CORNER_SIGNS * half
     lidar_from_actor = invert_transform(world_from_lidar_rh) @ world_from_actor
     corners = local @ lidar_from_actor[:3, :3].T + lidar_from_actor[:3, 3]
     return check_finite(corners_to_boxes(corners[None])[0], f"{where}: box")
+
+
+def _vehicle_boxes_in_lidar(loc: np.ndarray, angle: np.ndarray, centre: np.ndarray,
+                            half: np.ndarray, world_from_lidar_rh: np.ndarray) -> np.ndarray:
+    """(M, 7) boxes of M vehicles at once, bit for bit what :func:`vehicle_box_in_lidar` gives
+    each (possibly non-finite: the caller checks).
+
+    Args: loc, angle ``[roll, yaw, pitch]`` (degrees), centre, half: (M, 3) float64 as in the
+    yaml. Every step repeats the per-vehicle arithmetic in the same order: the trigonometry
+    with ``math`` (numpy's vectorised sin/cos may differ in the last bit), the rotation's
+    terms elementwise as :func:`carla_pose_to_matrix` writes them, the products as stacked
+    ``np.matmul`` (one BLAS call per matrix, the same call as the 2-D product), and the fit
+    through :func:`corners_to_boxes` on all boxes.
+    """
+    m = len(loc)
+    trig = np.array([[f(math.radians(v)) for v in row for f in (math.cos, math.sin)]
+                     for row in angle.tolist()], dtype=np.float64).reshape(m, 6)
+    cr, sr, cy, sy, cp, sp = trig.T
+    carla = np.zeros((m, 4, 4))
+    carla[:, 3, 3] = 1.0
+    carla[:, :3, 3] = loc
+    carla[:, 0, 0] = cp * cy
+    carla[:, 0, 1] = cy * sp * sr - sy * cr
+    carla[:, 0, 2] = -cy * sp * cr - sy * sr
+    carla[:, 1, 0] = sy * cp
+    carla[:, 1, 1] = sy * sp * sr + cy * cr
+    carla[:, 1, 2] = -sy * sp * cr + cy * sr
+    carla[:, 2, 0] = sp
+    carla[:, 2, 1] = -cp * sr
+    carla[:, 2, 2] = cp * cr
+    world_from_actor = np.matmul(np.matmul(FLIP_Y, carla), FLIP_Y)
+    centre_local = np.matmul(FLIP_Y[:3, :3], centre[:, :, None])[:, :, 0]
+    local = centre_local[:, None, :] + CORNER_SIGNS * half[:, None, :]
+    lidar_from_actor = np.matmul(invert_transform(world_from_lidar_rh), world_from_actor)
+    corners = np.matmul(local, lidar_from_actor[:, :3, :3].transpose(0, 2, 1)) + \
+        lidar_from_actor[:, None, :3, 3]
+    return corners_to_boxes(corners)
 
 
 def vehicle_entry_from_box(box_world_rh: np.ndarray, speed_mps: float,
@@ -185,22 +230,88 @@ def world_from_lidar_rh(meta: dict, where: str) -> np.ndarray:
     return lh_to_rh(carla_pose_to_matrix(_pose6(meta, "lidar_pose", where)))
 
 
-def vehicle_boxes(meta: dict, world_from_lidar: np.ndarray, where: str):
-    """(ids (M,) int64, boxes (M, 7) in the right-handed LiDAR frame) of a yaml's ``vehicles``."""
+def _vehicles(meta: dict, where: str) -> dict:
     vehicles = meta.get("vehicles") or {}
     if not isinstance(vehicles, dict):
         raise ValueError(f"{where}: field 'vehicles' must be a mapping, got {type(vehicles).__name__}")
+    return vehicles
+
+
+def _entry_error(field_name: str, e: Exception) -> ValueError:
+    if isinstance(e, KeyError):
+        return ValueError(f"{field_name}: missing field {e.args[0]!r}")
+    text = str(e)
+    return ValueError(text if text.startswith(field_name) else f"{field_name}: {text}")
+
+
+def _valid_inputs(vehicles: dict):
+    """(ids (M,) int64, (loc, angle, centre, half) each (M, 3) float64) when every entry passes
+    :func:`_vehicle_inputs` and has an integer id, converted in one go; else None."""
+    if not vehicles:
+        return None
+    try:
+        ids = np.array([int(vid) for vid in vehicles], dtype=np.int64)
+        values = np.array([[entry["location"], entry["angle"], entry["center"], entry["extent"]]
+                           for entry in vehicles.values()], dtype=np.float64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if values.shape != (len(vehicles), 4, 3) or not np.all(np.isfinite(values)) or \
+            np.any(values[:, 3] < 0) or not all(type(e) is dict for e in vehicles.values()):
+        return None
+    return ids, tuple(np.ascontiguousarray(values[:, k]) for k in range(4))
+
+
+def vehicle_boxes(meta: dict, world_from_lidar: np.ndarray, where: str):
+    """(ids (M,) int64, boxes (M, 7) in the right-handed LiDAR frame) of a yaml's ``vehicles``.
+
+    All boxes are computed in one batch; values and errors (the first bad vehicle in file
+    order, as a per-vehicle loop would find it) are those of :func:`vehicle_box_in_lidar`
+    applied to each entry.
+    """
+    vehicles = _vehicles(meta, where)
+    fast = _valid_inputs(vehicles)
+    if fast is not None:
+        ids, (loc, angle, centre, half) = fast
+        boxes = _vehicle_boxes_in_lidar(loc, angle, centre, half, world_from_lidar)
+        if np.all(np.isfinite(boxes)):
+            return ids, np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    # Something is wrong (or there is nothing): check entry by entry to name the first culprit.
+    ids, inputs = [], []
+    pending = None  # (vehicle index, error) of the first entry that fails its own checks
+    for index, (vid, entry) in enumerate(vehicles.items()):
+        field_name = f"{where}: vehicles[{vid}]"
+        try:
+            inputs.append(_vehicle_inputs(entry, field_name))
+            ids.append(int(vid))
+        except (KeyError, TypeError, ValueError) as e:
+            pending = (index, _entry_error(field_name, e))
+            break
+    boxes = np.zeros((0, 7))
+    if inputs:
+        loc, angle, centre, half = (np.stack(column) for column in zip(*inputs))
+        boxes = _vehicle_boxes_in_lidar(loc, angle, centre, half, world_from_lidar)
+        bad = np.flatnonzero(~np.all(np.isfinite(boxes), axis=1))
+        if len(bad) and (pending is None or bad[0] <= pending[0]):
+            vid = list(vehicles)[bad[0]]
+            raise ValueError(f"{where}: vehicles[{vid}]: box: expected finite numbers, got "
+                             f"{boxes[bad[0]].tolist()!r}")
+    if pending is not None:
+        raise pending[1]
+    return np.array(ids, dtype=np.int64), np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+
+
+def _vehicle_boxes_per_entry(meta: dict, world_from_lidar: np.ndarray, where: str):
+    """:func:`vehicle_boxes` one vehicle at a time: the reference its tests and
+    ``tools/bench_pcd.py`` compare against."""
+    vehicles = _vehicles(meta, where)
     ids, boxes = [], []
     for vid, entry in vehicles.items():
         field_name = f"{where}: vehicles[{vid}]"
         try:
             boxes.append(vehicle_box_in_lidar(entry, world_from_lidar, field_name))
             ids.append(int(vid))
-        except KeyError as e:
-            raise ValueError(f"{field_name}: missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            text = str(e)
-            raise ValueError(text if text.startswith(field_name) else f"{field_name}: {text}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise _entry_error(field_name, e) from None
     return np.array(ids, dtype=np.int64), np.array(boxes, dtype=np.float64).reshape(-1, 7)
 
 

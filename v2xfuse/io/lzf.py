@@ -11,12 +11,18 @@ Stream format (liblzf ``lzf_d.c`` semantics), a sequence of tokens each led by a
 
 The stream carries no length of its own; the container (the PCD header) states the
 uncompressed size and the decoder checks that the stream produces exactly that many bytes.
+
+:func:`lzf_decompress` runs the C++ decoder of ``v2xfuse._C`` (``csrc/lzf/``) when it is built,
+and this module's Python decoder (:func:`lzf_decompress_python`) otherwise or with
+``V2XFUSE_NO_EXT=1``. Both make the same checks and raise the same messages.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LzfError", "lzf_compress", "lzf_decompress", "MAX_EXPANSION"]
+from ._ext import extension
+
+__all__ = ["LzfError", "lzf_compress", "lzf_decompress", "lzf_decompress_python", "MAX_EXPANSION"]
 
 _MAX_OFFSET = 1 << 13        # back-references reach at most 8192 bytes back
 _MAX_REF_LEN = 7 + 255 + 2   # 264: longest back-reference
@@ -34,6 +40,20 @@ class LzfError(ValueError):
 
 def lzf_decompress(data: bytes | bytearray | memoryview, out_size: int) -> bytearray:
     """Decompress an LZF stream that must expand to exactly ``out_size`` bytes.
+
+    Same contract as :func:`lzf_decompress_python`, in C++ when the extension is built.
+    """
+    ext = extension()
+    if ext is None or out_size < 0:  # the C++ side takes a size_t
+        return lzf_decompress_python(data, out_size)
+    try:
+        return ext.lzf_decompress(data, out_size)
+    except ValueError as e:
+        raise LzfError(str(e)) from None
+
+
+def lzf_decompress_python(data: bytes | bytearray | memoryview, out_size: int) -> bytearray:
+    """Decompress an LZF stream that must expand to exactly ``out_size`` bytes (pure Python).
 
     Args:
         data: the compressed stream.

@@ -235,7 +235,7 @@ def test_bench_latency_on_cuda(load_tool, tiny_config, tmp_path):
         total = r["stages"]["total"]["mean_ms"]
         measured = sum(r["stages"][s]["mean_ms"] for s in bench.STAGES)
         assert 0 < measured <= total + 1e-6
-        assert all(stages[s]["mean_ms"] >= 0 for s in bench.STAGES)
+        assert all(r["stages"][s]["mean_ms"] >= 0 for s in bench.STAGES)
 
 
 def test_bench_latency_times_the_camera_encoder_per_agent(load_tool, tmp_path, capsys):

@@ -108,8 +108,8 @@ SWEEPS: dict[str, list[SweepPoint]] = {
                             (0.3, 0.5, 0.7, 1.0))
                     + _values("conf_threshold", "model.fusion.conf_threshold",
                               (0.01, 0.1, 0.3, 0.5))),
-    # The stream's size: the senders' queries scoring at least the threshold (smoke runs: about
-    # 53 / 28 / 14 KB per frame at 0.05 / 0.2 / 0.7).
+    # The stream's size: the senders' queries scoring at least the threshold (a query is about
+    # 480 bytes, configs/experimental/quest.yaml), so fewer, smaller messages as it rises.
     "quest": _values("score_threshold", "model.fusion.score_threshold", (0.05, 0.2, 0.7)),
     "query": SINGLE,
 }

@@ -7,7 +7,9 @@
     python tools/bench_bandwidth.py --config configs/quickstart.yaml --out /tmp/bw --steps 2 \\
         --frames 2 --set dataset.root=/tmp/bench_syn                      # smoke run
 
-For each method: the model is ``--checkpoints DIR/<method>/last.pt`` when that file exists,
+A method is a fusion type or a name in :data:`METHOD_MODELS` (``query``: the query head ego only;
+``quest``: its query streams), whose config gives the model's head and fusion. For each method: the
+model is the first ``DIR/<method>/last.pt`` of the ``--checkpoints DIR`` folders (repeatable),
 otherwise it is trained with the config's ``train`` budget (``--steps`` overrides it) into
 ``OUT/ckpt/<method>`` (an interrupted training continues). Then each point of the method's row
 in :data:`SWEEPS` is evaluated on the same validation frames, every message serialised through
@@ -26,6 +28,12 @@ turned off (``scale_unclamped``), which measures that defence. Rows go to ``OUT/
     python tools/bench_bandwidth.py --config configs/quickstart.yaml --out work_dirs/bench \
         --checkpoints work_dirs/bench/ckpt --attacks all
 
+Loss (``--packet-loss 0,0.3,0.6,0.9``): each method is scored at its operating point with the
+channel losing, at each rate, each query packet on its own (``channel.packet_loss``, the
+methods in :data:`PACKET_LOSS_METHODS`) or whole messages (``channel.loss``, the map methods);
+the row's knob names the key that applied. Rows go to ``OUT/loss.csv`` (resumable as above),
+``OUT/loss.md`` and ``OUT/ap_vs_loss.png`` (tools/bench_bandwidth_report.py writes the reports).
+
 A method whose fusion type is not registered is skipped with a warning. The model architecture
 comes from the checkpoint's config; dataset, pipeline, channel and evaluation settings come from
 ``--config`` and ``--set``, so every method is scored on the same frames and link.
@@ -35,6 +43,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
+import importlib.util
 import logging
 import math
 import sys
@@ -43,7 +53,10 @@ from pathlib import Path
 
 log = logging.getLogger("bench_bandwidth")
 
-__all__ = ["SweepPoint", "SWEEPS", "COLUMNS", "main", "run", "evaluate_detector"]
+__all__ = ["SweepPoint", "SWEEPS", "METHOD_MODELS", "PACKET_LOSS_METHODS", "COLUMNS", "main",
+           "run", "evaluate_detector", "fusion_type", "loss_points"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -95,14 +108,83 @@ SWEEPS: dict[str, list[SweepPoint]] = {
                             (0.3, 0.5, 0.7, 1.0))
                     + _values("conf_threshold", "model.fusion.conf_threshold",
                               (0.01, 0.1, 0.3, 0.5))),
+    # The stream's size: the senders' queries scoring at least the threshold (a query is about
+    # 480 bytes, configs/experimental/quest.yaml), so fewer, smaller messages as it rises.
+    "quest": _values("score_threshold", "model.fusion.score_threshold", (0.05, 0.2, 0.7)),
+    "query": SINGLE,
 }
 
-DEFAULT_METHODS = "none,early,late,max,attfuse,where2comm,codefilling"
+DEFAULT_METHODS = "none,early,late,max,attfuse,where2comm,codefilling,query,quest"
+
+#: bench method -> the config its model comes from, for the methods that are not just a fusion
+#: type on the bench config's detector: their ``model.head``, ``model.fusion`` and
+#: ``model.sender_frame`` replace the bench config's (encoder, backbone and data stay the
+#: bench's, so every method is trained on the same features). ``query`` is the query head with
+#: no cooperation (fusion ``none``): QUEST's ego-only baseline.
+METHOD_MODELS: dict[str, Path] = {
+    "query": REPO / "configs" / "experimental" / "query.yaml",
+    "quest": REPO / "configs" / "experimental" / "quest.yaml",
+}
+METHOD_MODEL_KEYS = ("head", "fusion", "sender_frame")
+
+#: methods whose messages are split into packets (one per query): ``--packet-loss`` drops
+#: their packets independently (``channel.packet_loss``); every other method loses whole
+#: messages at the same rate (``channel.loss``).
+PACKET_LOSS_METHODS = frozenset({"quest"})
 
 COLUMNS = ["method", "knob", "value", "bytes_per_frame", "bytes_per_frame_p95", "log2_bytes",
            "ap_30", "ap_50", "ap_70", "latency_ms_median", "frames", "dataset", "split",
            "sort_mode", "iou_type", "eval_range", "checkpoint_step"]
 ATTACK_COLUMNS = COLUMNS + ["rejected_messages"]
+
+
+def _sibling(name: str):
+    """tools/<name>.py as a module (tools are scripts, not a package; no sys.path edits)."""
+    key = f"_v2xfuse_tool_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _method_model(method: str) -> dict:
+    from v2xfuse.config import load_config
+
+    path = METHOD_MODELS[method]
+    model = load_config(path).get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("fusion"), dict):
+        raise SystemExit(f"{path}: METHOD_MODELS[{method!r}] needs a model.fusion section")
+    return model
+
+
+def fusion_type(method: str) -> str:
+    """The fusion type a bench method runs (``query`` -> ``none``; a fusion type -> itself)."""
+    if method in METHOD_MODELS:
+        return _method_model(method)["fusion"].get("type", "none")
+    return method
+
+
+def loss_points(method: str, rates: list[float]) -> list[SweepPoint]:
+    """One point per loss rate, the knob naming the channel key that applies it; a method
+    that sends nothing gets its single point (no loss can touch it)."""
+    if fusion_type(method) == "none":
+        return SINGLE
+    key = "channel.packet_loss" if method in PACKET_LOSS_METHODS else "channel.loss"
+    return [SweepPoint(key, f"{p:g}", (f"{key}={p}",)) for p in rates]
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--packet-loss: expected comma-separated rates, got {text!r}") from None
+    bad = [p for p in rates if not 0.0 <= p <= 1.0]
+    if not rates or bad:
+        raise SystemExit(f"--packet-loss: rates must lie in [0, 1], got {text!r}")
+    return sorted(set(rates))
 
 
 def attack_points(attacks: list[str], fraction: float, seed: int = 0) -> list[SweepPoint]:
@@ -187,21 +269,38 @@ class LoadedFrames:
 
 # ------------------------------------------------------------------------------------ models
 def method_config(cfg: dict, method: str) -> dict:
-    """``cfg`` with fusion method ``method`` (its fusion section kept when it already names it)."""
+    """``cfg`` set up to train ``method``: its fusion section kept when it already names the
+    method's fusion (and head), else replaced (by the :data:`METHOD_MODELS` config's sections
+    for the methods listed there)."""
     out = copy.deepcopy(cfg)
-    if out["model"].get("fusion", {}).get("type") != method:
-        out["model"]["fusion"] = {"type": method}
+    model = out["model"]
+    if method not in METHOD_MODELS:
+        if model.get("fusion", {}).get("type") != method:
+            model["fusion"] = {"type": method}
+        return out
+    own = _method_model(method)
+    if (model.get("fusion", {}).get("type") == own["fusion"].get("type")
+            and model.get("head", {}).get("type") == own.get("head", {}).get("type")):
+        return out
+    for key in METHOD_MODEL_KEYS:
+        if key in own:
+            model[key] = copy.deepcopy(own[key])
+        else:
+            model.pop(key, None)
     return out
 
 
-def obtain_checkpoint(cfg: dict, method: str, out_dir: Path, checkpoints: Path | None,
-                      steps: int | None, val_frames: int | None, device: str,
-                      progress: bool) -> Path:
-    """The method's ``last.pt``: given under ``checkpoints``, or trained into OUT/ckpt/<method>."""
+def obtain_checkpoint(cfg: dict, method: str, out_dir: Path,
+                      checkpoints: Path | list[Path] | None, steps: int | None,
+                      val_frames: int | None, device: str, progress: bool) -> Path:
+    """The method's ``last.pt``: the first ``<folder>/<method>/last.pt`` of ``checkpoints``
+    (one folder or several, searched in order), or trained into OUT/ckpt/<method>."""
     from v2xfuse.engine.trainer import Trainer, load_checkpoint
 
-    if checkpoints is not None and (checkpoints / method / "last.pt").is_file():
-        return checkpoints / method / "last.pt"
+    folders = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints or [])
+    for folder in folders:
+        if (Path(folder) / method / "last.pt").is_file():
+            return Path(folder) / method / "last.pt"
     train_cfg = method_config(cfg, method)
     train_cfg.setdefault("train", {})
     if steps:
@@ -255,6 +354,32 @@ def evaluate_point(method: str, point: SweepPoint, cfg: dict, state: dict, datas
     return row(method, point, summary, iou_type, int(state.get("step", -1)))
 
 
+def _attack_list(text: str | None) -> list[str]:
+    from v2xfuse.comm.attack import ATTACKS
+
+    if not text:
+        return []
+    names = list(ATTACKS) if text == "all" else [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise SystemExit(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)} or all")
+    return names
+
+
+
+def _points(method: str, attacks: list[str], fraction: float,
+            rates: list[float]) -> list[SweepPoint]:
+    """The points ``method`` is scored at in this run's mode."""
+    if attacks:  # an ego alone receives nothing to attack
+        points = attack_points(attacks, fraction)
+        return points[:1] if fusion_type(method) == "none" else points
+    if rates:
+        return loss_points(method, rates)
+    if method not in SWEEPS:
+        log.warning("%s: no sweep in SWEEPS, evaluating its single operating point", method)
+    return SWEEPS.get(method, SINGLE)
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -267,7 +392,11 @@ def run(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     attacks = _attack_list(args.attacks)
+    rates = _rates(args.packet_loss) if args.packet_loss else []
+    if attacks and rates:
+        raise SystemExit("--attacks and --packet-loss are separate runs: give one of them")
     csv_path, columns = ((out_dir / "attacks.csv", ATTACK_COLUMNS) if attacks else
+                         (out_dir / "loss.csv", COLUMNS) if rates else
                          (out_dir / "results.csv", COLUMNS))
     cfg = load_config(args.config, args.overrides)
     if (cfg.get("eval") or {}).get("mode", "opencood") != "opencood":
@@ -278,18 +407,11 @@ def run(args) -> int:
     done = {(r["method"], r["knob"], r["value"]) for r in read_rows(csv_path, columns)}
     dataset = None
     for method in methods:
-        if method not in FUSION:
-            log.warning("%s: no fusion method of that type is registered (known: %s); skipped",
-                        method, ", ".join(FUSION.names()))
+        if fusion_type(method) not in FUSION:
+            log.warning("%s: no fusion method of that type is registered (known: %s, and %s); "
+                        "skipped", method, ", ".join(FUSION.names()), ", ".join(METHOD_MODELS))
             continue
-        if attacks:  # an ego alone receives nothing to attack
-            points = attack_points(attacks, args.attack_fraction)
-            points = points[:1] if method == "none" else points
-        else:
-            if method not in SWEEPS:
-                log.warning("%s: no sweep in SWEEPS, evaluating its single operating point",
-                            method)
-            points = SWEEPS.get(method, SINGLE)
+        points = _points(method, attacks, args.attack_fraction, rates)
         todo = [p for p in points if (method, p.knob, p.value) not in done]
         if not todo:
             log.info("%s: every point already in %s", method, csv_path)
@@ -303,8 +425,8 @@ def run(args) -> int:
                         method, ckpt, trained_range, lidar_range)
             continue
         if dataset is None:  # one dataset for every method: the most history any needs
-            history = max(history_frames_needed({"fusion": {"type": m}})
-                          for m in methods if m in FUSION)
+            history = max(history_frames_needed({"fusion": {"type": fusion_type(m)}})
+                          for m in methods if fusion_type(m) in FUSION)
             dataset = build_dataset(cfg, "val", train=False,
                                     **({"history_frames": history} if history else {}))
             count = min(args.frames or len(dataset), len(dataset))
@@ -321,145 +443,33 @@ def run(args) -> int:
     if not rows:
         log.warning("no results to plot")
         return 1
+    report = _sibling("bench_bandwidth_report")
     if attacks:
-        write_attack_markdown(rows, out_dir / "attacks.md", args.attack_fraction)
+        report.write_attack_markdown(rows, out_dir / "attacks.md", args.attack_fraction)
         print(f"wrote {csv_path} and {out_dir / 'attacks.md'}")
         return 0
-    write_markdown(rows, out_dir / "results.md")
-    plot_ap_vs_bytes(rows, out_dir / "ap_vs_bytes.png")
+    if rates:
+        report.write_loss_markdown(rows, out_dir / "loss.md")
+        report.plot_ap_vs_loss(rows, out_dir / "ap_vs_loss.png")
+        print(f"wrote {csv_path}, {out_dir / 'loss.md'} and {out_dir / 'ap_vs_loss.png'}")
+        return 0
+    report.write_markdown(rows, out_dir / "results.md")
+    report.plot_ap_vs_bytes(rows, out_dir / "ap_vs_bytes.png")
     print(f"wrote {csv_path}, {out_dir / 'results.md'} and {out_dir / 'ap_vs_bytes.png'}")
     return 0
-
-
-# ------------------------------------------------------------------------------------ report
-def _float(text: str) -> float:
-    return float(text) if text not in ("", None) else float("nan")
-
-
-def write_markdown(rows: list[dict], path: Path) -> None:
-    """A markdown table of every row (KB = 1000 bytes), with the protocol in a note below."""
-    head = ("| method | knob | value | KB/frame | p95 KB/frame | log2 bytes | AP@0.3 | AP@0.5 "
-            "| AP@0.7 | latency ms |")
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        kb, p95 = _float(r["bytes_per_frame"]) / 1000, _float(r["bytes_per_frame_p95"]) / 1000
-        lines.append(f"| {r['method']} | {r['knob']} | {r['value']} | {kb:.2f} | {p95:.2f} | "
-                     f"{r['log2_bytes'] or '-'} | {r['ap_30']} | {r['ap_50']} | {r['ap_70']} | "
-                     f"{r['latency_ms_median']} |")
-    first = rows[0]
-    lines.append("")
-    lines.append(f"{first['dataset']} {first['split']} split, {first['frames']} frames, "
-                 f"OpenCOOD AP ({first['sort_mode']} sort, {first['iou_type'].upper()} IoU, range "
-                 f"{first['eval_range']}); bytes are the serialised messages of all "
-                 f"collaborators per frame.")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _attack_list(text: str | None) -> list[str]:
-    from v2xfuse.comm.attack import ATTACKS
-
-    if not text:
-        return []
-    names = list(ATTACKS) if text == "all" else [a.strip() for a in text.split(",") if a.strip()]
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown:
-        raise SystemExit(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)} or all")
-    return names
-
-
-def write_attack_markdown(rows: list[dict], path: Path, fraction: float) -> None:
-    """AP@0.5 per method (rows) clean, ego-only and under each attack (columns), then the
-    messages each attack had refused, by reason."""
-    ego = next((r["ap_50"] for r in rows if r["method"] == "none"), "-")
-    attacks = list(dict.fromkeys(r["value"] for r in rows if r["value"] != "clean"))
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
-    cell = {(r["method"], r["value"]): r for r in rows}
-    lines = ["| method | ego only | clean | " + " | ".join(attacks) + " |",
-             "|" + "---|" * (3 + len(attacks))]
-    for m in methods:
-        vals = [cell[(m, a)]["ap_50"] if (m, a) in cell else "-" for a in ["clean", *attacks]]
-        lines.append(f"| {m} | {ego} | " + " | ".join(vals) + " |")
-    lines += ["", f"AP@0.5 with the channel playing each attack on {fraction:.3g} of the "
-              "senders (each sender in each frame hostile with that probability).", "",
-              "| method | attack | rejected messages (reason:count) |", "|---|---|---|"]
-    for r in rows:
-        if r.get("rejected_messages"):
-            lines.append(f"| {r['method']} | {r['value']} | {r['rejected_messages']} |")
-    first = rows[0]
-    lines += ["", f"{first['dataset']} {first['split']} split, {first['frames']} frames, "
-              f"OpenCOOD AP ({first['sort_mode']} sort, {first['iou_type'].upper()} IoU)."]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def plot_ap_vs_bytes(rows: list[dict], path: Path) -> None:
-    """AP@0.5 against mean bytes per frame (log x): a line per method and knob, ego-only as a
-    dashed horizontal line, single-point methods as markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-o", "--s", ":^", "-.D"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    plotted_any, top = False, 0.0
-    for m_index, method in enumerate(methods):
-        mine = [r for r in rows if r["method"] == method]
-        colour = colours[m_index % len(colours)]
-        if method == "none":
-            ego_ap = _float(mine[0]["ap_50"])
-            ax.axhline(ego_ap, color="0.3", linestyle="--", linewidth=1.2,
-                       label="ego only (no messages)")
-            top = max(top, 0.0 if math.isnan(ego_ap) else ego_ap)
-            continue
-        knobs = list(dict.fromkeys(r["knob"] for r in mine))
-        for k_index, knob in enumerate(knobs):
-            pts = sorted((_float(r["bytes_per_frame"]), _float(r["ap_50"]))
-                         for r in mine if r["knob"] == knob)
-            pts = [(b, ap) for b, ap in pts if b > 0 and not math.isnan(ap)]  # log axis
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            label = method if knob == "-" and len(knobs) == 1 else f"{method} ({knob})"
-            if len(pts) == 1:
-                ax.plot(xs, ys, marker="*" if method == "early" else "o", markersize=12,
-                        linestyle="none", color=colour, label=label)
-            else:
-                ax.plot(xs, ys, styles[k_index % len(styles)], color=colour, label=label,
-                        markersize=5)
-            if knob == "codec":  # categorical values: name each point
-                for r in mine:
-                    if r["knob"] == knob and _float(r["bytes_per_frame"]) > 0:
-                        ax.annotate(r["value"], (_float(r["bytes_per_frame"]), _float(r["ap_50"])),
-                                    textcoords="offset points", xytext=(4, 4), fontsize=7,
-                                    color=colour)
-            top = max(top, *ys)
-            plotted_any = True
-    if plotted_any:
-        ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.02, min(1.02, max(0.1, 1.15 * top)))
-    ax.set_xlabel("communication volume: mean bytes per frame, all collaborators "
-                  "(log\u2082 scale)")
-    ax.set_ylabel(f"AP@0.5 ({rows[0]['iou_type'].upper()} IoU)")
-    first = rows[0]
-    ax.set_title(f"AP@0.5 vs bytes per frame \u2014 {first['dataset']} {first['split']} "
-                 f"({first['frames']} frames, {first['sort_mode']} sort)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (dataset, channel, eval)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated fusion methods")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated methods: fusion types, or names in METHOD_MODELS "
+                        "(query, quest)")
     p.add_argument("--out", required=True, help="output folder (results.csv, plots, ckpt/)")
-    p.add_argument("--checkpoints", type=Path, default=None,
-                   help="folder with <method>/last.pt trained models to use instead of training")
+    p.add_argument("--checkpoints", type=Path, action="append", default=[],
+                   help="folder with <method>/last.pt trained models to use instead of "
+                        "training (repeatable: the folders are searched in order)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps when a model is trained here (default: train.steps)")
     p.add_argument("--frames", type=int, default=0,
@@ -473,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "them instead of sweeping its bandwidth (OUT/attacks.csv, attacks.md)")
     p.add_argument("--attack-fraction", type=float, default=1 / 3,
                    help="probability that a sender is hostile in a frame (default 1/3)")
+    p.add_argument("--packet-loss", default=None, metavar="RATES",
+                   help="comma-separated loss rates (e.g. 0,0.3,0.6,0.9): score each method at "
+                        "its operating point under each (per query packet for "
+                        f"{', '.join(sorted(PACKET_LOSS_METHODS))}, per message for the others) "
+                        "instead of sweeping its bandwidth (OUT/loss.csv, loss.md, "
+                        "ap_vs_loss.png)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

@@ -11,6 +11,7 @@ import torch
 
 from v2xfuse.builder import build_dataset, build_detector
 from v2xfuse.config import dump_config, load_config
+from v2xfuse.engine.trainer import load_checkpoint
 from v2xfuse.sim import SimConfig, generate_dataset
 from v2xfuse.utils.timing import StageTimer
 
@@ -150,6 +151,81 @@ def test_bench_bandwidth_attack_mode_scores_each_method_clean_and_attacked(load_
     assert len(_rows(out / "attacks.csv")) == len(rows)
 
 
+@pytest.fixture(scope="module")
+def query_run(load_tool, tiny_config, tmp_path_factory):
+    """bench_bandwidth on the query methods (the query head and QUEST, 2 training steps each)."""
+    out = tmp_path_factory.mktemp("bw_query")
+    rc = load_tool("bench_bandwidth").main(["--config", str(tiny_config), "--methods",
+                                            "query,quest", "--out", str(out), "--steps", "2",
+                                            "--frames", "2", "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_bench_bandwidth_sweeps_quest_stream_and_scores_the_query_head(load_tool, query_run):
+    bench = load_tool("bench_bandwidth")
+    rows = _rows(query_run / "results.csv")
+    assert [(r["method"], r["knob"], r["value"]) for r in rows] == [
+        ("query", "-", "-"), ("quest", "score_threshold", "0.05"),
+        ("quest", "score_threshold", "0.2"), ("quest", "score_threshold", "0.7")]
+    by = {(r["method"], r["value"]): r for r in rows}
+    assert float(by["query", "-"]["bytes_per_frame"]) == 0  # ego only
+    sent = [float(by["quest", v]["bytes_per_frame"]) for v in ("0.05", "0.2", "0.7")]
+    assert sent[0] > 0 and sent[0] >= sent[1] >= sent[2]  # a higher threshold sends fewer queries
+    for method, fusion in (("query", "none"), ("quest", "quest")):
+        state = load_checkpoint(query_run / "ckpt" / method / "last.pt")
+        assert state["config"]["model"]["head"]["type"] == "query"
+        assert state["config"]["model"]["fusion"]["type"] == fusion == bench.fusion_type(method)
+        assert state["config"]["model"]["encoder"]["out_channels"] == 8  # the bench's encoder
+    assert (query_run / "results.md").read_text().count("\n| quest |") == 3
+
+
+def test_bench_bandwidth_loss_mode_drops_queries_or_messages_and_resumes(
+        load_tool, bandwidth_run, query_run, tiny_config, tmp_path, monkeypatch):
+    bench = load_tool("bench_bandwidth")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model found under a --checkpoints folder was trained again")
+
+    monkeypatch.setattr("v2xfuse.engine.trainer.Trainer.fit", no_training)
+    out = tmp_path / "loss"
+    argv = ["--config", str(tiny_config), "--methods", "none,max,quest", "--out", str(out),
+            "--checkpoints", str(bandwidth_run / "ckpt"), "--checkpoints",
+            str(query_run / "ckpt"), "--frames", "2", "--quiet", "--packet-loss", "0.9,0"]
+    assert bench.main(argv) == 0
+    rows = _rows(out / "loss.csv")
+    assert [(r["method"], r["knob"], r["value"]) for r in rows] == [
+        ("none", "-", "-"), ("max", "channel.loss", "0"), ("max", "channel.loss", "0.9"),
+        ("quest", "channel.packet_loss", "0"), ("quest", "channel.packet_loss", "0.9")]
+    table = (out / "loss.md").read_text()
+    assert "| max | per message (whole message) (`channel.loss`) |" in table
+    assert "| quest | per packet (each query on its own) (`channel.packet_loss`) |" in table
+    assert (out / "ap_vs_loss.png").read_bytes().startswith(b"\x89PNG")
+
+    # Killed before its last row: a rerun scores only that point, with the loss it names.
+    lines = (out / "loss.csv").read_text().splitlines(keepends=True)
+    (out / "loss.csv").write_text("".join(lines[:-1]))
+    original, channels = bench.evaluate_detector, []
+
+    def counting(*args, **kwargs):
+        channels.append(dict(args[2]["channel"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate_detector", counting)
+    assert bench.main(argv) == 0
+    assert len(channels) == 1
+    assert channels[0]["packet_loss"] == 0.9 and channels[0].get("loss", 0.0) == 0.0
+    assert _rows(out / "loss.csv")[:-1] == rows[:-1]
+    assert (_rows(out / "loss.csv")[-1]["knob"], _rows(out / "loss.csv")[-1]["value"]) == (
+        "channel.packet_loss", "0.9")
+
+
+def test_bench_bandwidth_refuses_bad_loss_rates(load_tool, tiny_config, tmp_path):
+    with pytest.raises(SystemExit, match="--packet-loss"):
+        load_tool("bench_bandwidth").main(["--config", str(tiny_config), "--out",
+                                           str(tmp_path), "--packet-loss", "0,1.5"])
+
+
 def test_stage_timer_excludes_nested_stages():
     timer = StageTimer()
     with timer("outer"):
@@ -235,7 +311,7 @@ def test_bench_latency_on_cuda(load_tool, tiny_config, tmp_path):
         total = r["stages"]["total"]["mean_ms"]
         measured = sum(r["stages"][s]["mean_ms"] for s in bench.STAGES)
         assert 0 < measured <= total + 1e-6
-        assert all(stages[s]["mean_ms"] >= 0 for s in bench.STAGES)
+        assert all(r["stages"][s]["mean_ms"] >= 0 for s in bench.STAGES)
 
 
 def test_bench_latency_times_the_camera_encoder_per_agent(load_tool, tmp_path, capsys):

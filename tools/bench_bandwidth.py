@@ -104,6 +104,9 @@ SWEEPS: dict[str, list[SweepPoint]] = {
     # CoDynTrust sends its regions' features: their precision is its knob here (its delay
     # robustness is tools/bench_delay.py's).
     "codyntrust": _codec_precisions(),
+    # ACCO fuses object queries: bench it with --config configs/experimental/acco.yaml (the
+    # query head); its knob is the anchors sent per collaborator and fusion layer.
+    "acco": _values("top_k", "model.fusion.top_k", (16, 32, 64)),
     "codefilling": (_values("fill_threshold", "model.fusion.fill_threshold",
                             (0.3, 0.5, 0.7, 1.0))
                     + _values("conf_threshold", "model.fusion.conf_threshold",

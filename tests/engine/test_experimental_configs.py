@@ -131,6 +131,19 @@ def test_query_and_quest_train_a_step_and_evaluate_through_the_channel(tmp_path)
     assert "fusion.align.feature.weight" in state and "head.layers.2.cls.2.bias" in state
 
 
+def test_acco_trains_a_step_and_evaluates_through_the_channel_beyond_a_distance(tmp_path):
+    cfg = _tiny("acco", tmp_path, cameras=False)
+    # untrained, its anchors score about 0.01: send some all the same
+    cfg["model"]["fusion"].update(score_threshold=0.0, top_k=4)
+    cfg.setdefault("eval", {})["range_m"] = [5.0, float("inf")]
+    results = _fit(cfg, tmp_path / "work")
+    assert results["frames"] == 2 and "ap_50" in results and results["range_m"] == [5.0, None]
+    # two rounds (decoder:1 and decoder:2), each at least one collaborator's 4 anchors
+    assert results["bytes_per_frame"] >= 2 * (188 + 164 * 4)
+    state = load_checkpoint(tmp_path / "work" / "last.pt")["model"]
+    assert "fusion.attn_out.weight" in state and "fusion.range.lo" in state
+
+
 def test_codyntrust_trains_a_step_and_evaluates_through_the_channel(tmp_path):
     cfg = _tiny("codyntrust", tmp_path, cameras=False)
     assert cfg["model"]["fusion"]["type"] == "codyntrust" and cfg["dataset"]["history_frames"] == 1

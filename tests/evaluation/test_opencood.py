@@ -169,3 +169,37 @@ def test_bytes_latency_and_input_checks(aabb):
     assert len(ev.frames) == 2  # rejected frames are not counted
     with pytest.raises(ValueError, match="range"):
         OpenCOODEvaluator(eval_range=[0, 0, 0, 1, 1])
+
+
+def test_range_m_scores_only_boxes_in_the_distance_band():
+    """``range_m``: ground truth and detections filtered by the BEV distance of their centres
+    from the ego, on a constructed frame whose AP is worked out by hand."""
+    from v2xfuse.evaluation.opencood import OpenCOODEvaluator as Evaluator
+
+    def box(x, y):
+        return [x, y, 0.0, 4.0, 2.0, 1.5, 0.0]
+
+    gt = np.array([box(10, 0), box(40, 0), box(0, -50), box(18, 24)])
+    det = np.array([box(35, 0), box(10, 0), box(40, 0), box(0, -50), box(18, 24)])
+    score = np.array([0.95, 0.9, 0.8, 0.3, 0.2])  # the first a false positive at 35 m
+    # the last pair sits at exactly 30 m: in the far band, not the near one
+
+    def ap(range_m):
+        ev = Evaluator(eval_range=None, range_m=range_m)
+        ev.add("f0", det, score, gt)
+        return ev, ev.compute("global")[0.5]
+
+    ev, far = ap([30, float("inf")])
+    # far: GT at 40, 50, 30 m; detections FP (0.95), TP, TP, TP -> precision 0, 1/2, 2/3, 3/4
+    assert ev.num_gt == 3 and ev.num_det == 4
+    assert far == pytest.approx(0.75)
+    ev, near = ap([0, 30])
+    assert ev.num_gt == 1 and ev.num_det == 1 and near == pytest.approx(1.0)
+    _, everything = ap(None)  # FP first, then four TPs: precision 4/5 from recall 0.25 on
+    assert everything == pytest.approx(0.8)
+    assert ap(["30", "inf"])[1] == far  # YAML or --set may give strings
+    result = Evaluator(eval_range=None, range_m=[30, float("inf")]).result()
+    assert result.extra["range_m"] == [30.0, None] and "30-inf m" in result.range_name
+    for bad in ([30], [40, 30], [-1, 10], "far", [float("nan"), 5]):
+        with pytest.raises(ValueError, match="eval.range_m"):
+            Evaluator(range_m=bad)

@@ -28,7 +28,7 @@ __all__ = ["evaluate_detector", "predict_frames", "build_channel", "eval_mode", 
            "summary_ap_keys", "frames_independent"]
 
 log = logging.getLogger(__name__)
-_OPENCOOD_ONLY = ("order", "iou_type", "range", "range_rule")
+_OPENCOOD_ONLY = ("order", "iou_type", "range", "range_rule", "range_m")
 
 
 @torch.no_grad()
@@ -105,7 +105,9 @@ def evaluate_detector(model, dataset, cfg: dict, device="cpu", max_frames: int |
     official protocol: AP-3D and AP-BEV per distance range, its own matching, ranges and range
     rule); for opencood mode ``order`` ("global" (default, HEAL) or "local" (OpenCOOD)),
     ``iou_type`` ("bev" or "3d"), ``range`` (default: the pipeline's ``lidar_range``; ``null``
-    for none), ``range_rule`` (default "all_corners_bev"). ``channel``: ``"config"`` builds the
+    for none), ``range_rule`` (default "all_corners_bev"), ``range_m`` (``[near, far]``: only
+    boxes whose BEV centre distance from the ego lies in [near, far), e.g. ``[30, .inf]`` for
+    long range; default none). ``channel``: ``"config"`` builds the
     config's simulated channel so that bytes are measured on serialised messages; ``None``
     passes tensors straight through (0 bytes). ``world``: the ranks to share the frames over
     (module docstring; every rank calls this, each with its own channel); None: one process.
@@ -152,7 +154,8 @@ def _score(records: list, rejected: Counter, n: int, cfg: dict, with_channel: bo
         evaluator = OpenCOODEvaluator(
             iou_type=eval_cfg.get("iou_type", "bev"), eval_range=eval_range,
             range_rule=eval_cfg.get("range_rule") or "all_corners_bev",
-            range_name="lidar_range" if "range" not in eval_cfg else None)
+            range_name="lidar_range" if "range" not in eval_cfg else None,
+            range_m=eval_cfg.get("range_m"))
     seconds, sent = [], []
     for _, frame_id, boxes, scores, gt, dt, nbytes in records:
         evaluator.add(frame_id, boxes, scores, gt, payload_bytes=nbytes, latency_ms=dt * 1e3)
@@ -171,6 +174,8 @@ def _score(records: list, rejected: Counter, n: int, cfg: dict, with_channel: bo
     summary = {
         "dataset": result.dataset, "split": split, "method": method, "sort_mode": order,
         "range": eval_range, "frames": len(seconds),
+        # eval.range_m: only boxes whose BEV centre distance from the ego is in [near, far)
+        "range_m": result.extra.get("range_m"),
         "eval_mode": mode, **aps,
         "bytes_per_frame": float(np.mean(sent)) if sent else 0.0,
         "bytes_per_frame_p95": float(np.percentile(sent, 95)) if sent else 0.0,

@@ -39,6 +39,8 @@ from .matching import frame_edges, greedy_match
 from .result import EvalResult
 
 __all__ = [
+    "check_distance_band",
+    "in_distance_band",
     "SORT_MODES",
     "DEFAULT_IOU_THRESHOLDS",
     "FrameMatch",
@@ -175,11 +177,18 @@ class OpenCOODEvaluator(BatchedEvaluator):
         range_rule: see :data:`v2xfuse.evaluation.common.RANGE_RULES`; OpenCOOD's is
             "all_corners_bev".
         range_name: label written into results, default "custom" with a range, "all" without.
+        range_m: ``[near, far]`` metres, or None: besides ``eval_range``, keep only ground truth
+            and detections whose box centre lies at a BEV distance ``d`` from the ego's origin
+            with ``near <= d < far`` (``far`` may be ``inf``): ``[30, inf]`` scores long range
+            alone, as ACCO reports it. Both sides are filtered, as with ``eval_range``, so a
+            detection just inside the band matched to a car just outside it counts as a false
+            positive (OpenCOOD's range rule has the same edge).
     """
 
     def __init__(self, iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
                  iou_type: str = "bev", eval_range: Sequence[float] | None = None,
-                 range_rule: str = "all_corners_bev", range_name: str | None = None) -> None:
+                 range_rule: str = "all_corners_bev", range_name: str | None = None,
+                 range_m: Sequence[float] | None = None) -> None:
         super().__init__()
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
         if not all(0.0 < t <= 1.0 for t in self.iou_thresholds):
@@ -192,6 +201,9 @@ class OpenCOODEvaluator(BatchedEvaluator):
         if self.eval_range is not None:  # validates bounds and rule now, not at the first add
             boxes_in_range(np.zeros((0, 7)), self.eval_range, range_rule)
         self.range_name = range_name or ("all" if eval_range is None else "custom")
+        self.range_m = None if range_m is None else check_distance_band(range_m)
+        if self.range_m is not None and range_name is None:
+            self.range_name += f" {self.range_m[0]:g}-{self.range_m[1]:g} m"
         self._scores: list[np.ndarray] = []  # per batch: scores, each frame in its score order
         self._tp: list[np.ndarray] = []      # per batch: (T, K) TP flags in that order
         self._num_gt = 0
@@ -204,6 +216,10 @@ class OpenCOODEvaluator(BatchedEvaluator):
             det_counts, (det, score) = keep_rows(inside, det_counts, det, score)
             inside = boxes_in_range(gt, self.eval_range, self.range_rule)
             gt_counts, (gt,) = keep_rows(inside, gt_counts, gt)
+        if self.range_m is not None:
+            det_counts, (det, score) = keep_rows(in_distance_band(det, self.range_m),
+                                                 det_counts, det, score)
+            gt_counts, (gt,) = keep_rows(in_distance_band(gt, self.range_m), gt_counts, gt)
         sorted_scores, tp = match_frames(det, score, det_counts, gt, gt_counts,
                                          self.iou_thresholds, self.iou_type)
         self._scores.append(sorted_scores)
@@ -247,5 +263,27 @@ class OpenCOODEvaluator(BatchedEvaluator):
             range=self.eval_range, range_rule=None if self.eval_range is None else self.range_rule,
             ap={threshold_key(t): v for t, v in ap.items()}, num_frames=len(self.frames),
             num_gt=self.num_gt, num_det=self.num_det, bytes_per_frame=self.frames.mean_bytes,
-            latency_ms=self.frames.mean_latency_ms)
+            latency_ms=self.frames.mean_latency_ms,
+            extra={} if self.range_m is None else  # JSON has no inf: null is "no far limit"
+            {"range_m": [self.range_m[0], self.range_m[1] if np.isfinite(self.range_m[1])
+                         else None]})
 
+
+
+def check_distance_band(range_m: Sequence[float]) -> tuple[float, float]:
+    """``eval.range_m`` -> ``(near, far)``: two numbers (``far`` may be ``inf`` or the string
+    "inf"), 0 <= near < far; raises ValueError naming the field otherwise."""
+    try:
+        near, far = (float(v) for v in range_m)
+    except (TypeError, ValueError):
+        raise ValueError(f"eval.range_m must be [near, far] in metres (far may be inf), "
+                         f"got {range_m!r}") from None
+    if not (np.isfinite(near) and 0.0 <= near < far) or np.isnan(far):
+        raise ValueError(f"eval.range_m must satisfy 0 <= near < far, got {range_m!r}")
+    return near, far
+
+
+def in_distance_band(boxes: np.ndarray, band: tuple[float, float]) -> np.ndarray:
+    """(N, 7) boxes -> (N,) bool: BEV distance of the centre from the origin in [near, far)."""
+    d = np.hypot(boxes[:, 0], boxes[:, 1]) if len(boxes) else np.zeros(0)
+    return (d >= band[0]) & (d < band[1])

@@ -111,6 +111,10 @@ class Contract:
             (``extras["aleatoric"]``, ``extras["anchor"]``); needs ``"detections"``.
         detections_in_training: the ``"detections"`` service runs in training too (without
             gradients), for a method whose fusion depends on the senders' boxes.
+        fuse_before_refine: the ``decoder:<L>`` rounds run inside layer L, between its
+            attention and its refinement (the refinement sees the fused features, the next
+            round the refined anchors); the ``queries`` service then gives the senders'
+            queries at the same place. Without it a round runs after the whole layer.
     """
 
     fuses_at: tuple[str, ...] = ("bev",)
@@ -121,6 +125,7 @@ class Contract:
     history_frames: int = 0
     uncertainty: bool = False
     detections_in_training: bool = False
+    fuse_before_refine: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "fuses_at", tuple(self.fuses_at))
@@ -149,6 +154,8 @@ class Contract:
                 "detections" not in self.services:
             raise ValueError("uncertainty and detections_in_training are about the "
                              "'detections' service: declare it")
+        if self.fuse_before_refine and not any(p.startswith("decoder:") for p in self.fuses_at):
+            raise ValueError("fuse_before_refine is about decoder:<layer> points: declare one")
         if ("history" in self.services) != (self.history_frames > 0):
             raise ValueError("the 'history' service and history_frames > 0 go together")
 

@@ -174,7 +174,9 @@ class CoopDetector(nn.Module):
                                                            rounds)
                  for p in points if p.startswith("decoder:")}
         with stage("head"):
-            head = self.head(fused, hooks=hooks) if hooks else self.head(fused)
+            # only a head that fuses inside its layers is asked to (a contract's flag)
+            inside = {"before_refine": True} if fusion.contract.fuse_before_refine else {}
+            head = self.head(fused, hooks=hooks, **inside) if hooks else self.head(fused)
         out = DetectorOutput(head, state, rounds, encoder_losses=aux.terms if aux else {})
         if "detections" in points and not self.training:
             with stage("head"):
@@ -252,7 +254,8 @@ class CoopDetector(nn.Module):
             self._history(state, senders)
         if "queries" in contract.services and senders:
             layers = [int(p.split(":")[1]) for p in contract.fuses_at if p.startswith("decoder:")]
-            per_layer = self.head.queries_after(features[senders], layers)
+            inside = {"before_refine": True} if contract.fuse_before_refine else {}
+            per_layer = self.head.queries_after(features[senders], layers, **inside)
             state.extras["sender_queries"] = {
                 layer: {i: queries.rows(slice(k, k + 1)) for k, i in enumerate(senders)}
                 for layer, queries in per_layer.items()}

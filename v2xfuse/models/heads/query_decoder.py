@@ -248,6 +248,12 @@ class DecoderLayer(nn.Module):
             nn.init.zeros_(last.bias)
 
     def forward(self, queries: Queries, bev: torch.Tensor, encoder: AnchorEncoder) -> Queries:
+        return self.refine_queries(self.attend(queries, bev, encoder), encoder)
+
+    def attend(self, queries: Queries, bev: torch.Tensor, encoder: AnchorEncoder) -> Queries:
+        """The layer up to its refinement: the queries with new features and the anchors and
+        logits they came with (detached). A method fusing before the refinement (a contract's
+        ``fuse_before_refine``) acts here, so that the refinement sees fused features."""
         # Each layer refines the anchor and logits it is given without a gradient through them
         # (iterative box refinement as in Deformable DETR): every layer's loss is its own.
         anchors = queries.anchors.detach()
@@ -259,7 +265,14 @@ class DecoderLayer(nn.Module):
         x = self.norms[0](x + attended)
         x = self.norms[1](x + self.sample(x + pos, anchors, bev))
         x = self.norms[2](x + self.ffn(x))
-        h = x + pos
-        return replace(queries, features=x, anchors=anchors + self.refine(h),
-                       logits=queries.logits.detach() + self.cls(h)[..., 0],
-                       front=queries.front.detach() + self.front(h)[..., 0], positions=None)
+        return replace(queries, features=x, anchors=anchors, logits=queries.logits.detach(),
+                       front=queries.front.detach(), positions=pos)
+
+    def refine_queries(self, queries: Queries, encoder: AnchorEncoder) -> Queries:
+        """The refinement: anchor, object logit and front logit each plus a residual predicted
+        from the features and the anchor's embedding (``queries.positions`` when set)."""
+        pos = queries.positions if queries.positions is not None else encoder(queries.anchors)
+        h = queries.features + pos
+        return replace(queries, anchors=queries.anchors + self.refine(h),
+                       logits=queries.logits + self.cls(h)[..., 0],
+                       front=queries.front + self.front(h)[..., 0], positions=None)

@@ -67,7 +67,8 @@ class QueryOutput:
 
     Attributes:
         dense: the heatmap head's maps (:class:`~.center_head.CenterOutput`).
-        layers: each decoder layer's queries as that layer left them (before any fusion).
+        layers: each decoder layer's queries as that layer left them (before any fusion after
+            it; with a fusion before its refinement, the fused ones: see :meth:`forward`).
         final: the queries decoded: the last layer's, or what a method fusing after the last
             layer returned.
     """
@@ -164,28 +165,47 @@ class QueryHead(Head):
         return replace(queries, positions=self.anchor_encoder(queries.anchors.detach()))
 
     def forward(self, features: torch.Tensor,
-                hooks: dict[int, Callable[[Queries], Queries]] | None = None) -> QueryOutput:
+                hooks: dict[int, Callable[[Queries], Queries]] | None = None,
+                before_refine: bool = False) -> QueryOutput:
         """(B, C, H, W) maps -> :class:`QueryOutput`. ``hooks``: layer -> a function the
-        queries leaving that layer go through (with their positions) before the next layer."""
+        queries leaving that layer go through (with their positions) before the next layer;
+        ``before_refine``: the hooks act inside their layer, between its attention and its
+        refinement (:meth:`DecoderLayer.attend`), and the refinement sees what they returned. ``layers`` holds each layer's queries as it left
+        them: before any fusion after the layer, fused where the fusion is the layer's own
+        (``before_refine``: its refinement belongs to it, and is trained on the fused set)."""
         dense = self.heatmap(features)
         queries = self.initial(features, dense)
         layers = []
         for i, layer in enumerate(self.layers):
+            if before_refine and hooks and i in hooks:
+                attended = layer.attend(queries, features, self.anchor_encoder)
+                fused = hooks[i](self.with_positions(attended))
+                queries = layer.refine_queries(replace(fused, positions=None),
+                                               self.anchor_encoder)
+                layers.append(queries)
+                continue
             queries = layer(queries, features, self.anchor_encoder)
             layers.append(queries)
             if hooks and i in hooks:
                 queries = hooks[i](self.with_positions(queries))
         return QueryOutput(dense, layers, queries)
 
-    def queries_after(self, features: torch.Tensor, layers: Iterable[int]) -> dict[int, Queries]:
+    def queries_after(self, features: torch.Tensor, layers: Iterable[int],
+                      before_refine: bool = False) -> dict[int, Queries]:
         """(N, C, H, W) maps -> layer -> the N maps' queries leaving that layer, with their
-        positions (the decoder runs as far as the last layer asked for)."""
+        positions (the decoder runs as far as the last layer asked for); ``before_refine``:
+        as that layer holds them before its refinement (see :meth:`forward`)."""
         wanted = sorted(set(layers))
         if not wanted or wanted[0] < 0 or wanted[-1] >= self.decoder_layers:
             raise ValueError(f"layers {wanted}: the head has {self.decoder_layers}")
         queries = self.initial(features, self.heatmap(features))
         out = {}
         for i, layer in enumerate(self.layers[:wanted[-1] + 1]):
+            if before_refine and i in wanted:
+                attended = layer.attend(queries, features, self.anchor_encoder)
+                out[i] = self.with_positions(attended)
+                queries = layer.refine_queries(attended, self.anchor_encoder)
+                continue
             queries = layer(queries, features, self.anchor_encoder)
             if i in wanted:
                 out[i] = self.with_positions(queries)

@@ -127,6 +127,7 @@ DEFAULT_METHODS = "none,early,late,max,attfuse,where2comm,codefilling,query,ques
 METHOD_MODELS: dict[str, Path] = {
     "query": REPO / "configs" / "experimental" / "query.yaml",
     "quest": REPO / "configs" / "experimental" / "quest.yaml",
+    "acco": REPO / "configs" / "experimental" / "acco.yaml",
 }
 METHOD_MODEL_KEYS = ("head", "fusion", "sender_frame")
 

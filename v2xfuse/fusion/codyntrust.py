@@ -16,8 +16,7 @@ One frame, per collaborator (its observation is ``delay`` old when it reaches th
              flow and multiplied by a mask that is the box's trust inside each moved box and 0
              everywhere else; warped into the ego frame and fused with the ego's map by
              max + mean hybrid fusion (spatial, then channel attention) at 1x, 2x and 4x
-             pooling, concatenated, projected back to C channels and added to the ego's map
-             (``residual``, on by default; off: the paper's form, the projection alone).
+             pooling, concatenated and projected back to C channels.
 
 The age is the message's (``Received.delay_us``: the ego's clock minus the observation's
 timestamp), so the pipeline's delays (``pipeline.delay_mode``) and the channel's both count.
@@ -120,19 +119,11 @@ class HybridFusion(nn.Module):
 
 class MultiScaleHybridFusion(nn.Module):
     """:class:`HybridFusion` at each of ``scales`` (average pooling of the maps, any-agent
-    pooling of the coverage), upsampled back, concatenated and projected to C channels.
+    pooling of the coverage), upsampled back, concatenated and projected to C channels."""
 
-    ``residual``: the projection is added to the ego's own map, so the ego's features reach the
-    head unchanged and the fusion learns what the collaborators add. Without it (the paper's
-    form) the fused map is the projection alone, and at the quickstart budget (1200 steps) the
-    model reached AP@0.5 0.50 at no delay, below the same detector ego-only (0.59) and far
-    below max fusion (0.85): the learned fusion had not yet learned to pass the ego's map
-    through."""
-
-    def __init__(self, channels: int, scales=(1, 2, 4), residual: bool = True):
+    def __init__(self, channels: int, scales=(1, 2, 4)):
         super().__init__()
         self.scales = tuple(int(s) for s in scales)
-        self.residual = bool(residual)
         self.fuse = nn.ModuleList(HybridFusion(channels) for _ in self.scales)
         self.project = nn.Conv2d(channels * len(self.scales), channels, 1)
 
@@ -146,8 +137,7 @@ class MultiScaleHybridFusion(nn.Module):
             pooled = F.avg_pool2d(stack, scale, ceil_mode=True)
             covered = F.max_pool2d(valid.to(stack.dtype), scale, ceil_mode=True) > 0
             out.append(F.interpolate(fuse(pooled, covered)[None], size=size, mode="nearest")[0])
-        fused = self.project(torch.cat(out)[None])[0]
-        return stack[0] + fused if self.residual else fused
+        return self.project(torch.cat(out)[None])[0]
 
 
 @FUSION.register("codyntrust")
@@ -165,7 +155,6 @@ class CoDynTrust(FusionMethod):
         max_match_m, max_heading_rad, static_m: :func:`~v2xfuse.fusion.trust.match_tracks`.
         max_history_s: an earlier observation older than this gives no velocity.
         scales: poolings of the multi-scale fusion.
-        residual: the fusion's output is added to the ego's map (:class:`MultiScaleHybridFusion`).
         max_boxes, max_box_size_m, max_point_range_m, max_speed_mps, max_uncertainty: what the
             receiver accepts (boxes as :class:`~.basic.LateFusion`; velocities at most
             ``max_speed_mps``; scores in [0, 1]; uncertainties in [0, ``max_uncertainty``]).
@@ -186,15 +175,14 @@ class CoDynTrust(FusionMethod):
                  max_history_s: float = 1.0, scales=(1, 2, 4), max_boxes: int = 200,
                  max_box_size_m: float = 30.0, max_point_range_m: float = 300.0,
                  max_speed_mps: float = 70.0, max_uncertainty: float = 1e4,
-                 clamp_features: bool = True, max_strength_ratio: float = 10.0,
-                 residual: bool = True):
+                 clamp_features: bool = True, max_strength_ratio: float = 10.0):
         super().__init__()
         services = set(type(self).contract.services) - ({"passes"} if passes <= 0 else set())
         self.contract = replace(type(self).contract, services=services, passes=max(int(passes), 0),
                                 pass_dropout=float(pass_dropout))
         self.grid = grid
         self.trust = TrustModulus(tuple(trust_hidden), decay_per_s, reliable_score, reliable_z)
-        self.fusion = MultiScaleHybridFusion(channels, scales, residual)
+        self.fusion = MultiScaleHybridFusion(channels, scales)
         self.feature_range = FeatureRange(channels, clamp=clamp_features)
         self.roi_margin_m = float(grid.cell if roi_margin_m is None else roi_margin_m)
         self.match = {"max_distance_m": float(max_match_m), "max_angle_rad": float(max_heading_rad),

@@ -14,12 +14,14 @@ LIDAR = {"type": "pointpillars", "voxel_size": [0.8, 0.8], "out_channels": 8}
 CAMERA = {"type": "camera_bev", "out_channels": 4, "hidden_channels": 4}
 SENSORS = {"ego": ["lidar"], "vehicle": ["lidar"], "infrastructure": ["camera"]}
 IMAGE_SIZE = [24, 40]
-# what a method needs besides its name: QUEST a query head (and, untrained, to send whatever
+# what a method needs besides its name: QUEST and ACCO a query head (and, untrained, to send whatever
 # scores its queries get)
 NEEDS = {"quest": {"head": {"type": "query", "num_queries": 8, "embed_dims": 8, "heads": 2,
                             "ffn_dims": 16, "learned_points": 2, "decoder_layers": 2,
                             "heatmap_channels": 4}}}
-SETTINGS = {"quest": {"score_threshold": 0.0, "top_k": 3}}
+NEEDS["acco"] = NEEDS["quest"]  # ACCO fuses inside the query decoder too
+SETTINGS = {"quest": {"score_threshold": 0.0, "top_k": 3},
+            "acco": {"score_threshold": 0.0, "top_k": 3, "layers": [1], "heads": 2}}
 
 
 def _methods():
@@ -45,7 +47,7 @@ def hetero_batch(tiny_camera_data):
 
 def test_every_registered_method_is_tested():
     assert {"none", "early", "late", "late_tc", "max", "attfuse", "where2comm",
-            "codefilling", "quest"} <= set(_methods())
+            "codefilling", "quest", "acco"} <= set(_methods())
 
 
 @pytest.mark.parametrize("method", _methods())

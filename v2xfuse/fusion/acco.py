@@ -70,6 +70,7 @@ from ..registry import FUSION
 from ..structures.bev import BevGrid
 from .base import Contract, FusionMethod, FusionState, group_by_sample
 from .payload_checks import FeatureRange, expect, expect_within
+from .quest import select_confident
 
 __all__ = ["Acco", "anchors_to_frame", "inside_boxes", "pose_code"]
 
@@ -183,10 +184,7 @@ class Acco(FusionMethod):
     # --- sender --------------------------------------------------------------------------
     def select(self, queries: Queries) -> torch.Tensor:
         """One map's queries (1, Q, ...) -> (n,) indices of the anchors sent, best first."""
-        scores = queries.scores()[0].detach()
-        index = torch.nonzero(queries.valid[0] & (scores >= self.score_threshold)).squeeze(1)
-        index = index[torch.sort(scores[index], descending=True, stable=True).indices]
-        return index[:self.top_k] if self.top_k > 0 else index
+        return select_confident(queries, self.score_threshold, self.top_k)
 
     def encode(self, state: FusionState, senders: list[int]):
         """Per sender, its selected anchors as one payload (None: none passed)."""

@@ -66,12 +66,21 @@ from .base import Contract, FusionMethod, FusionState, group_by_sample
 from .basic import check_boxes
 from .payload_checks import FeatureRange, expect, expect_within
 
-__all__ = ["Quest", "HALVES"]
+__all__ = ["Quest", "HALVES", "select_confident"]
 
 HALVES = ("feature", "position")
 #: codec -> (payload entries (key suffix, bytes per value) of one array)
 _CODEC_ENTRIES = {"float32": (("f32", 4),), "float16": (("f16", 2),),
                   "int8": (("q", 1), ("scale", None))}
+
+
+def select_confident(queries: Queries, score_threshold: float, top_k: int) -> torch.Tensor:
+    """One map's queries (1, Q, ...) -> indices of its valid queries scoring at least
+    ``score_threshold``, best first (ties in query order), at most ``top_k`` (0: no cap)."""
+    scores = queries.scores()[0].detach()
+    index = torch.nonzero(queries.valid[0] & (scores >= score_threshold)).squeeze(1)
+    index = index[torch.sort(scores[index], descending=True, stable=True).indices]
+    return index[:top_k] if top_k > 0 else index
 
 
 @FUSION.register("quest")
@@ -137,10 +146,7 @@ class Quest(FusionMethod):
     # --- sender --------------------------------------------------------------------------
     def select(self, queries: Queries) -> torch.Tensor:
         """One map's queries (1, Q, ...) -> (K,) indices of those sent, best first."""
-        scores = queries.scores()[0].detach()
-        index = torch.nonzero(queries.valid[0] & (scores >= self.score_threshold)).squeeze(1)
-        index = index[torch.sort(scores[index], descending=True, stable=True).indices]
-        return index[:self.top_k] if self.top_k > 0 else index
+        return select_confident(queries, self.score_threshold, self.top_k)
 
     def encode(self, state: FusionState, senders: list[int]):
         """Per sender, one packet per selected query (None: nothing selected, nothing sent)."""

@@ -190,7 +190,7 @@ def _hammer(cache_dir, sources, barrier, rounds, out):
     ok = True
     for _ in range(rounds):
         for s, pts in zip(sources, expected):
-            got = cache.get(s, lambda s=s: load_point_file(Path(s)))  # first round: both miss
+            got = cache.get(s, lambda s=s: load_point_file(Path(s)))  # a miss unless the other wrote it
             ok &= bool(np.array_equal(got, pts))
             entry, digest = cache.entry_path(s)
             cache._write(entry, digest, pts)  # the other process reads while this renames
@@ -216,7 +216,9 @@ def test_two_processes_writing_the_same_entries(tmp_path):
         p.join(timeout=60)
         assert p.exitcode == 0
     for ok, stats in results:
-        assert ok and stats.get("corrupt", 0) == 0 and stats["hits"] + stats["misses"] == 160
+        # a process can find every entry already written by the other and never miss
+        assert ok and stats.get("corrupt", 0) == 0
+        assert stats.get("hits", 0) + stats.get("misses", 0) == 160
     cache = DiskPointCache(tmp_path / "cache", [data], "test")
     assert len(list(cache.dir.rglob("*.pts"))) == 4 and not list(cache.dir.rglob("*.tmp"))
     for s in sources:

@@ -13,6 +13,7 @@ from v2xfuse.comm.message import Message, encode
 from v2xfuse.fusion.base import FusionState
 from v2xfuse.fusion.quest import Quest
 from v2xfuse.models.detector import CoopDetector
+from v2xfuse.models.inputs import AgentInputs
 from v2xfuse.models.heads.query_decoder import (Queries, anchors_from_boxes, boxes_from_anchors,
                                                 front_logit)
 from v2xfuse.registry import FUSION
@@ -260,3 +261,33 @@ def test_quest_is_registered_and_refuses_a_head_without_queries(tiny_detector_cf
         build_detector(tiny_detector_cfg("quest"))
     with pytest.raises(ValueError, match="halves"):
         Quest(DIMS, GRID, halves=["both"])
+
+
+def test_send_layer_streams_the_collaborators_final_queries(tiny_detector_cfg,
+                                                            random_points_batch):
+    """send_layer -1: every collaborator runs its whole decoder and sends what its last layer
+    gives (boxes and scores), while the ego still fuses after its layer 0."""
+    torch.manual_seed(0)
+    cfg = tiny_detector_cfg("quest", head=QUERY_HEAD)
+    cfg["model"]["fusion"].update(layer=0, send_layer=-1, score_threshold=0.0, top_k=5)
+    model = build_detector(cfg).eval()
+    with torch.no_grad():  # the layers' refinements start at zero: make the layers differ
+        for p in model.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert model.fusion.contract.sender_query_layer == -1
+    batch = random_points_batch([np.eye(4), SENDER_POSE])
+    sent = {}
+    encode = model.fusion.encode
+    model.fusion.encode = lambda state, senders: sent.setdefault("p", encode(state, senders))
+    with torch.no_grad():
+        model(batch)
+        features = model.bev(AgentInputs.from_batch(batch))
+        final = model.head.queries_after(features[[1]], [1])[1]   # the last of 2 layers
+        inner = model.head.queries_after(features[[1]], [0])[0]
+    index = Quest.select(model.fusion, final)
+    got = torch.stack([p["box"] for p in sent["p"][0]])
+    torch.testing.assert_close(got, final.boxes()[0, index])
+    assert not torch.allclose(got, inner.boxes()[0, Quest.select(model.fusion, inner)])
+    with pytest.raises(ValueError, match="decoder layer 2"):
+        cfg["model"]["fusion"]["send_layer"] = 2
+        build_detector(cfg)

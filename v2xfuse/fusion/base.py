@@ -115,6 +115,8 @@ class Contract:
             attention and its refinement (the refinement sees the fused features, the next
             round the refined anchors); the ``queries`` service then gives the senders'
             queries at the same place. Without it a round runs after the whole layer.
+        sender_query_layer: the decoder layer whose queries the ``queries`` service gives
+            the senders for every ``decoder:<L>`` round (-1: the last); None: layer L itself.
     """
 
     fuses_at: tuple[str, ...] = ("bev",)
@@ -126,6 +128,7 @@ class Contract:
     uncertainty: bool = False
     detections_in_training: bool = False
     fuse_before_refine: bool = False
+    sender_query_layer: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "fuses_at", tuple(self.fuses_at))
@@ -156,6 +159,10 @@ class Contract:
                              "'detections' service: declare it")
         if self.fuse_before_refine and not any(p.startswith("decoder:") for p in self.fuses_at):
             raise ValueError("fuse_before_refine is about decoder:<layer> points: declare one")
+        if self.sender_query_layer is not None and ("queries" not in self.services or
+                                                    self.fuse_before_refine):
+            raise ValueError("sender_query_layer is about the 'queries' service after whole "
+                             "layers: declare it, without fuse_before_refine")
         if ("history" in self.services) != (self.history_frames > 0):
             raise ValueError("the 'history' service and history_frames > 0 go together")
 

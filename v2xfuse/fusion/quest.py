@@ -6,7 +6,10 @@ collaborator and appends the ones it lacks. The query-cooperation steps follow U
 Runs inside a query head (``model.head.type: query``) at fusion point ``decoder:<layer>``: after
 that decoder layer, every collaborator's own queries (the detector's ``queries`` service: the
 same head on its own map, in its own frame) are selected and sent; the ego's head runs its
-remaining layers on the union.
+remaining layers on the union. The collaborators' queries are those of their layer ``layer``
+too, or with ``send_layer`` those of another layer: ``-1``, their last, is what a deployed
+collaborator has (UniV2X fuses the other agent's output track instances): final boxes and
+calibrated scores, where those of an inner layer are rough.
 
 Sender: the queries with score >= ``score_threshold``, best first, at most ``top_k`` (0: no
 cap); the stream's length is the bandwidth knob. Each query is one packet (a message split
@@ -90,7 +93,10 @@ class Quest(FusionMethod):
     Args:
         query_dims: D of the head's queries (injected by the builder).
         grid: the ego's BEV grid (injected by the builder).
-        layer: the decoder layer after which the queries are exchanged (``decoder:<layer>``).
+        layer: the decoder layer after which the ego fuses (``decoder:<layer>``).
+        send_layer: the decoder layer whose queries the collaborators send (-1: their last,
+            each collaborator running its whole decoder as a deployed detector does, so
+            boxes and scores are final); None: ``layer``, as the ego's at the fusion point.
         score_threshold, top_k: the sender's selection (module docstring).
         halves: which halves of a query are sent: ``["feature"]``, ``["position"]`` or both.
         feature_codec: ``float32``, ``float16`` or ``int8`` (one scale per half) for the halves;
@@ -110,7 +116,7 @@ class Quest(FusionMethod):
     message_kind = "queries"
 
     def __init__(self, query_dims: int, grid: BevGrid, layer: int = 1,
-                 score_threshold: float = 0.2, top_k: int = 0, halves=HALVES,
+                 send_layer: int | None = None, score_threshold: float = 0.2, top_k: int = 0, halves=HALVES,
                  feature_codec: str = "float16", box_codec: str = "float32",
                  match_score: float = 0.05, gate_scale: float = 1.0, max_queries: int = 256,
                  max_box_size_m: float = 30.0, max_point_range_m: float = 300.0,
@@ -125,7 +131,9 @@ class Quest(FusionMethod):
                              f"box_codec {box_codec!r} (float32, float16)")
         if not 0.0 <= score_threshold <= 1.0 or top_k < 0:
             raise ValueError("score_threshold in [0, 1] and top_k >= 0")
-        self.contract = Contract(fuses_at=(f"decoder:{int(layer)}",), services={"queries"})
+        self.contract = Contract(fuses_at=(f"decoder:{int(layer)}",), services={"queries"},
+                                 sender_query_layer=None if send_layer is None
+                                 else int(send_layer))
         self.codecs = {"box": box_codec, "score": "float32",
                        **{h: feature_codec for h in self.halves}}
         # int8 scales per half (a vector), not per value

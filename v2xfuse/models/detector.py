@@ -113,6 +113,11 @@ class CoopDetector(nn.Module):
                                                                       "queries_after")):
             raise ValueError(f"{type(self.fusion).__name__} needs the senders' queries at a "
                              f"decoder point; {type(self.head).__name__} has none to give")
+        sent = contract.sender_query_layer
+        if sent is not None and not -layers <= sent < layers:
+            raise ValueError(f"{type(self.fusion).__name__} sends the senders' queries of "
+                             f"decoder layer {sent}: the {type(self.head).__name__} head has "
+                             f"{layers} decoder layers")
         services = contract.services
         if {"passes", "confidence"} <= services and not hasattr(self.head, "confidence"):
             raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes of the "
@@ -255,10 +260,16 @@ class CoopDetector(nn.Module):
         if "queries" in contract.services and senders:
             layers = [int(p.split(":")[1]) for p in contract.fuses_at if p.startswith("decoder:")]
             inside = {"before_refine": True} if contract.fuse_before_refine else {}
-            per_layer = self.head.queries_after(features[senders], layers, **inside)
+            sent = contract.sender_query_layer
+            if sent is not None and sent < 0:
+                sent += self.head.decoder_layers
+            # fusion layer -> the layer whose queries the senders send in that round
+            source = {layer: layer if sent is None else sent for layer in layers}
+            per_layer = self.head.queries_after(features[senders], source.values(), **inside)
             state.extras["sender_queries"] = {
-                layer: {i: queries.rows(slice(k, k + 1)) for k, i in enumerate(senders)}
-                for layer, queries in per_layer.items()}
+                layer: {i: per_layer[source[layer]].rows(slice(k, k + 1))
+                        for k, i in enumerate(senders)}
+                for layer in layers}
 
     def _history(self, state: FusionState, senders: list[int]) -> None:
         """The ``history`` service: each agent's ``contract.history_frames`` newest earlier

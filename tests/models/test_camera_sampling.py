@@ -55,7 +55,8 @@ def test_a_key_point_projects_to_the_hand_computed_pixel():
     # against the OpenCV projection of the matrices, for many points
     rng = np.random.default_rng(0)
     many = rng.uniform([-20, -20, -3], [20, 20, 2], (50, 3))
-    uv, depth = project_to_cameras(torch.from_numpy(many)[None].float(), cameras([0], [forward_camera()]))
+    uv, depth = project_to_cameras(torch.from_numpy(many)[None].float(),
+                                   cameras([0], [forward_camera()]))
     cam = (np.linalg.inv(forward_camera()) @ np.c_[many, np.ones(50)].T)[:3]
     want = (K @ cam)[:2] / cam[2]
     front = cam[2] > 0.1
@@ -92,7 +93,8 @@ def test_points_behind_or_outside_add_nothing_and_cameras_that_see_a_point_are_a
     u, v = 100 * 2 / 11 + 63.5, 80 * 0.5 / 11 + 47.5
     j, i = (u - 3.5) / STRIDE, (v - 3.5) / STRIDE     # fractional feature pixel
     second = 3.0 * (100.0 * i + j)
-    torch.testing.assert_close(mean[0, 0, 0], torch.tensor((610.0 + second) / 2), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(mean[0, 0, 0], torch.tensor((610.0 + second) / 2), rtol=1e-5,
+                               atol=1e-3)
     # no camera at all: zeros, nothing seen
     none, nobody = sample_cameras(points, None, 2)
     assert torch.equal(none, torch.zeros(2, 3, 2)) and not nobody.any()
@@ -126,7 +128,8 @@ def test_the_head_in_camera_mode_reads_the_cameras_and_lifts_its_key_points():
     torch.testing.assert_close(xyz[0, 0, 2:4], torch.tensor([[12.0, 3.0, -1.8], [12.0, 3.0, -0.2]]))
     maps = torch.randn(2, 8, 64, 64)
     feats = torch.randn(3, 2, H // STRIDE, W // STRIDE, requires_grad=True)
-    cams = cameras([0, 0, 1], [forward_camera(), forward_camera(yaw=np.pi), forward_camera()], feats)
+    cams = cameras([0, 0, 1], [forward_camera(), forward_camera(yaw=np.pi), forward_camera()],
+                   feats)
     out = head(maps, cameras=cams)
     # (the refinements' output layers start at zero: the queries' features carry the gradient)
     out.final.features.square().sum().backward()
@@ -156,7 +159,8 @@ def test_the_bev_mode_is_the_default_and_ignores_cameras():
     maps = torch.randn(1, 8, 64, 64)
     with torch.no_grad():
         a, b = plain(maps), explicit(maps, cameras=cameras([0], [forward_camera()]))
-    assert torch.equal(a.final.anchors, b.final.anchors) and torch.equal(a.final.logits, b.final.logits)
+    assert torch.equal(a.final.anchors, b.final.anchors)
+    assert torch.equal(a.final.logits, b.final.logits)
     camera = make(sample_from="camera", image_channels=2)
     assert set(camera.state_dict()) == set(shapes)                      # same names, new widths
     assert camera.state_dict()["layers.0.sample.value.weight"].shape == (16, 2)
@@ -166,7 +170,7 @@ def test_the_bev_mode_is_the_default_and_ignores_cameras():
 def test_bad_settings_name_their_field():
     with pytest.raises(ValueError, match="model.head.query.sample_from"):
         QueryHead(8, GRID, sample_from="lidar")
-    with pytest.raises(ValueError, match="model.head.query.sample_from: camera .* no camera encoder"):
+    with pytest.raises(ValueError, match="sample_from: camera .* no camera encoder"):
         build_head({"type": "query", "query": {"sample_from": "camera"}}, 8, GRID)
     with pytest.raises(ValueError, match="model.head.query.camera_heights"):
         QueryHead(8, GRID, sample_from="camera", image_channels=2, camera_heights=[])

@@ -227,11 +227,12 @@ def build_detector(cfg: dict) -> CoopDetector:
     if "grid" in params:
         fusion_kwargs["grid"] = encoder.grid.scaled(backbone.out_stride)
     head = None
+    images = image_feature_channels(encoder)
     if "query_dims" in params:
         # A method fusing object queries is sized by the head's queries (and changes no map
         # channels): the head comes first.
         head = build_head(model.get("head"), backbone.out_channels,
-                          encoder.grid.scaled(backbone.out_stride))
+                          encoder.grid.scaled(backbone.out_stride), image_channels=images)
         if not hasattr(head, "embed_dims"):
             raise ValueError(f"model.fusion.type {fusion_cfg['type']!r} fuses object queries: "
                              f"the {type(head).__name__} has none (model.head.type: query)")
@@ -241,7 +242,7 @@ def build_detector(cfg: dict) -> CoopDetector:
         head = build_head(model.get("head"), getattr(fusion, "out_channels",
                                                      backbone.out_channels),
                           encoder.grid.scaled(backbone.out_stride),
-                          uncertainty=fusion.contract.uncertainty)
+                          uncertainty=fusion.contract.uncertainty, image_channels=images)
     post = model.get("post", {})
     return CoopDetector(encoder, backbone, fusion, head,
                         agent_loss_weight=float(model.get("agent_loss_weight", 0.0)),
@@ -251,8 +252,18 @@ def build_detector(cfg: dict) -> CoopDetector:
                                            "agent_loss_weight", "sender_frame")))
 
 
+def image_feature_channels(encoder) -> int | None:
+    """c of the image features the model's camera encoder gives a head that samples them
+    (:class:`~v2xfuse.models.inputs.CameraFeatures`), or None when it has no such encoder."""
+    if isinstance(encoder, MultiSensorEncoder):
+        camera = encoder.encoders["camera"] if "camera" in encoder.encoders else None
+    else:
+        camera = encoder if getattr(encoder, "sensor", None) == "camera" else None
+    return getattr(camera, "image_feature_channels", None)
+
+
 def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid,
-               uncertainty: bool = False) -> Head:
+               uncertainty: bool = False, image_channels: int | None = None) -> Head:
     """The head ``model.head.type`` names in ``HEADS`` (default ``anchor``) on maps of
     ``in_channels`` over ``grid``.
 
@@ -295,11 +306,13 @@ def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid,
             raise KeyError(f"model.head.{name}.uncertainty: false, but the fusion method "
                            f"needs detections with uncertainty")
         options["uncertainty"] = True
+    if "image_channels" in inspect.signature(cls.__init__).parameters:
+        options["image_channels"] = image_channels  # from the camera encoder, never the config
     return cls(in_channels, grid, **options)
 
 
 def _head_options(cls) -> list[str]:
-    """The keyword options of a head class (what the config may set: not the channels and the
-    grid, which come from the stages before it)."""
+    """The keyword options of a head class (what the config may set: not the channels, the
+    grid and the image features' channels, which come from the stages before it)."""
     return [p for p in inspect.signature(cls.__init__).parameters
-            if p not in ("self", "in_channels", "grid")]
+            if p not in ("self", "in_channels", "grid", "image_channels")]

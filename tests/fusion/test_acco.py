@@ -311,3 +311,86 @@ def test_acco_is_registered_and_refuses_what_it_cannot_serve(tiny_detector_cfg):
         Acco(DIMS, GRID, layers=[1, 1])
     with pytest.raises(ValueError, match="fuse_before_refine"):
         Contract(fuses_at=("bev",), fuse_before_refine=True)
+
+
+# --- camera mode ---------------------------------------------------------------------------
+def test_camera_mode_senders_and_ego_read_their_own_cameras_and_the_bytes_are_unchanged(
+        tiny_detector_cfg, random_points_batch, monkeypatch):
+    """ACCO over a query head in camera mode (``sample_from: camera``): every head call gets
+    the cameras of its maps' agents, renumbered (the ego's for the ego's queries, the senders'
+    for the queries they send), their features the very image features the lss encoder computed
+    for its BEV maps; training reaches the image backbone through the key points; what is sent,
+    and its bytes, is what BEV mode sends."""
+    from dataclasses import replace
+
+    from v2xfuse.datasets.batch import CameraBatch
+    from v2xfuse.models.heads.query_head import QueryHead
+    from v2xfuse.structures.transforms import make_transform
+
+    camera = {"type": "lss", "cell": 0.8, "out_channels": 8, "depth": [1.0, 21.0, 1.0],
+              "stride": 8, "image_channels": [8, 8, 8]}
+    head = {**QUERY_HEAD, "sample_from": "camera", "camera_heights": [-0.5, 0.5]}
+    cfg = tiny_detector_cfg("acco", encoder=None, encoders={"camera": camera}, head=head,
+                            sender_frame="own")
+    cfg["pipeline"]["cameras"] = {"image_size": [32, 48]}
+    cfg["model"]["fusion"].update(layers=[1, 2], score_threshold=0.0, top_k=4, heads=2)
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    assert model.head.reads_images
+    assert model.head.layers[0].sample.value.in_features == 8          # the image features' c
+    for layer in model.head.layers:  # outputs that start at zero would hide the gradient
+        torch.nn.init.normal_(layer.cls[-1].weight, std=0.3)
+    cv = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])
+
+    def looking(yaw):
+        c, s = np.cos(yaw), np.sin(yaw)
+        return make_transform(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ cv, (0.0, 0.0, 0.0))
+
+    intrinsic = np.array([[24.0, 0, 23.5], [0, 24.0, 15.5], [0, 0, 1]])
+    agents = [0, 0, 1, 2]
+    poses = [looking(0.0), looking(np.pi), looking(0.5), looking(-1.0)]
+    g = torch.Generator().manual_seed(0)
+    cams = CameraBatch(torch.randint(0, 256, (4, 3, 32, 48), dtype=torch.uint8, generator=g),
+                       torch.tensor(agents), torch.from_numpy(np.stack([intrinsic] * 4)),
+                       torch.from_numpy(np.stack(poses)))
+    batch = random_points_batch([np.eye(4), SENDER_POSE, pose_from_xyz_rpy(-6, 3, 0, 0, 0, 2.0)])
+    batch = replace(batch, cameras=cams)
+    batch.gt_boxes[0] = boxes([4.0, 1.0, -1.0, 4.5, 1.9, 1.6, 0.3])
+
+    seen = {}
+    forward, after = QueryHead.forward, QueryHead.queries_after
+
+    def spy_forward(self, features, *args, cameras=None, **kw):
+        seen.setdefault("forward", []).append(cameras)
+        return forward(self, features, *args, cameras=cameras, **kw)
+
+    def spy_after(self, features, layers, *args, cameras=None, **kw):
+        seen["after"] = cameras
+        return after(self, features, layers, *args, cameras=cameras, **kw)
+
+    monkeypatch.setattr(QueryHead, "forward", spy_forward)
+    monkeypatch.setattr(QueryHead, "queries_after", spy_after)
+    out = model(batch)
+    everyone = out.state.extras["camera_features"]
+    assert everyone.agent.tolist() == agents and everyone.image_size == (32, 48)
+    ego = seen["forward"][0]
+    assert ego.agent.tolist() == [0, 0] and torch.equal(ego.features, everyone.features[:2])
+    senders = seen["after"]
+    assert senders.agent.tolist() == [0, 1]                     # agents 1 and 2, renumbered
+    assert torch.equal(senders.features, everyone.features[2:])
+    assert torch.equal(senders.lidar_from_camera, cams.lidar_from_camera[2:])
+    losses = model.loss(out, batch)
+    losses["loss"].backward()
+    sampling = model.head.layers[1].sample.value.weight.grad
+    assert sampling is not None and sampling.abs().sum() > 0
+    assert model.encoder.image_net.layers[0].weight.grad.abs().sum() > 0
+
+    model.eval()
+    ideal = BatchChannel(Channel(0))
+    with torch.no_grad():
+        out = model(batch, channel=ideal)
+    assert list(out.rounds) == ["decoder:1", "decoder:2"]
+    for point in out.rounds:
+        assert sorted(r.sender for r in out.rounds[point]) == [1, 2]
+    per_round = model.fusion.message_bytes("1", 4) + model.fusion.message_bytes("2", 4)
+    assert ideal.ledger.bytes_per_frame() == [2 * per_round]

@@ -8,6 +8,12 @@ the points where it fuses (``points`` before encoding, ``bev`` before the head,
 ``decoder:<L>`` inside a query head, ``detections`` after it) and the services it needs
 (per-agent confidence, per-agent detections, stochastic passes, history, the senders'
 queries). It walks the points in order; it never branches on a method's name.
+
+A head that samples the cameras' image features (``reads_images``: the query head's camera
+mode) gets, with every map it is given, the cameras of that map's agent: the encoder puts its
+image backbone's output in an :class:`~.inputs.ImageFeatureSink` while it encodes the agents
+(computed once), kept in ``state.extras["camera_features"]`` (agents numbered as in the batch)
+and renumbered for each call (:meth:`~.inputs.CameraFeatures.of_agents`).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from ..utils.timing import null_timer
 from ..structures.bev import BevGrid
 from .encoders.fuser import modality_mask, sensors_of
 from .heads.base import Head, OutsideGrid
-from .inputs import AgentInputs, AuxLosses
+from .inputs import AgentInputs, AuxLosses, CameraFeatures, ImageFeatureSink
 
 __all__ = ["CoopDetector", "DetectorOutput", "Detections", "run_handshake", "ego_aligned_frames",
            "SENDER_FRAMES"]
@@ -167,12 +173,16 @@ class CoopDetector(nn.Module):
         if "points" in points:
             cloud = self._round("points", state, senders, channel, stage, rounds)
             with stage("encode"):
-                fused = self.bev(AgentInputs.early(batch, cloud))
+                sink = self._image_sink()
+                fused = self.bev(AgentInputs.early(batch, cloud, sink))
+            # one map per sample, its cameras already numbered by sample
+            images = {"cameras": sink.cameras} if sink is not None else {}
         else:
             with stage("encode"):
                 self._encode_agents(state, senders, aux)
                 self._services(state, senders)
             ego = state.features[batch.ego_index()]
+            images = self._images_of(state, batch.ego_index())
             fused = self._round("bev", state, senders, channel, stage, rounds) \
                 if "bev" in points else ego
         hooks = {int(p.split(":")[1]): self._decoder_hook(p, state, senders, channel, stage,
@@ -181,7 +191,8 @@ class CoopDetector(nn.Module):
         with stage("head"):
             # only a head that fuses inside its layers is asked to (a contract's flag)
             inside = {"before_refine": True} if fusion.contract.fuse_before_refine else {}
-            head = self.head(fused, hooks=hooks, **inside) if hooks else self.head(fused)
+            head = self.head(fused, hooks=hooks, **inside, **images) if hooks \
+                else self.head(fused, **images)
         out = DetectorOutput(head, state, rounds, encoder_losses=aux.terms if aux else {})
         if "detections" in points and not self.training:
             with stage("head"):
@@ -236,11 +247,29 @@ class CoopDetector(nn.Module):
         and no loss needs the others (their maps stay zero). ``aux``: the sink for the
         encoders' auxiliary losses (training), or None."""
         batch = state.batch
-        inputs = AgentInputs.from_batch(batch, aux)
+        sink = self._image_sink()
+        inputs = AgentInputs.from_batch(batch, aux, sink)
         if not (senders or (self.training and self.agent_loss_weight > 0)):
             inputs = inputs.only(batch.ego_index())
         state.features = self.bev(inputs)
         state.grid = self.feature_grid
+        if sink is not None:
+            state.extras["camera_features"] = sink.cameras
+
+    def _image_sink(self) -> ImageFeatureSink | None:
+        """A sink for the camera encoder's image features when the head reads them."""
+        return ImageFeatureSink() if getattr(self.head, "reads_images", False) else None
+
+    def _images_of(self, state: FusionState, agents=None,
+                   key: str = "camera_features") -> dict:
+        """The head's keyword for maps ``features[agents]`` (None: every agent's map): the
+        cameras of those agents when the head reads images, else nothing."""
+        if not getattr(self.head, "reads_images", False):
+            return {}
+        cameras: CameraFeatures | None = state.extras.get(key)
+        if cameras is not None and agents is not None:
+            cameras = cameras.of_agents(agents)
+        return {"cameras": cameras}
 
     def _services(self, state: FusionState, senders: list[int]) -> None:
         """What the method's contract asks the detector to compute (see v2xfuse.fusion.base)."""
@@ -254,7 +283,8 @@ class CoopDetector(nn.Module):
                     self.head.confidence(F.dropout(features, contract.pass_dropout, True))
                     for _ in range(contract.passes)])
         if "detections" in contract.services and senders and self._detecting():
-            state.extras["detections"] = self.detect_agents(features, senders, self._passes())
+            state.extras["detections"] = self.detect_agents(features, senders, self._passes(),
+                                                            **self._images_of(state))
         if "history" in contract.services:
             self._history(state, senders)
         if "queries" in contract.services and senders:
@@ -265,7 +295,8 @@ class CoopDetector(nn.Module):
                 sent += self.head.decoder_layers
             # fusion layer -> the layer whose queries the senders send in that round
             source = {layer: layer if sent is None else sent for layer in layers}
-            per_layer = self.head.queries_after(features[senders], source.values(), **inside)
+            per_layer = self.head.queries_after(features[senders], source.values(), **inside,
+                                                **self._images_of(state, senders))
             state.extras["sender_queries"] = {
                 layer: {i: per_layer[source[layer]].rows(slice(k, k + 1))
                         for k, i in enumerate(senders)}
@@ -284,12 +315,16 @@ class CoopDetector(nn.Module):
                              f"observations: set dataset.history_frames >= "
                              f"{contract.history_frames}")
         used = torch.nonzero(history.steps <= contract.history_frames).squeeze(1)
-        inputs = AgentInputs.of_history(batch).only(used)
+        sink = self._image_sink()
+        inputs = replace(AgentInputs.of_history(batch).only(used), image_features=sink)
         state.extras["history"] = maps = self.bev(inputs)
+        if sink is not None:
+            state.extras["history_camera_features"] = sink.cameras
         if "detections" in contract.services and self._detecting():
             sending = set(senders)
             wanted = [h for h in used.tolist() if int(history.agent[h]) in sending]
-            dets = self.detect_agents(maps, wanted, self._passes()) if wanted else []
+            dets = self.detect_agents(maps, wanted, self._passes(), **self._images_of(
+                state, key="history_camera_features")) if wanted else []
             state.extras["history_detections"] = dict(zip(wanted, dets))
 
     def _detecting(self) -> bool:
@@ -303,15 +338,19 @@ class CoopDetector(nn.Module):
 
     @torch.no_grad()
     def detect_agents(self, features: torch.Tensor, agents: list[int],
-                      passes: int = 0) -> list[Detections]:
+                      passes: int = 0, cameras: CameraFeatures | None = None) -> list[Detections]:
         """Each listed agent's own detections (its frame) from its own map, after NMS.
+        ``cameras``: a head that reads images: every agent's cameras (numbered as
+        ``features``).
 
         ``passes`` > 0: Monte Carlo dropout, that many more passes of the head with dropout on
         (the head's own, ``mc=True``, when it has some; else ``contract.pass_dropout`` on the
         maps), the dropout off again afterwards; each box gets what every pass predicts at its
         anchor: ``extras["pass_scores"]`` (D, K) and ``extras["pass_boxes"]`` (D, K, 7)."""
         maps = features[agents]
-        out = self.head(maps)
+        images = {"cameras": None if cameras is None else cameras.of_agents(agents)} \
+            if getattr(self.head, "reads_images", False) else {}
+        out = self.head(maps, **images)
         dets = [self._nms(self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
         if passes <= 0:
             return dets
@@ -322,7 +361,8 @@ class CoopDetector(nn.Module):
             runs = [self.head(maps, mc=True) for _ in range(passes)]
         else:
             p = self.fusion.contract.pass_dropout
-            runs = [self.head(F.dropout2d(maps, p, training=True)) for _ in range(passes)]
+            runs = [self.head(F.dropout2d(maps, p, training=True), **images)
+                    for _ in range(passes)]
         for k, d in enumerate(dets):
             at = [self.head.decode_at(run, k, d.extras["anchor"]) for run in runs]
             d.extras["pass_scores"] = torch.stack([s for s, _ in at], 1)
@@ -346,7 +386,8 @@ class CoopDetector(nn.Module):
     def loss(self, out: DetectorOutput, batch: CoopBatch) -> dict[str, torch.Tensor]:
         losses = self.head.loss(out.head, batch.gt_boxes)
         if self.agent_loss_weight > 0 and out.state.features is not None:
-            agent = self.agent_loss(out.state.features, out.state.batch)
+            agent = self.agent_loss(out.state.features, out.state.batch,
+                                    **self._images_of(out.state))
             losses["loss"] = losses["loss"] + self.agent_loss_weight * agent["loss"]
             losses["loss_agent"] = agent["loss"].detach()
         for k, v in out.encoder_losses.items():  # already weighted by their encoders
@@ -357,8 +398,10 @@ class CoopDetector(nn.Module):
             losses[k] = v.detach()
         return losses
 
-    def agent_loss(self, features: torch.Tensor, batch: CoopBatch) -> dict[str, torch.Tensor]:
-        """The head's loss on every agent's own (N, C, H, W) map, in that agent's frame."""
+    def agent_loss(self, features: torch.Tensor, batch: CoopBatch,
+                   cameras: CameraFeatures | None = None) -> dict[str, torch.Tensor]:
+        """The head's loss on every agent's own (N, C, H, W) map, in that agent's frame;
+        ``cameras``: every agent's, for a head that reads images."""
         poses = batch.true_ego_from_agent if batch.true_ego_from_agent is not None \
             else batch.ego_from_agent
         sample = batch.sample_of_agent().tolist()
@@ -368,7 +411,8 @@ class CoopDetector(nn.Module):
             agent_from_ego = torch.linalg.inv(ego_from_agent).to(features.dtype)
             gts.append(transform_boxes(agent_from_ego, batch.gt_boxes[b]))
             ignore.append(OutsideGrid(ego_from_agent, self.head.grid))
-        return self.head.loss(self.head(features), gts, ignore)
+        images = {"cameras": cameras} if getattr(self.head, "reads_images", False) else {}
+        return self.head.loss(self.head(features, **images), gts, ignore)
 
     @torch.no_grad()
     def predict(self, out: DetectorOutput, timer=None) -> list[Detections]:

@@ -11,6 +11,12 @@ is in training mode) adds its weighted terms there while it runs, whether it is 
 inside a ``MultiSensorEncoder``; the detector hands the sink's terms to its ``loss`` through
 ``DetectorOutput.encoder_losses``. Inputs without a sink (evaluation, history, early fusion)
 make no auxiliary loss, and nothing of one forward pass can reach another.
+
+Image features travel the same way: a head that samples the cameras' image features (the query
+head's ``sample_from: camera``) needs what the camera encoder's image backbone computed, not a
+second pass of it. The detector then gives the inputs an :class:`ImageFeatureSink`; a camera
+encoder that has one puts its backbone's output there, with the calibration it belongs to, as
+:class:`CameraFeatures`.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from ..datasets.batch import CameraBatch, CoopBatch
 # SENSORS: what an encoder's ``sensor`` may be, in the order the fuser sees their maps
 from ..structures.coop import SENSORS
 
-__all__ = ["AgentInputs", "AuxLosses", "SENSORS"]
+__all__ = ["AgentInputs", "AuxLosses", "CameraFeatures", "ImageFeatureSink", "SENSORS"]
 
 
 class AuxLosses:
@@ -40,6 +46,60 @@ class AuxLosses:
 
 
 @dataclass
+class CameraFeatures:
+    """K cameras' image features, as a camera encoder's image backbone made them.
+
+    Attributes:
+        features: (K, C, h, w), h = H / stride, w = W / stride; feature pixel (i, j) covers image
+            pixels [j stride, (j + 1) stride) x [i stride, (i + 1) stride), so a ``grid_sample``
+            with ``align_corners=False`` reads image pixel u at ``(u + 0.5) / W * 2 - 1``
+            (OpenCV pixel centres at integers, :mod:`v2xfuse.models.encoders.lss`).
+        agent: (K,) int64 the map (agent) each camera belongs to, in the numbering of the maps
+            the features go with.
+        intrinsics: (K, 3, 3) float64 of the images as the batch has them (resized, cropped).
+        lidar_from_camera: (K, 4, 4) float64 into its agent's frame as the batch has it
+            (augmentation and ``ego_aligned`` moves included; inverted as a matrix).
+        image_size: (H, W) of the images ``intrinsics`` refer to.
+    """
+
+    features: torch.Tensor
+    agent: torch.Tensor
+    intrinsics: torch.Tensor
+    lidar_from_camera: torch.Tensor
+    image_size: tuple[int, int]
+
+    @property
+    def num_cameras(self) -> int:
+        return len(self.agent)
+
+    def of_agents(self, agents) -> "CameraFeatures":
+        """The cameras of the listed agents (M,), renumbered to their place in the list (the
+        map index of ``maps[agents]``); cameras of other agents are left out."""
+        agents = torch.as_tensor(agents, dtype=torch.long, device=self.agent.device).reshape(-1)
+        size = int(max(int(agents.max()) if len(agents) else -1,
+                       int(self.agent.max()) if len(self.agent) else -1)) + 1
+        place = torch.full((size,), -1, dtype=torch.long, device=self.agent.device)
+        place[agents] = torch.arange(len(agents), device=self.agent.device)
+        new = place[self.agent]
+        keep = new >= 0
+        return CameraFeatures(self.features[keep], new[keep], self.intrinsics[keep],
+                              self.lidar_from_camera[keep], self.image_size)
+
+
+class ImageFeatureSink:
+    """Where a camera encoder puts its image backbone's output during one call (module
+    docstring). One camera encoder per call: a second ``put`` raises."""
+
+    def __init__(self) -> None:
+        self.cameras: CameraFeatures | None = None
+
+    def put(self, cameras: CameraFeatures) -> None:
+        if self.cameras is not None:
+            raise ValueError("image features put twice in one encoder call (two camera encoders?)")
+        self.cameras = cameras
+
+
+@dataclass
 class AgentInputs:
     """The sensor data of N agents, as one encoder call sees it.
 
@@ -52,18 +112,23 @@ class AgentInputs:
             lidar_from_camera (K, 4, 4) into that agent's LiDAR frame), or None.
         losses: where encoders in training mode add their auxiliary losses for this call
             (:class:`AuxLosses`), or None: then they compute none.
+        image_features: where a camera encoder puts its image features for this call
+            (:class:`ImageFeatureSink`), or None: then it keeps none.
     """
 
     num_agents: int
     points: torch.Tensor | None = None
     cameras: CameraBatch | None = None
     losses: AuxLosses | None = None
+    image_features: ImageFeatureSink | None = None
 
     @classmethod
-    def from_batch(cls, batch: CoopBatch, losses: AuxLosses | None = None) -> "AgentInputs":
+    def from_batch(cls, batch: CoopBatch, losses: AuxLosses | None = None,
+                   image_features: ImageFeatureSink | None = None) -> "AgentInputs":
         """Every agent of ``batch`` with its current observation; ``losses``: the sink for the
-        encoders' auxiliary losses (training), or None."""
-        return cls(batch.num_agents, batch.points, batch.cameras, losses)
+        encoders' auxiliary losses (training), or None; ``image_features``: the sink for the
+        camera encoder's image features, or None."""
+        return cls(batch.num_agents, batch.points, batch.cameras, losses, image_features)
 
     @classmethod
     def of_history(cls, batch: CoopBatch) -> "AgentInputs":
@@ -77,7 +142,8 @@ class AgentInputs:
         return cls(history.num_observations, history.points, history.cameras)
 
     @classmethod
-    def early(cls, batch: CoopBatch, points: torch.Tensor) -> "AgentInputs":
+    def early(cls, batch: CoopBatch, points: torch.Tensor,
+              image_features: ImageFeatureSink | None = None) -> "AgentInputs":
         """Early fusion's inputs: one "agent" per sample, the points its ego gathered (P, 5)
         [sample, x, y, z, intensity] in the ego frame, and the ego's own cameras (raw points
         are what early fusion sends; images stay with their agent)."""
@@ -86,7 +152,7 @@ class AgentInputs:
             ego = batch.ego_index()
             cameras = cameras.select(torch.isin(cameras.agent, ego))
             cameras.agent = torch.searchsorted(ego, cameras.agent)
-        return cls(batch.batch_size, points, cameras)
+        return cls(batch.batch_size, points, cameras, image_features=image_features)
 
     @property
     def device(self) -> torch.device:
@@ -116,4 +182,4 @@ class AgentInputs:
             points = points[torch.isin(points[:, 0].long(), agents)]
         if cameras is not None:
             cameras = cameras.select(torch.isin(cameras.agent, agents))
-        return AgentInputs(self.num_agents, points, cameras, self.losses)
+        return AgentInputs(self.num_agents, points, cameras, self.losses, self.image_features)

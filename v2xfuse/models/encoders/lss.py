@@ -44,7 +44,7 @@ from ...ops import bev_pool
 from ...registry import ENCODERS
 from ...structures.bev import BevGrid
 from ..backbone import conv_bn_relu
-from ..inputs import AgentInputs
+from ..inputs import AgentInputs, CameraFeatures
 from .camera_bev import _MEAN, _STD
 
 __all__ = ["LiftSplat", "FrustumCells", "DepthBins", "ResidualImageNet", "IMAGE_BACKBONES",
@@ -206,6 +206,8 @@ class LiftSplat(nn.Module):
             width = self.image_net.out_channels
         else:
             self.image_net, width = torchvision_trunk(backbone, self.stride)
+        #: c of the image features a head may sample (``inputs.image_features``)
+        self.image_feature_channels = int(width)
         self.depth_net = nn.Sequential(conv_bn_relu(width, width),
                                        nn.Conv2d(width, self.bins.count + self.out_channels, 1))
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -215,7 +217,8 @@ class LiftSplat(nn.Module):
     def forward(self, inputs: AgentInputs) -> torch.Tensor:
         """``inputs.cameras`` -> (N, C, ny, nx); agents without a camera get a zero map. In
         training, with ``depth_loss_weight`` > 0 and an ``inputs.losses`` sink, adds
-        ``loss_depth`` to it."""
+        ``loss_depth`` to it; with an ``inputs.image_features`` sink, puts the image backbone's
+        output there (:class:`~v2xfuse.models.inputs.CameraFeatures`), computed once for both."""
         n, ny, nx = inputs.num_agents, self.grid.ny, self.grid.nx
         cams = inputs.cameras
         if cams is None or cams.num_cameras == 0:
@@ -225,7 +228,11 @@ class LiftSplat(nn.Module):
             raise ValueError(f"lss: image size {h}x{w} (pipeline.cameras.image_size) must be a "
                              f"multiple of the stride {self.stride}")
         images = (cams.images.to(self.mean.dtype) / 255.0 - self.mean) / self.std
-        out = self.depth_net(self.image_net(images))
+        image_features = self.image_net(images)                            # (K, c, h, w)
+        if inputs.image_features is not None:
+            inputs.image_features.put(CameraFeatures(image_features, cams.agent, cams.intrinsics,
+                                                     cams.lidar_from_camera, (int(h), int(w))))
+        out = self.depth_net(image_features)
         d = self.bins.count
         logits, context = out[:, :d], out[:, d:]                           # (K, D, h, w), (K, C, h, w)
         cells = self.frustum_cells(cams.intrinsics, cams.lidar_from_camera, cams.agent, (h, w))

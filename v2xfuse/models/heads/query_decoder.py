@@ -9,7 +9,10 @@ Each query carries one anchor and a feature vector. A decoder layer (Sparse4D's 
     self-attention among the queries (anchor embedding added to query and key)
  -> key-point attention: the BEV map sampled (``grid_sample``) at points around each anchor,
     5 fixed ones (centre, the 4 BEV corners) and ``learned_points`` offsets predicted from the
-    query, weighted per head by a softmax over the points (deformable attention on one level)
+    query, weighted per head by a softmax over the points (deformable attention on one level);
+    in camera mode (``camera_heights`` given) each of those points at each height level
+    ``z + level * dz`` of the box is a 3D point, read from the image features of the cameras
+    of the map's agent that see it (:mod:`.camera_sampling`)
  -> feed-forward
  -> refinement: the anchor, the object logit and the front logit each plus a predicted
     residual (zero at initialisation, so a layer starts from what it was given: the heatmap's
@@ -34,6 +37,8 @@ from torch import nn
 
 from ...structures.bev import BevGrid
 from ...structures.boxes import wrap_angle
+from ..inputs import CameraFeatures
+from .camera_sampling import sample_cameras
 
 __all__ = ["ANCHOR_DIM", "Queries", "anchors_from_boxes", "boxes_from_anchors", "axis_code",
            "front_target", "front_logit", "AnchorEncoder", "KeyPointAttention", "DecoderLayer"]
@@ -158,22 +163,31 @@ class AnchorEncoder(nn.Module):
 
 
 class KeyPointAttention(nn.Module):
-    """Each query reads the BEV map at key points around its anchor (module docstring).
+    """Each query reads the BEV map, or its agent's camera images, at key points around its
+    anchor (module docstring).
 
     Args:
-        in_channels: C of the BEV map; embed_dims: D of the queries; heads: attention heads
-        (each weighs the points on its own); learned_points: offsets predicted per query,
-        within one box length and width of the centre; grid: the map's grid.
+        in_channels: C of what is sampled: the BEV map, or the image features in camera mode;
+        embed_dims: D of the queries; heads: attention heads (each weighs the points on its
+        own); learned_points: offsets predicted per query, within one box length and width of
+        the centre; grid: the map's grid.
+        camera_heights: None: BEV mode. Else camera mode: the height levels, in box heights
+            from the centre (-0.5 the bottom, 0.5 the top), at which every BEV key point
+            becomes a 3D point; ``(5 + learned_points) * len(camera_heights)`` points a query.
     """
 
     def __init__(self, in_channels: int, embed_dims: int, heads: int, learned_points: int,
-                 grid: BevGrid):
+                 grid: BevGrid, camera_heights=None):
         super().__init__()
         if embed_dims % heads:
             raise ValueError(f"embed_dims {embed_dims} is not a multiple of heads {heads}")
         self.grid, self.heads, self.learned = grid, heads, learned_points
         self.register_buffer("fixed", torch.tensor(FIXED_POINTS), persistent=False)
-        points = len(FIXED_POINTS) + learned_points
+        self.levels = None if camera_heights is None else len(camera_heights)
+        if camera_heights is not None:
+            self.register_buffer("heights", torch.tensor([float(v) for v in camera_heights]),
+                                 persistent=False)
+        points = (len(FIXED_POINTS) + learned_points) * (self.levels or 1)
         self.offsets = nn.Linear(embed_dims, 2 * learned_points)
         self.weights = nn.Linear(embed_dims, heads * points)
         self.value = nn.Linear(in_channels, embed_dims)
@@ -200,10 +214,25 @@ class KeyPointAttention(nn.Module):
         y = local[..., 0] * s + local[..., 1] * c
         return torch.stack([x, y], dim=-1) + anchors[:, :, None, :2]
 
-    def forward(self, query: torch.Tensor, anchors: torch.Tensor,
-                bev: torch.Tensor) -> torch.Tensor:
+    def key_points_3d(self, query: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """Camera mode: (B, Q, D) queries, (B, Q, 8) anchors -> (B, Q, P * L, 3) every BEV key
+        point (:meth:`key_points`) at each of the L height levels ``z + level * dz``, points
+        outer, levels inner; x, y, z in the map's frame."""
+        xy = self.key_points(query, anchors)                              # (B, Q, P, 2)
+        b, q, p = xy.shape[:3]
+        height = torch.exp(anchors[..., 5].clamp(min=-4.0, max=4.0))        # (B, Q)
+        z = anchors[..., 2, None] + height[..., None] * self.heights.to(anchors.dtype)
+        xyz = torch.cat([xy[:, :, :, None].expand(-1, -1, -1, self.levels, -1),
+                         z[:, :, None, :, None].expand(-1, -1, p, -1, -1)], dim=-1)
+        return xyz.reshape(b, q, p * self.levels, 3)
+
+    def forward(self, query: torch.Tensor, anchors: torch.Tensor, bev: torch.Tensor,
+                cameras: CameraFeatures | None = None) -> torch.Tensor:
         """(B, Q, D) queries (anchor embedding added), (B, Q, 8) anchors, (B, C, H, W) map ->
-        (B, Q, D)."""
+        (B, Q, D). Camera mode: the image features of ``cameras`` (``agent`` indexing the B
+        maps; None: no camera, every point reads zero) are sampled instead of the map."""
+        if self.levels is not None:
+            return self._from_cameras(query, anchors, cameras)
         b, q, d = query.shape
         g = self.grid
         points = self.key_points(query, anchors)  # (B, Q, P, 2)
@@ -218,22 +247,40 @@ class KeyPointAttention(nn.Module):
         out = torch.einsum("bqhp,bqphd->bqhd", weights, values).reshape(b, q, d)
         return self.out(out)
 
+    def _from_cameras(self, query: torch.Tensor, anchors: torch.Tensor,
+                      cameras: CameraFeatures | None) -> torch.Tensor:
+        """Camera mode of :meth:`forward`: each 3D key point's image feature, averaged over the
+        cameras that see it, projected to D; a point no camera sees adds nothing (its value is
+        zero, its weight is not handed to the others)."""
+        b, q, d = query.shape
+        points = self.key_points_3d(query, anchors)                         # (B, Q, P, 3)
+        p = points.shape[2]
+        sampled, seen = sample_cameras(points.reshape(b, q * p, 3), cameras,
+                                       self.value.in_features)              # (B, Q*P, C)
+        values = self.value(sampled) * seen[..., None].to(sampled.dtype)
+        values = values.view(b, q, p, self.heads, -1)
+        weights = torch.softmax(self.weights(query).view(b, q, self.heads, p), dim=-1)
+        out = torch.einsum("bqhp,bqphd->bqhd", weights, values.to(weights.dtype)).reshape(b, q, d)
+        return self.out(out)
+
 
 class DecoderLayer(nn.Module):
     """One decoder layer (module docstring): ``(queries, map) -> queries`` with refined anchors
     and fresh object and front logits.
 
     Args:
-        in_channels: C of the BEV map; embed_dims: D; heads: attention heads; ffn_dims: width
-        of the feed-forward layer; learned_points: see :class:`KeyPointAttention`; grid: the
-        map's grid.
+        in_channels: C of what the key points sample (the BEV map, or the image features in
+        camera mode); embed_dims: D; heads: attention heads; ffn_dims: width of the
+        feed-forward layer; learned_points, camera_heights: see :class:`KeyPointAttention`;
+        grid: the map's grid.
     """
 
     def __init__(self, in_channels: int, embed_dims: int, heads: int, ffn_dims: int,
-                 learned_points: int, grid: BevGrid):
+                 learned_points: int, grid: BevGrid, camera_heights=None):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(embed_dims, heads, batch_first=True)
-        self.sample = KeyPointAttention(in_channels, embed_dims, heads, learned_points, grid)
+        self.sample = KeyPointAttention(in_channels, embed_dims, heads, learned_points, grid,
+                                        camera_heights)
         self.ffn = nn.Sequential(nn.Linear(embed_dims, ffn_dims), nn.ReLU(inplace=True),
                                  nn.Linear(ffn_dims, embed_dims))
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(3))
@@ -247,13 +294,16 @@ class DecoderLayer(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
-    def forward(self, queries: Queries, bev: torch.Tensor, encoder: AnchorEncoder) -> Queries:
-        return self.refine_queries(self.attend(queries, bev, encoder), encoder)
+    def forward(self, queries: Queries, bev: torch.Tensor, encoder: AnchorEncoder,
+                cameras: CameraFeatures | None = None) -> Queries:
+        return self.refine_queries(self.attend(queries, bev, encoder, cameras), encoder)
 
-    def attend(self, queries: Queries, bev: torch.Tensor, encoder: AnchorEncoder) -> Queries:
+    def attend(self, queries: Queries, bev: torch.Tensor, encoder: AnchorEncoder,
+               cameras: CameraFeatures | None = None) -> Queries:
         """The layer up to its refinement: the queries with new features and the anchors and
         logits they came with (detached). A method fusing before the refinement (a contract's
-        ``fuse_before_refine``) acts here, so that the refinement sees fused features."""
+        ``fuse_before_refine``) acts here, so that the refinement sees fused features.
+        ``cameras``: what camera mode samples (:meth:`KeyPointAttention.forward`)."""
         # Each layer refines the anchor and logits it is given without a gradient through them
         # (iterative box refinement as in Deformable DETR): every layer's loss is its own.
         anchors = queries.anchors.detach()
@@ -263,7 +313,7 @@ class DecoderLayer(nn.Module):
         attended = self.self_attn(q, q, x, key_padding_mask=~queries.valid,
                                   need_weights=False)[0]
         x = self.norms[0](x + attended)
-        x = self.norms[1](x + self.sample(x + pos, anchors, bev))
+        x = self.norms[1](x + self.sample(x + pos, anchors, bev, cameras))
         x = self.norms[2](x + self.ffn(x))
         return replace(queries, features=x, anchors=anchors, logits=queries.logits.detach(),
                        front=queries.front.detach(), positions=pos)

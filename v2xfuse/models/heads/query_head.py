@@ -23,6 +23,13 @@ focal classification loss on all queries, an L1 loss on the matched boxes' code
 ``[x, y, z, log dx, log dy, log dz, sin 2yaw, cos 2yaw]`` and a binary cross-entropy on their
 front logits (see :mod:`.query_decoder` for the axis code).
 
+Where the key points read (``sample_from``): ``bev``, the map the head is given (the default);
+``camera``, the image features of the cameras of that map's agent (the camera encoder's image
+backbone output, before lift-splat: ACCO's and Sparse4D's sampling), each BEV key point lifted
+to 3D at the box's height levels ``camera_heights`` and projected into every camera with the
+calibration the batch has (:mod:`.camera_sampling`). The heatmap and the initial queries still
+come from the BEV map in both.
+
 A fusion method may act on the queries between layers (fusion point ``decoder:<L>``): the
 detector passes ``hooks`` ``{L: fn(queries) -> queries}`` and the later layers run on what the
 method returned (QUEST appends the queries collaborators sent); :meth:`QueryHead.queries_after`
@@ -41,6 +48,7 @@ from torch import nn
 from ...registry import HEADS
 from ...structures.bev import BevGrid
 from ...structures.detections import Detections
+from ..inputs import CameraFeatures
 from .anchor_head import sigmoid_focal_loss
 from .base import Head, OutsideGrid
 from .center_head import CenterHead, CenterOutput
@@ -51,6 +59,7 @@ from .query_decoder import (ANCHOR_DIM, AnchorEncoder, DecoderLayer, Queries, an
 __all__ = ["QueryHead", "QueryOutput", "box_code"]
 
 QUERY_INITS = ("heatmap", "learned")
+SAMPLE_FROM = ("bev", "camera")
 #: the object logit learned queries start from (probability 0.01, as RetinaNet's prior)
 PRIOR_LOGIT = -math.log((1 - 0.01) / 0.01)
 
@@ -100,6 +109,11 @@ class QueryHead(Head):
         match_cls_weight, match_reg_weight: weights of the two matching costs.
         anchor_size, anchor_z: ``learned`` only: the size (l, w, h) and centre height the bank's
             anchors start with (the anchor head's options of the same name and meaning).
+        sample_from: ``"bev"`` or ``"camera"``: what the key points read (module docstring).
+        camera_heights: camera mode: the height levels of the key points, in box heights from
+            the box's centre (-0.5 its bottom, 0.5 its top).
+        image_channels: camera mode: c of the camera encoder's image features (injected by the
+            builder from the encoder, never set in a config).
     """
 
     def __init__(self, in_channels: int, grid: BevGrid, num_queries: int = 128,
@@ -108,10 +122,25 @@ class QueryHead(Head):
                  heatmap_channels: int = 32, dense_weight: float = 1.0, cls_weight: float = 1.0,
                  reg_weight: float = 0.25, direction_weight: float = 0.2,
                  match_cls_weight: float = 2.0, match_reg_weight: float = 0.25,
-                 anchor_size=(4.5, 1.9, 1.6), anchor_z: float = -1.1):
+                 anchor_size=(4.5, 1.9, 1.6), anchor_z: float = -1.1, sample_from: str = "bev",
+                 camera_heights=(-0.5, 0.0, 0.5), image_channels: int | None = None):
         super().__init__()
         if query_init not in QUERY_INITS:
             raise ValueError(f"query_init {query_init!r} is not one of {QUERY_INITS}")
+        if sample_from not in SAMPLE_FROM:
+            raise ValueError(f"model.head.query.sample_from: {sample_from!r} is not one of "
+                             f"{SAMPLE_FROM}")
+        heights = None
+        if sample_from == "camera":
+            if image_channels is None:
+                raise ValueError("model.head.query.sample_from: camera samples the camera "
+                                 "encoder's image features, and the model has no camera encoder "
+                                 "that gives them (model.encoders.camera.type: lss)")
+            heights = tuple(float(v) for v in camera_heights)
+            if not heights or any(not -1.0 <= v <= 1.0 for v in heights):
+                raise ValueError(f"model.head.query.camera_heights: one or more levels in "
+                                 f"[-1, 1] box heights, got {list(camera_heights)}")
+        self.sample_from = sample_from
         if decoder_layers < 1:
             raise ValueError("the query head needs at least one decoder layer")
         self.grid, self.query_init = grid, query_init
@@ -124,8 +153,9 @@ class QueryHead(Head):
         self.heatmap = CenterHead(in_channels, grid, head_channels=heatmap_channels,
                                   yaw_code="axis_direction")
         self.anchor_encoder = AnchorEncoder(grid, embed_dims)
+        sampled = in_channels if heights is None else int(image_channels)
         self.layers = nn.ModuleList(
-            DecoderLayer(in_channels, embed_dims, heads, ffn_dims, learned_points, grid)
+            DecoderLayer(sampled, embed_dims, heads, ffn_dims, learned_points, grid, heights)
             for _ in range(self.decoder_layers))
         if query_init == "heatmap":
             self.input_proj = nn.Linear(in_channels, embed_dims)
@@ -134,6 +164,12 @@ class QueryHead(Head):
             self.bank_anchors = nn.Parameter(lattice_anchors(grid, self.num_queries, anchor_size,
                                                              anchor_z))
             self.bank_features = nn.Parameter(torch.randn(self.num_queries, embed_dims) * 0.02)
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether the head samples image features (camera mode): the detector then passes
+        each call the cameras of the maps' agents (``cameras``)."""
+        return self.sample_from == "camera"
 
     # --- queries -------------------------------------------------------------------------
     def initial(self, features: torch.Tensor, dense: CenterOutput) -> Queries:
@@ -166,35 +202,39 @@ class QueryHead(Head):
 
     def forward(self, features: torch.Tensor,
                 hooks: dict[int, Callable[[Queries], Queries]] | None = None,
-                before_refine: bool = False) -> QueryOutput:
+                before_refine: bool = False,
+                cameras: CameraFeatures | None = None) -> QueryOutput:
         """(B, C, H, W) maps -> :class:`QueryOutput`. ``hooks``: layer -> a function the
         queries leaving that layer go through (with their positions) before the next layer;
         ``before_refine``: the hooks act inside their layer, between its attention and its
         refinement (:meth:`DecoderLayer.attend`), and the refinement sees what they returned. ``layers`` holds each layer's queries as it left
         them: before any fusion after the layer, fused where the fusion is the layer's own
-        (``before_refine``: its refinement belongs to it, and is trained on the fused set)."""
+        (``before_refine``: its refinement belongs to it, and is trained on the fused set).
+        ``cameras``: camera mode: the cameras of the B maps' agents (``agent`` in 0..B-1), or
+        None (no camera: the key points read zeros); ignored in BEV mode."""
         dense = self.heatmap(features)
         queries = self.initial(features, dense)
         layers = []
         for i, layer in enumerate(self.layers):
             if before_refine and hooks and i in hooks:
-                attended = layer.attend(queries, features, self.anchor_encoder)
+                attended = layer.attend(queries, features, self.anchor_encoder, cameras)
                 fused = hooks[i](self.with_positions(attended))
                 queries = layer.refine_queries(replace(fused, positions=None),
                                                self.anchor_encoder)
                 layers.append(queries)
                 continue
-            queries = layer(queries, features, self.anchor_encoder)
+            queries = layer(queries, features, self.anchor_encoder, cameras)
             layers.append(queries)
             if hooks and i in hooks:
                 queries = hooks[i](self.with_positions(queries))
         return QueryOutput(dense, layers, queries)
 
     def queries_after(self, features: torch.Tensor, layers: Iterable[int],
-                      before_refine: bool = False) -> dict[int, Queries]:
+                      before_refine: bool = False,
+                      cameras: CameraFeatures | None = None) -> dict[int, Queries]:
         """(N, C, H, W) maps -> layer -> the N maps' queries leaving that layer, with their
         positions (the decoder runs as far as the last layer asked for); ``before_refine``:
-        as that layer holds them before its refinement (see :meth:`forward`)."""
+        as that layer holds them before its refinement; ``cameras``: as in :meth:`forward`."""
         wanted = sorted(set(layers))
         if not wanted or wanted[0] < 0 or wanted[-1] >= self.decoder_layers:
             raise ValueError(f"layers {wanted}: the head has {self.decoder_layers}")
@@ -202,11 +242,11 @@ class QueryHead(Head):
         out = {}
         for i, layer in enumerate(self.layers[:wanted[-1] + 1]):
             if before_refine and i in wanted:
-                attended = layer.attend(queries, features, self.anchor_encoder)
+                attended = layer.attend(queries, features, self.anchor_encoder, cameras)
                 out[i] = self.with_positions(attended)
                 queries = layer.refine_queries(attended, self.anchor_encoder)
                 continue
-            queries = layer(queries, features, self.anchor_encoder)
+            queries = layer(queries, features, self.anchor_encoder, cameras)
             if i in wanted:
                 out[i] = self.with_positions(queries)
         return out

@@ -82,8 +82,9 @@ constexpr int64_t kTile = 64;
 
 // Points looked ahead in the cell-ordered walk. Consecutive points of a cell sit far apart in the
 // frustum (a depth bin apart), so the hardware prefetcher cannot follow the rows; asking for the
-// row kAhead points on hides most of the memory latency.
-constexpr int64_t kAhead = 16;
+// row kAhead points on hides most of the memory latency (16 / 32 / 64 measured at the camera.yaml
+// shapes: 2.6 / 2.2 / 2.1 ms forward, 2.6 / 2.5 / 2.4 ms backward, one thread, load ~6).
+constexpr int64_t kAhead = 32;
 
 inline void prefetch_row(const void* row, int64_t bytes, bool write) {
   const char* p = static_cast<const char*>(row);

@@ -9,11 +9,16 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <climits>
 #include <tuple>
 #include <vector>
 
 #include "bev_pool/bev_pool.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace v2xfuse {
 
@@ -256,6 +261,10 @@ at::Tensor bev_pool_backward_planned_cpu(const at::Tensor& grad_out, const at::T
     const scalar_t* src = go.data_ptr<scalar_t>();
     scalar_t* dst = grad_features.data_ptr<scalar_t>();
     const int64_t row_bytes = channels * static_cast<int64_t>(sizeof(scalar_t));
+    // Whole cache lines per row (C = 32 float: two): streaming stores write them without first
+    // reading the lines they replace, which the scattered rows would otherwise all cost.
+    const bool stream = row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+    (void)stream;
     for_each_tile(batch_size, plane, /*grain=*/16, [&](int64_t b, int64_t yx0, int64_t n) {
       const int32_t* o = off + b * plane + yx0;
       if (o[0] == o[n]) return;
@@ -268,6 +277,22 @@ at::Tensor bev_pool_backward_planned_cpu(const at::Tensor& grad_out, const at::T
         const scalar_t* run = tile_in + c * plane;
         for (int64_t t = 0; t < n; ++t) rows[t * channels + c] = run[t];
       }
+#if defined(__SSE2__)
+      if (stream) {
+        for (int64_t t = 0; t < n; ++t) {
+          const char* cell = reinterpret_cast<const char*>(rows.data() + t * channels);
+          for (int32_t i = o[t]; i < o[t + 1]; ++i) {
+            char* to = reinterpret_cast<char*>(dst + static_cast<int64_t>(ord[i]) * channels);
+            for (int64_t k = 0; k < row_bytes; k += 16) {
+              _mm_stream_si128(reinterpret_cast<__m128i*>(to + k),
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(cell + k)));
+            }
+          }
+        }
+        _mm_sfence();
+        return;
+      }
+#endif
       for (int64_t t = 0; t < n; ++t) {
         const scalar_t* cell = rows.data() + t * channels;
         for (int32_t i = o[t]; i < o[t + 1]; ++i) {

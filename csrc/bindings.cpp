@@ -69,6 +69,12 @@ TORCH_LIBRARY(v2xfuse, m) {
   m.def("nms_rotated(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   m.def("bev_pool_forward(Tensor features, Tensor coords, int batch_size, int ny, int nx) -> Tensor");
   m.def("bev_pool_backward(Tensor grad_out, Tensor coords) -> Tensor");
+  // CPU only: the cell grouping computed once per call of v2xfuse.ops.bev_pool and shared by
+  // its forward and backward passes (bev_pool.h).
+  m.def("bev_pool_plan(Tensor coords, int batch_size, int ny, int nx) -> (Tensor, Tensor)");
+  m.def("bev_pool_forward_planned(Tensor features, Tensor order, Tensor offsets, int batch_size, "
+        "int ny, int nx) -> Tensor");
+  m.def("bev_pool_backward_planned(Tensor grad_out, Tensor order, Tensor offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(v2xfuse, CPU, m) {
@@ -78,6 +84,9 @@ TORCH_LIBRARY_IMPL(v2xfuse, CPU, m) {
   m.impl("nms_rotated", &nms_rotated_cpu);
   m.impl("bev_pool_forward", &bev_pool_forward_cpu);
   m.impl("bev_pool_backward", &bev_pool_backward_cpu);
+  m.impl("bev_pool_plan", &bev_pool_plan_cpu);
+  m.impl("bev_pool_forward_planned", &bev_pool_forward_planned_cpu);
+  m.impl("bev_pool_backward_planned", &bev_pool_backward_planned_cpu);
 }
 
 // Registered in CPU-only builds too, so that CUDA tensors get the message above rather than

@@ -1,11 +1,13 @@
 // BEV pooling (lift-splat): features (P, C) with coords (P, 3) int [batch, y, x] summed per cell
 // into (B, C, ny, nx). Deterministic on both devices, and the same order on both: every cell
-// sums its points in ascending point index (CPU: points added in index order, threads split the
-// channels; CUDA: points sorted by cell (stable), one segmented sum per cell). The backward
-// pass gathers the output gradient of each point's cell.
+// sums its points in ascending point index (both devices group the points by cell with a stable
+// order and run one segmented sum per cell: CPU by a counting sort, CUDA by a stable sort). The
+// backward pass gathers the output gradient of each point's cell.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <tuple>
 
 #include "common.h"
 
@@ -32,6 +34,18 @@ struct BevPoolSegments {
   at::Tensor order, cells, starts, lengths;
 };
 BevPoolSegments bev_pool_segments(const at::Tensor& cells);
+
+// CPU plan (bev_pool_cpu.cpp): the points grouped by cell with a counting sort, computed once
+// and shared by the forward and backward passes. offsets (B * ny * nx + 1,) int32: the points of
+// flat cell k = (batch * ny + y) * nx + x are order[offsets[k] : offsets[k + 1]], (P,) int32, in
+// increasing point index. Out-of-range coords raise a ValueError naming the first bad row.
+std::tuple<at::Tensor, at::Tensor> bev_pool_plan_cpu(const at::Tensor& coords,
+                                                     int64_t batch_size, int64_t ny, int64_t nx);
+at::Tensor bev_pool_forward_planned_cpu(const at::Tensor& features, const at::Tensor& order,
+                                        const at::Tensor& offsets, int64_t batch_size, int64_t ny,
+                                        int64_t nx);
+at::Tensor bev_pool_backward_planned_cpu(const at::Tensor& grad_out, const at::Tensor& order,
+                                         const at::Tensor& offsets);
 
 void check_bev_pool_forward_args(const at::Tensor& features, const at::Tensor& coords,
                                  int64_t batch_size, int64_t ny, int64_t nx);

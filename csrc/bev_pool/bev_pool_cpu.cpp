@@ -3,15 +3,22 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/index_select.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/unique_consecutive.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <climits>
 #include <tuple>
+#include <vector>
 
 #include "bev_pool/bev_pool.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace v2xfuse {
 
@@ -72,55 +79,248 @@ BevPoolSegments bev_pool_segments(const at::Tensor& cells) {
   return seg;
 }
 
+namespace {
+
+// Cells per tile: a tile's channel-last sums (kTile x C in the accumulation type, 8 KB at C = 32
+// float) stay in L1 while they are written out one channel plane at a time.
+constexpr int64_t kTile = 64;
+
+// Points looked ahead in the cell-ordered walk. Consecutive points of a cell sit far apart in the
+// frustum (a depth bin apart), so the hardware prefetcher cannot follow the rows; asking for the
+// row kAhead points on hides most of the memory latency (16 / 32 / 64 measured at the camera.yaml
+// shapes: 2.6 / 2.2 / 2.1 ms forward, 2.6 / 2.5 / 2.4 ms backward, one thread, load ~6).
+constexpr int64_t kAhead = 32;
+
+inline void prefetch_row(const void* row, int64_t bytes, bool write) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t k = 0; k < bytes; k += 64) {
+    if (write) {
+      __builtin_prefetch(p + k, 1);
+    } else {
+      __builtin_prefetch(p + k, 0);
+    }
+  }
+}
+
+template <typename index_t>
+void plan_cells(const index_t* coords, int64_t n_points, int64_t batch_size, int64_t ny,
+                int64_t nx, int32_t* cell_of, int32_t* counts) {
+  for (int64_t p = 0; p < n_points; ++p) {
+    const int64_t b = coords[3 * p], y = coords[3 * p + 1], x = coords[3 * p + 2];
+    if (b < 0 || b >= batch_size || y < 0 || y >= ny || x < 0 || x >= nx) {
+      TORCH_CHECK_VALUE(false, "bev_pool: coords[", p, "] = [", b, ", ", y, ", ", x,
+                        "] is outside the grid; need 0 <= batch < ", batch_size, ", 0 <= y < ",
+                        ny, ", 0 <= x < ", nx);
+    }
+    const int32_t cell = static_cast<int32_t>((b * ny + y) * nx + x);
+    cell_of[p] = cell;
+    ++counts[cell + 1];
+  }
+}
+
+// Visits the tiles of kTile consecutive cells of every batch plane, split over threads (tiles
+// never straddle two planes, so a tile's cells are contiguous in every channel plane).
+template <typename F>
+void for_each_tile(int64_t batch_size, int64_t plane, int64_t grain, const F& fn) {
+  const int64_t per_plane = ceil_div(plane, kTile);
+  at::parallel_for(0, batch_size * per_plane, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / per_plane, yx0 = (t - b * per_plane) * kTile;
+      fn(b, yx0, std::min(kTile, plane - yx0));
+    }
+  });
+}
+
+// Shapes and dtypes only: order and offsets are trusted to come from bev_pool_plan_cpu (checking
+// every entry would cost as much as the pooling itself).
+void check_plan(const at::Tensor& order, const at::Tensor& offsets, int64_t n_cells) {
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kInt && order.is_contiguous() &&
+              order.device().is_cpu(), "order must be a contiguous (P,) int32 CPU tensor");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kInt &&
+              offsets.is_contiguous() && offsets.device().is_cpu() &&
+              offsets.size(0) == n_cells + 1,
+              "offsets must be a contiguous (B * ny * nx + 1,) int32 CPU tensor, B * ny * nx = ",
+              n_cells, ", got shape ", offsets.sizes());
+  TORCH_CHECK(offsets.data_ptr<int32_t>()[n_cells] == order.size(0),
+              "offsets[-1] must equal the number of points ", order.size(0));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bev_pool_plan_cpu(const at::Tensor& coords,
+                                                     int64_t batch_size, int64_t ny, int64_t nx) {
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3,
+              "coords must be (P, 3) [batch, y, x], got shape ", coords.sizes());
+  TORCH_CHECK(at::isIntegralType(coords.scalar_type(), /*includeBool=*/false),
+              "coords must be an integer tensor, got ", coords.scalar_type());
+  TORCH_CHECK(coords.device().is_cpu(), "bev_pool_plan_cpu expects CPU tensors");
+  TORCH_CHECK(batch_size >= 0 && ny > 0 && nx > 0,
+              "need batch_size >= 0, ny > 0 and nx > 0, got ", batch_size, ", ", ny, ", ", nx);
+  const int64_t n_points = coords.size(0), n_cells = batch_size * ny * nx;
+  TORCH_CHECK(n_points < INT32_MAX && n_cells < INT32_MAX,
+              "bev_pool on CPU takes fewer than 2^31 points and cells, got ", n_points, " and ",
+              n_cells);
+  const at::Tensor c = (coords.scalar_type() == at::kInt || coords.scalar_type() == at::kLong)
+                           ? coords.contiguous() : coords.to(at::kLong).contiguous();
+  at::Tensor offsets = at::zeros({n_cells + 1}, coords.options().dtype(at::kInt));
+  at::Tensor order = at::empty({n_points}, coords.options().dtype(at::kInt));
+  std::vector<int32_t> cell_of(n_points);
+  int32_t* off = offsets.data_ptr<int32_t>();
+  // A counting sort: one pass counts the points of every cell (checking the coords on the way),
+  // a prefix sum turns the counts into offsets, and a second pass in point order places each
+  // point, so every cell lists its points in increasing index. O(P + cells), no comparison sort.
+  if (c.scalar_type() == at::kInt) {
+    plan_cells(c.data_ptr<int32_t>(), n_points, batch_size, ny, nx, cell_of.data(), off);
+  } else {
+    plan_cells(c.data_ptr<int64_t>(), n_points, batch_size, ny, nx, cell_of.data(), off);
+  }
+  for (int64_t k = 0; k < n_cells; ++k) off[k + 1] += off[k];
+  std::vector<int32_t> next(off, off + n_cells);
+  int32_t* ord = order.data_ptr<int32_t>();
+  for (int64_t p = 0; p < n_points; ++p) ord[next[cell_of[p]]++] = static_cast<int32_t>(p);
+  return {order, offsets};
+}
+
+at::Tensor bev_pool_forward_planned_cpu(const at::Tensor& features, const at::Tensor& order,
+                                        const at::Tensor& offsets, int64_t batch_size, int64_t ny,
+                                        int64_t nx) {
+  TORCH_CHECK(features.dim() == 2 && at::isFloatingType(features.scalar_type()) &&
+              features.device().is_cpu(), "features must be a (P, C) floating CPU tensor, got ",
+              features.sizes(), " ", features.scalar_type());
+  TORCH_CHECK(batch_size >= 0 && ny > 0 && nx > 0,
+              "need batch_size >= 0, ny > 0 and nx > 0, got ", batch_size, ", ", ny, ", ", nx);
+  const int64_t plane = ny * nx;
+  check_plan(order, offsets, batch_size * plane);
+  TORCH_CHECK(order.size(0) == features.size(0), "order must have one entry per point (",
+              features.size(0), "), got ", order.size(0));
+  const int64_t channels = features.size(1);
+  // Every element is written below (empty cells get their zeros there), so no zero fill here.
+  at::Tensor out = at::empty({batch_size, channels, ny, nx}, features.options());
+  if (channels == 0 || batch_size == 0) return out;
+  const at::Tensor feats = features.contiguous();
+  const int32_t* ord = order.data_ptr<int32_t>();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "bev_pool_forward_planned_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = feats.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t n_points = feats.size(0);
+    const int64_t row_bytes = channels * static_cast<int64_t>(sizeof(scalar_t));
+    for_each_tile(batch_size, plane, /*grain=*/16, [&](int64_t b, int64_t yx0, int64_t n) {
+      const int32_t* o = off + b * plane + yx0;
+      scalar_t* tile_out = dst + b * channels * plane + yx0;
+      if (o[0] == o[n]) {  // no point in the whole tile
+        for (int64_t c = 0; c < channels; ++c) {
+          std::fill_n(tile_out + c * plane, n, scalar_t(0));
+        }
+        return;
+      }
+      // Channel-last sums of the tile's cells: each point adds one contiguous row of C (a
+      // vectorised loop), then each channel's n sums go out as one contiguous run.
+      thread_local std::vector<acc_t> sums;
+      sums.assign(n * channels, acc_t(0));
+      for (int64_t t = 0; t < n; ++t) {
+        acc_t* cell = sums.data() + t * channels;
+        for (int32_t i = o[t]; i < o[t + 1]; ++i) {
+          if (i + kAhead < n_points) {
+            prefetch_row(src + static_cast<int64_t>(ord[i + kAhead]) * channels, row_bytes, false);
+          }
+          const scalar_t* row = src + static_cast<int64_t>(ord[i]) * channels;
+          for (int64_t c = 0; c < channels; ++c) cell[c] += static_cast<acc_t>(row[c]);
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        scalar_t* run = tile_out + c * plane;
+        for (int64_t t = 0; t < n; ++t) run[t] = static_cast<scalar_t>(sums[t * channels + c]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor bev_pool_backward_planned_cpu(const at::Tensor& grad_out, const at::Tensor& order,
+                                         const at::Tensor& offsets) {
+  TORCH_CHECK(grad_out.dim() == 4 && at::isFloatingType(grad_out.scalar_type()) &&
+              grad_out.device().is_cpu(), "grad_out must be a (B, C, ny, nx) floating CPU "
+              "tensor, got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  const int64_t batch_size = grad_out.size(0), channels = grad_out.size(1);
+  const int64_t plane = grad_out.size(2) * grad_out.size(3);
+  check_plan(order, offsets, batch_size * plane);
+  const int64_t n_points = order.size(0);
+  // Every point lies in exactly one cell, so every row is written below: no zero fill.
+  at::Tensor grad_features = at::empty({n_points, channels}, grad_out.options());
+  if (channels == 0 || n_points == 0) return grad_features;
+  const at::Tensor go = grad_out.contiguous();
+  const int32_t* ord = order.data_ptr<int32_t>();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(),
+                                  "bev_pool_backward_planned_cpu", [&] {
+    const scalar_t* src = go.data_ptr<scalar_t>();
+    scalar_t* dst = grad_features.data_ptr<scalar_t>();
+    const int64_t row_bytes = channels * static_cast<int64_t>(sizeof(scalar_t));
+    // Whole cache lines per row (C = 32 float: two): streaming stores write them without first
+    // reading the lines they replace, which the scattered rows would otherwise all cost.
+    const bool stream = row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+    (void)stream;
+    for_each_tile(batch_size, plane, /*grain=*/16, [&](int64_t b, int64_t yx0, int64_t n) {
+      const int32_t* o = off + b * plane + yx0;
+      if (o[0] == o[n]) return;
+      // The tile's gradients turned channel-last (each channel's n values read as one run),
+      // then every point of a cell copies its cell's row of C.
+      thread_local std::vector<scalar_t> rows;
+      rows.resize(n * channels);
+      const scalar_t* tile_in = src + b * channels * plane + yx0;
+      for (int64_t c = 0; c < channels; ++c) {
+        const scalar_t* run = tile_in + c * plane;
+        for (int64_t t = 0; t < n; ++t) rows[t * channels + c] = run[t];
+      }
+#if defined(__SSE2__)
+      if (stream) {
+        for (int64_t t = 0; t < n; ++t) {
+          const char* cell = reinterpret_cast<const char*>(rows.data() + t * channels);
+          for (int32_t i = o[t]; i < o[t + 1]; ++i) {
+            char* to = reinterpret_cast<char*>(dst + static_cast<int64_t>(ord[i]) * channels);
+            for (int64_t k = 0; k < row_bytes; k += 16) {
+              _mm_stream_si128(reinterpret_cast<__m128i*>(to + k),
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(cell + k)));
+            }
+          }
+        }
+        _mm_sfence();
+        return;
+      }
+#endif
+      for (int64_t t = 0; t < n; ++t) {
+        const scalar_t* cell = rows.data() + t * channels;
+        for (int32_t i = o[t]; i < o[t + 1]; ++i) {
+          if (i + kAhead < n_points) {
+            prefetch_row(dst + static_cast<int64_t>(ord[i + kAhead]) * channels, row_bytes, true);
+          }
+          std::copy_n(cell, channels, dst + static_cast<int64_t>(ord[i]) * channels);
+        }
+      }
+    });
+  });
+  return grad_features;
+}
+
 at::Tensor bev_pool_forward_cpu(const at::Tensor& features, const at::Tensor& coords,
                                 int64_t batch_size, int64_t ny, int64_t nx) {
   check_bev_pool_forward_args(features, coords, batch_size, ny, nx);
   TORCH_CHECK(features.device().is_cpu(), "bev_pool_forward_cpu expects CPU tensors");
-  const int64_t n_points = features.size(0), channels = features.size(1);
-  const at::Tensor cells = bev_pool_cells(coords, batch_size, ny, nx).contiguous();
-  if (n_points == 0 || channels == 0) return at::zeros({batch_size, channels, ny, nx}, features.options());
-  const at::Tensor feats = features.contiguous();
-  const int64_t* cell_ptr = cells.data_ptr<int64_t>();
-  at::Tensor out;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
-                                  "bev_pool_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // Channels last, in the accumulation type: each point adds one contiguous row to its cell.
-    // Threads split the channels, not the points, so every cell still sums its points in
-    // ascending point order (as the CUDA kernel does) with no sort and no races. Sorting the
-    // points by cell and writing each cell's channels a plane apart made this op slower than
-    // the PyTorch reference.
-    at::Tensor acc = at::zeros({batch_size * ny * nx, channels},
-                               feats.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const scalar_t* src = feats.data_ptr<scalar_t>();
-    acc_t* dst = acc.data_ptr<acc_t>();
-    at::parallel_for(0, channels, 16, [&](int64_t c_begin, int64_t c_end) {
-      for (int64_t p = 0; p < n_points; ++p) {
-        const scalar_t* row = src + p * channels;
-        acc_t* cell = dst + cell_ptr[p] * channels;
-        for (int64_t c = c_begin; c < c_end; ++c) cell[c] += static_cast<acc_t>(row[c]);
-      }
-    });
-    out = acc.view({batch_size, ny, nx, channels})
-              .permute({0, 3, 1, 2})
-              .to(feats.scalar_type())
-              .contiguous();
-  });
-  return out;
+  const auto [order, offsets] = bev_pool_plan_cpu(coords, batch_size, ny, nx);
+  return bev_pool_forward_planned_cpu(features, order, offsets, batch_size, ny, nx);
 }
 
 at::Tensor bev_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& coords) {
   check_bev_pool_backward_args(grad_out, coords);
   TORCH_CHECK(grad_out.device().is_cpu(), "bev_pool_backward_cpu expects CPU tensors");
-  const int64_t batch_size = grad_out.size(0), channels = grad_out.size(1);
-  const int64_t ny = grad_out.size(2), nx = grad_out.size(3);
-  const at::Tensor cells = bev_pool_cells(coords, batch_size, ny, nx);
-  if (channels == 0) return at::empty({coords.size(0), 0}, grad_out.options());
-  // Channels last (B, ny, nx, C): each point then takes one contiguous row of C gradients,
-  // instead of C values a plane apart (a cache miss each on a lift-splat sized grid).
-  // index_select's row gather was 1.4x faster here than a parallel_for of row copies.
-  return grad_out.permute({0, 2, 3, 1}).contiguous().view({-1, channels}).index_select(0, cells);
+  const auto [order, offsets] = bev_pool_plan_cpu(coords, grad_out.size(0), grad_out.size(2),
+                                                  grad_out.size(3));
+  return bev_pool_backward_planned_cpu(grad_out, order, offsets);
 }
 
 }  // namespace v2xfuse

@@ -118,3 +118,86 @@ def test_kernel_checks_its_arguments():
         torch.ops.v2xfuse.bev_pool_forward(features, coords, 1, 1, 1)
     with pytest.raises(RuntimeError, match="grad_out must be"):
         torch.ops.v2xfuse.bev_pool_backward(features, coords)
+
+
+def _stable_grouping(coords, batch_size, ny, nx):
+    cells = (coords[:, 0].long() * ny + coords[:, 1].long()) * nx + coords[:, 2].long()
+    order = torch.sort(cells, stable=True).indices
+    counts = torch.bincount(cells, minlength=batch_size * ny * nx)
+    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_plan_is_a_stable_grouping_by_cell(dtype):
+    # 3 x 9 x 11 cells: the planes (99 cells) are not a multiple of the kernels' 64-cell tiles.
+    features, coords = lifted_points(2000, 1, 3, 9, 11, 4, crowd=300)
+    order, offsets = torch.ops.v2xfuse.bev_pool_plan(coords.to(dtype), 3, 9, 11)
+    assert order.dtype == offsets.dtype == torch.int32
+    expected_order, expected_offsets = _stable_grouping(coords, 3, 9, 11)
+    assert torch.equal(order.long(), expected_order)
+    assert torch.equal(offsets.long(), expected_offsets)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_all_points_in_one_cell(impl):
+    features, _ = lifted_points(5000, 5, 2, 3, 70, 5, torch.float64)
+    coords = torch.tensor([[1, 2, 69]]).expand(5000, 3)
+    f = features.clone().requires_grad_(True)
+    out = IMPLS[impl](f, coords, 2, 3, 70)
+    expected = torch.zeros(2, 5, 3, 70, dtype=torch.float64)
+    expected[1, :, 2, 69] = features.sum(0)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad)
+    assert torch.equal(f.grad, grad[1, :, 2, 69].expand(5000, 5))
+
+
+@needs_extension
+def test_sparse_grid_matches_reference_and_cuda_order():
+    # Most of the kernels' 64-cell tiles empty (written as zeros without a sum), a few cells
+    # crowded; the backward is a gather in both, so bitwise equal.
+    g = torch.Generator().manual_seed(6)
+    batch_size, ny, nx, channels, n_points = 4, 40, 50, 32, 20000
+    features = torch.randn(n_points, channels, generator=g)
+    hot = torch.randint(0, batch_size * ny * nx, (30,), generator=g)
+    cells = hot[torch.randint(0, 30, (n_points,), generator=g)]
+    coords = torch.stack([cells // (ny * nx), cells // nx % ny, cells % nx], dim=1).int()
+    f_op = features.clone().requires_grad_(True)
+    f_ref = features.clone().requires_grad_(True)
+    out_op = ops.bev_pool(f_op, coords, batch_size, ny, nx)
+    out_ref = reference.bev_pool(f_ref, coords, batch_size, ny, nx)
+    torch.testing.assert_close(out_op, out_ref, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(out_op.abs().sum(1)) == cells.unique().numel()
+    grad = torch.randn(out_op.shape, generator=g)
+    out_op.backward(grad)
+    out_ref.backward(grad)
+    assert torch.equal(f_op.grad, f_ref.grad)
+
+
+@needs_extension
+def test_planned_ops_equal_the_coords_ops():
+    features, coords = lifted_points(3000, 7, 2, 13, 17, 7, crowd=200)
+    order, offsets = torch.ops.v2xfuse.bev_pool_plan(coords, 2, 13, 17)
+    out = torch.ops.v2xfuse.bev_pool_forward_planned(features, order, offsets, 2, 13, 17)
+    assert torch.equal(out, torch.ops.v2xfuse.bev_pool_forward(features, coords, 2, 13, 17))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(torch.ops.v2xfuse.bev_pool_backward_planned(grad, order, offsets),
+                       torch.ops.v2xfuse.bev_pool_backward(grad, coords))
+    with pytest.raises(RuntimeError, match="offsets must be"):
+        torch.ops.v2xfuse.bev_pool_forward_planned(features, order, offsets, 2, 13, 16)
+    with pytest.raises(RuntimeError, match="order must have one entry per point"):
+        torch.ops.v2xfuse.bev_pool_forward_planned(features[:10], order, offsets, 2, 13, 17)
+    with pytest.raises(ValueError, match=r"coords\[0\].*outside the grid"):
+        torch.ops.v2xfuse.bev_pool_plan(torch.tensor([[0, 13, 0]]), 2, 13, 17)
+
+
+@needs_extension
+def test_half_precision_backward_is_a_gather():
+    features, coords = lifted_points(500, 4, 2, 5, 6, 9, torch.bfloat16)
+    f = features.clone().requires_grad_(True)
+    out = ops.bev_pool(f, coords, 2, 5, 6)
+    grad = torch.randn(out.shape).to(torch.bfloat16)
+    out.backward(grad)
+    c = coords.long()
+    assert torch.equal(f.grad, grad[c[:, 0], :, c[:, 1], c[:, 2]])

@@ -346,3 +346,18 @@ def test_bench_ops_pools_what_the_camera_config_s_encoder_keeps(load_tool):
     assert 0 < len(coords) < 13 * 44 * 16 * 24 and "13 cameras" in note
     assert coords[:, 0].unique().tolist() == [0, 1, 2, 3]
     assert int(coords[:, 1:].min()) >= 0 and int(coords[:, 1].max()) < ny and int(coords[:, 2].max()) < nx
+
+
+@pytest.mark.skipif(not __import__("v2xfuse.ops", fromlist=["ops"]).extension_available(),
+                    reason="v2xfuse._C is not built")
+def test_bench_ops_prints_the_lss_pool_ratio_against_the_target(load_tool, monkeypatch, capsys):
+    bench = load_tool("bench_ops")
+    monkeypatch.setattr("sys.argv", ["bench_ops.py", "--only", "lss", "--device", "cpu",
+                                     "--lss-samples", "1", "--repeat", "1", "--clock", "cpu"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "cpu clock" in out and "interleaved with the op" in out
+    assert "max |out op-ref| 0.0e+00, |grad op-ref| 0.0e+00" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("bev_pool fwd+bwd at the lss shapes on cpu: op ") and \
+        "issue 20 target >= 4x: " in last

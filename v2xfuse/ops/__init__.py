@@ -139,20 +139,37 @@ def nms_rotated(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
 
 
 class _BevPool(torch.autograd.Function):
-    """Per-cell sum in point order forward; backward gathers each point's cell gradient."""
+    """Per-cell sum in point order forward; backward gathers each point's cell gradient.
+
+    On CPU the points are grouped by cell once (``bev_pool_plan``: a counting sort into
+    ``order`` (P,) and ``offsets`` (B * ny * nx + 1,), int32) and both passes reuse that grouping;
+    the CUDA kernels group the points themselves from ``coords``.
+    """
 
     @staticmethod
     def forward(ctx, features, coords, batch_size, ny, nx):
+        if features.device.type == "cpu":
+            order, offsets = torch.ops.v2xfuse.bev_pool_plan(coords, batch_size, ny, nx)
+            ctx.save_for_backward(order, offsets)
+            ctx.planned = True
+            return torch.ops.v2xfuse.bev_pool_forward_planned(features, order, offsets,
+                                                              batch_size, ny, nx)
         ctx.save_for_backward(coords)
+        ctx.planned = False
         return torch.ops.v2xfuse.bev_pool_forward(features, coords, batch_size, ny, nx)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        (coords,) = ctx.saved_tensors
         grad_features = None
         if ctx.needs_input_grad[0]:
-            grad_features = torch.ops.v2xfuse.bev_pool_backward(grad_out.contiguous(), coords)
+            if ctx.planned:
+                order, offsets = ctx.saved_tensors
+                grad_features = torch.ops.v2xfuse.bev_pool_backward_planned(
+                    grad_out.contiguous(), order, offsets)
+            else:
+                (coords,) = ctx.saved_tensors
+                grad_features = torch.ops.v2xfuse.bev_pool_backward(grad_out.contiguous(), coords)
         return grad_features, None, None, None, None
 
 

@@ -9,7 +9,9 @@ same head on its own map, in its own frame) are selected and sent; the ego's hea
 remaining layers on the union. The collaborators' queries are those of their layer ``layer``
 too, or with ``send_layer`` those of another layer: ``-1``, their last, is what a deployed
 collaborator has (UniV2X fuses the other agent's output track instances): final boxes and
-calibrated scores, where those of an inner layer are rough.
+calibrated scores, where those of an inner layer are rough (at the quickstart budget, 48 % of
+layer 1's queries scoring >= 0.5 lay within 1 m of a true box). Measured at that budget, neither
+made the received queries help: README "Object queries".
 
 Sender: the queries with score >= ``score_threshold``, best first, at most ``top_k`` (0: no
 cap); the stream's length is the bandwidth knob. Each query is one packet (a message split

@@ -243,13 +243,22 @@ def build_detector(cfg: dict) -> CoopDetector:
                                                      backbone.out_channels),
                           encoder.grid.scaled(backbone.out_stride),
                           uncertainty=fusion.contract.uncertainty, image_channels=images)
+    agent_head = model.get("agent_head", "shared")
+    if agent_head not in ("shared", "separate"):
+        raise ValueError(f"model.agent_head: {agent_head!r} is not 'shared' or 'separate'")
+    if agent_head == "separate":
+        agent_head = build_head(model.get("head"), getattr(fusion, "out_channels",
+                                                           backbone.out_channels),
+                                encoder.grid.scaled(backbone.out_stride),
+                                uncertainty=fusion.contract.uncertainty, image_channels=images)
     post = model.get("post", {})
     return CoopDetector(encoder, backbone, fusion, head,
                         agent_loss_weight=float(model.get("agent_loss_weight", 0.0)),
                         sender_frame=str(model.get("sender_frame", "own")),
+                        agent_head=None if agent_head == "shared" else agent_head,
                         **kwargs_for(CoopDetector, post, "model.post",
                                      skip=("encoder", "backbone", "fusion", "head",
-                                           "agent_loss_weight", "sender_frame")))
+                                           "agent_loss_weight", "sender_frame", "agent_head")))
 
 
 def image_feature_channels(encoder) -> int | None:

@@ -236,3 +236,32 @@ def test_every_tampering_attack_is_refused_and_the_ego_fuses_as_if_the_message_w
         got, rejected = run(attack=AttackConfig(type=attack, fraction=1.0))
         assert sum(rejected.values()) == 2, (attack, rejected)  # both collaborators' messages
         assert torch.equal(got.boxes, lost.boxes) and torch.equal(got.scores, lost.scores), attack
+
+
+def test_a_separate_agent_head_serves_the_senders_and_the_fused_head_learns_alone():
+    """model.agent_head: separate: the senders' boxes and the single-agent loss come from a
+    second head; the main head only sees fused maps (no single-agent gradient reaches it)."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    cfg["model"].update(agent_loss_weight=1.0, agent_head="separate")
+    model = build_detector(cfg)
+    assert model.agent_head is not model.head and model.agent_head.uncertainty
+    calls = []
+    model.agent_head.register_forward_hook(lambda *a: calls.append("agent"))
+    model.head.register_forward_hook(lambda *a: calls.append("main"))
+    batch = _batch()
+    out = model(batch)
+    assert calls.count("main") == 1 and calls.count("agent") >= 1  # senders: the agent head
+    losses = model.loss(out, batch)
+    assert "loss_agent" in losses
+    features = out.state.features.detach().requires_grad_()
+    agent = model.agent_loss(features, out.state.batch)["loss"]
+    grads = torch.autograd.grad(agent, list(model.head.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+    assert any(g is not None for g in torch.autograd.grad(
+        model.agent_loss(features, out.state.batch)["loss"], list(model.agent_head.parameters()),
+        allow_unused=True))
+    assert any(k.startswith("own_head.") for k in model.state_dict())  # saved with the model
+    with pytest.raises(ValueError, match="model.agent_head"):
+        cfg["model"]["agent_head"] = "both"
+        build_detector(cfg)

@@ -83,6 +83,11 @@ class CoopDetector(nn.Module):
             :class:`~.heads.base.OutsideGrid` to its own locations). It gives the shared
             encoder every agent's view as supervision each step; 0 disables it. Ignored for
             early fusion.
+        agent_head: None: the agents' own detections (the ``detections`` service) and the
+            single-agent loss use ``head``; a second head of the same kind: they use it and
+            ``head`` learns on fused maps only (CoDynTrust's reference pre-trains a
+            single-agent detector for its senders' boxes: a head shared with the fused maps
+            has to serve two feature distributions).
         sender_frame: the frame a sender of intermediate features encodes its points in.
             ``"own"``: its LiDAR frame (OpenCOOD's ``proj_first: false``); the ego rotates and
             shifts the map it receives. ``"ego_aligned"``: the ego's axes and LiDAR height,
@@ -95,11 +100,13 @@ class CoopDetector(nn.Module):
 
     def __init__(self, encoder: nn.Module, backbone: nn.Module, fusion: FusionMethod, head: Head,
                  nms_iou: float = 0.15, score_threshold: float = 0.1, max_detections: int = 100,
-                 agent_loss_weight: float = 0.0, sender_frame: str = "own"):
+                 agent_loss_weight: float = 0.0, sender_frame: str = "own",
+                 agent_head: Head | None = None):
         super().__init__()
         if sender_frame not in SENDER_FRAMES:
             raise ValueError(f"model.sender_frame: {sender_frame!r} is not one of {SENDER_FRAMES}")
         self.encoder, self.backbone, self.fusion, self.head = encoder, backbone, fusion, head
+        self.own_head = agent_head  # a module only when separate (so its weights are saved)
         self.nms_iou, self.score_threshold, self.max_detections = nms_iou, score_threshold, max_detections
         self.agent_loss_weight = float(agent_loss_weight)
         self.sender_frame = sender_frame
@@ -128,13 +135,13 @@ class CoopDetector(nn.Module):
         if {"passes", "confidence"} <= services and not hasattr(self.head, "confidence"):
             raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes of the "
                              f"head's confidence; {type(self.head).__name__} has none")
-        if {"passes", "detections"} <= services and not hasattr(self.head, "decode_at"):
+        if {"passes", "detections"} <= services and not hasattr(self.agent_head, "decode_at"):
             raise ValueError(f"{type(self.fusion).__name__} needs stochastic passes at its "
-                             f"senders' boxes; {type(self.head).__name__} cannot decode at "
+                             f"senders' boxes; {type(self.agent_head).__name__} cannot decode at "
                              f"given anchors (decode_at)")
-        if contract.uncertainty and not getattr(self.head, "uncertainty", False):
+        if contract.uncertainty and not getattr(self.agent_head, "uncertainty", False):
             raise ValueError(f"{type(self.fusion).__name__} needs detections with uncertainty; "
-                             f"the {type(self.head).__name__} head does not predict it "
+                             f"the {type(self.agent_head).__name__} head does not predict it "
                              f"(model.head.anchor.uncertainty)")
 
     def bev(self, inputs: AgentInputs) -> torch.Tensor:
@@ -347,27 +354,32 @@ class CoopDetector(nn.Module):
         (the head's own, ``mc=True``, when it has some; else ``contract.pass_dropout`` on the
         maps), the dropout off again afterwards; each box gets what every pass predicts at its
         anchor: ``extras["pass_scores"]`` (D, K) and ``extras["pass_boxes"]`` (D, K, 7)."""
-        maps = features[agents]
+        maps, head = features[agents], self.agent_head
         images = {"cameras": None if cameras is None else cameras.of_agents(agents)} \
-            if getattr(self.head, "reads_images", False) else {}
-        out = self.head(maps, **images)
-        dets = [self._nms(self.head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
+            if getattr(head, "reads_images", False) else {}
+        out = head(maps, **images)
+        dets = [self._nms(head.decode(out, k, self.score_threshold)) for k in range(len(agents))]
         if passes <= 0:
             return dets
         if any("anchor" not in d.extras for d in dets):
             raise ValueError(f"stochastic passes at the boxes need the anchor of each box: "
-                             f"{type(self.head).__name__}.decode gives none (uncertainty off)")
-        if getattr(self.head, "dropout", 0.0) > 0:
-            runs = [self.head(maps, mc=True) for _ in range(passes)]
+                             f"{type(head).__name__}.decode gives none (uncertainty off)")
+        if getattr(head, "dropout", 0.0) > 0:
+            runs = [head(maps, mc=True) for _ in range(passes)]
         else:
             p = self.fusion.contract.pass_dropout
-            runs = [self.head(F.dropout2d(maps, p, training=True), **images)
+            runs = [head(F.dropout2d(maps, p, training=True), **images)
                     for _ in range(passes)]
         for k, d in enumerate(dets):
-            at = [self.head.decode_at(run, k, d.extras["anchor"]) for run in runs]
+            at = [head.decode_at(run, k, d.extras["anchor"]) for run in runs]
             d.extras["pass_scores"] = torch.stack([s for s, _ in at], 1)
             d.extras["pass_boxes"] = torch.stack([b for _, b in at], 1)
         return dets
+
+    @property
+    def agent_head(self) -> Head:
+        """The head of the agents' own detections and of the single-agent loss."""
+        return self.head if self.own_head is None else self.own_head
 
     def _nms(self, dets: Detections) -> Detections:
         """Rotated NMS over all labels together, best ``max_detections`` kept; every field
@@ -410,9 +422,10 @@ class CoopDetector(nn.Module):
             ego_from_agent = poses[i].to(torch.float64)
             agent_from_ego = torch.linalg.inv(ego_from_agent).to(features.dtype)
             gts.append(transform_boxes(agent_from_ego, batch.gt_boxes[b]))
-            ignore.append(OutsideGrid(ego_from_agent, self.head.grid))
-        images = {"cameras": cameras} if getattr(self.head, "reads_images", False) else {}
-        return self.head.loss(self.head(features, **images), gts, ignore)
+            ignore.append(OutsideGrid(ego_from_agent, self.agent_head.grid))
+        head = self.agent_head
+        images = {"cameras": cameras} if getattr(head, "reads_images", False) else {}
+        return head.loss(head(features, **images), gts, ignore)
 
     @torch.no_grad()
     def predict(self, out: DetectorOutput, timer=None) -> list[Detections]:

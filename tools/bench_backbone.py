@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--modes", default="forward,train")
+    parser.add_argument("--modes", default="forward,train",
+                        help='comma-separated, of forward and train; "" for occupancy and MACs only')
     parser.add_argument("--target", type=float, default=3.0, help="the speed-up aimed at")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     print(f"MACs: dense {macs_dense / 1e9:.1f} G, sparse {macs_sparse / 1e9:.1f} G "
           f"(necks included); ratio {macs_dense / macs_sparse:.2f}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m]:
         for module in (dense, sparse):
             module.train(mode == "train")
         steps = {"dense": make_step(dense, pillars, mode, sparse=False),

@@ -94,9 +94,15 @@ def test_on_a_fully_occupied_grid_it_is_the_dense_backbone(train):
     torch.testing.assert_close(sparse(pillars), dense(pillars.dense()), rtol=1e-4, atol=1e-5)
 
 
+# the quickstart's stride-1 first block, here downsampled by its neck (a dense strided conv)
+QUICKSTART_LIKE = dict(layer_strides=(1, 2), layer_channels=(8, 16), layer_nums=(2, 1),
+                       upsample_channels=(4, 4), out_stride=2)
+
+
 @pytest.mark.parametrize("fraction", [0.05, 0.3])
-def test_on_a_partly_occupied_grid_it_is_the_masked_dense_convolution(fraction):
-    dense, sparse = _pair(seed=1)
+@pytest.mark.parametrize("widths", [WIDTHS, QUICKSTART_LIKE], ids=["opv2v", "quickstart"])
+def test_on_a_partly_occupied_grid_it_is_the_masked_dense_convolution(fraction, widths):
+    dense, sparse = _pair(seed=1, **widths)
     pillars = _pillars(_random_mask(2, 24, 32, fraction, seed=2), seed=3)
     dense.eval()
     sparse.eval()

@@ -17,9 +17,11 @@ wall-clock medians are printed too, with the load average).
 
 Occupancy: the fraction of active cells per agent at the input and after each block (a strided
 sparse conv activates a cell when its 3x3 input window has an active cell). ``MACs``: the
-multiply-adds of the blocks' convs, dense (every cell) and sparse (one per rule-book pair:
-active output, active input in its window), plus the necks that both run densely; their ratio
-is the speed-up sparse convs could give if each of their MACs cost what a dense conv's does.
+multiply-adds of the blocks' convs, dense (every cell) and sparse: as run (spconv_compat's
+implicit GEMM: every active output's full 3x3 window) and at least (one per rule-book pair:
+active output, active input in its window), plus the necks (the sparse side's 1x1 and
+transposed ones on its active cells); their ratio is the speed-up the sparse backbone could
+give if each of its MACs cost what a dense conv's does.
 """
 from __future__ import annotations
 
@@ -74,13 +76,14 @@ def points_of_dataset(bm, root: Path, agents: int) -> torch.Tensor:
     raise SystemExit(f"{root}: fewer than {agents} agents in the validation split")
 
 
-def rulebook_macs(pillars, backbone) -> tuple[float, float, list[float]]:
-    """(dense MACs, sparse MACs, active fraction after each block) of ``backbone``'s widths."""
+def rulebook_macs(pillars, backbone) -> tuple[float, float, float, list[float]]:
+    """(dense MACs, sparse MACs as run, sparse MACs at least, active fraction after each block)
+    of ``backbone``'s widths."""
     active = torch.zeros(pillars.num_agents, 1, pillars.ny, pillars.nx)
     c = pillars.coords.long()
     active[c[:, 0], 0, c[:, 2], c[:, 3]] = 1.0
     ones = torch.ones(1, 1, 3, 3)
-    dense = sparse = 0.0
+    dense = sparse = least = 0.0
     fractions = [float(active.mean())]
     for block in backbone.blocks:
         for layer in block:
@@ -90,10 +93,11 @@ def rulebook_macs(pillars, backbone) -> tuple[float, float, list[float]]:
             pairs = F.conv2d(active, ones, stride=stride, padding=1) * out
             cin, cout = conv.in_channels, conv.out_channels
             dense += out.numel() * 9 * cin * cout
-            sparse += float(pairs.sum()) * cin * cout
+            sparse += float(out.sum()) * 9 * cin * cout  # the implicit GEMM's full windows
+            least += float(pairs.sum()) * cin * cout
             active = out
         fractions.append(float(active.mean()))
-    for up, in_shape in zip(backbone.ups, _block_shapes(pillars, backbone)):
+    for up, in_shape, fraction in zip(backbone.ups, _block_shapes(pillars, backbone), fractions[1:]):
         conv = up[0]
         k = conv.kernel_size[0] * conv.kernel_size[1]
         cells = in_shape[0] * in_shape[1] * pillars.num_agents
@@ -101,8 +105,11 @@ def rulebook_macs(pillars, backbone) -> tuple[float, float, list[float]]:
             cells //= conv.stride[0] * conv.stride[1]
         neck = cells * k * conv.in_channels * conv.out_channels
         dense += neck
-        sparse += neck
-    return dense, sparse, fractions
+        if isinstance(conv, torch.nn.Conv2d) and conv.stride[0] > 1:
+            sparse, least = sparse + neck, least + neck  # a downsampling neck runs densely
+        else:  # 1x1 or transposed: on the active cells only (sparse_backbone._sparse_neck)
+            sparse, least = sparse + neck * fraction, least + neck * fraction
+    return dense, sparse, least, fractions
 
 
 def _block_shapes(pillars, backbone) -> list[tuple[int, int]]:
@@ -177,14 +184,15 @@ def main(argv=None) -> int:
     sparse.load_state_dict({k: v.permute(0, 2, 3, 1) if k.startswith("blocks.") and v.dim() == 4
                             else v for k, v in dense.state_dict().items()})
 
-    macs_dense, macs_sparse, fractions = rulebook_macs(pillars, sparse)
+    macs_dense, macs_sparse, macs_least, fractions = rulebook_macs(pillars, sparse)
     print(f"source {args.source}: {args.agents} agents, {len(points)} points, {len(pillars.features)} "
           f"pillars on {pillars.ny} x {pillars.nx}; {args.threads} torch thread(s), medians of "
           f"{args.reps} reps after {args.warmup} warm-up, sides interleaved")
     print("active cells: input {:.1%}, after blocks {}".format(
         fractions[0], ", ".join(f"{f:.1%}" for f in fractions[1:])))
-    print(f"MACs: dense {macs_dense / 1e9:.1f} G, sparse {macs_sparse / 1e9:.1f} G "
-          f"(necks included); ratio {macs_dense / macs_sparse:.2f}")
+    print(f"MACs (necks included): dense {macs_dense / 1e9:.1f} G, sparse as run {macs_sparse / 1e9:.1f} G "
+          f"(ratio {macs_dense / macs_sparse:.2f}), sparse rule-book pairs only "
+          f"{macs_least / 1e9:.1f} G (ratio {macs_dense / macs_least:.2f})")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for mode in [m for m in args.modes.split(",") if m]:
         for module in (dense, sparse):

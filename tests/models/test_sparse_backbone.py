@@ -129,6 +129,25 @@ def test_a_submanifold_block_keeps_empty_cells_empty():
     assert differs[0][~mask[0]].sum() == 0 and differs[0][mask[0]].any()
 
 
+def test_on_a_fully_occupied_grid_its_gradients_are_the_dense_backbone_s():
+    """The CPU sparse convs' backward (spconv_compat's implicit GEMM for 2D) against autograd
+    through dense convs."""
+    dense, sparse = _pair()
+    pillars = _pillars(torch.ones(2, 16, 24, dtype=torch.bool))
+    x_dense = pillars.dense().requires_grad_(True)
+    pillars.features.requires_grad_(True)
+    out_dense, out_sparse = dense(x_dense), sparse(pillars)
+    weights = torch.randn(out_dense.shape, generator=torch.Generator().manual_seed(9))
+    (out_dense * weights).sum().backward()
+    (out_sparse * weights).sum().backward()
+    want = dense_to_sparse_state({k: p.grad for k, p in dense.named_parameters()})
+    for name, p in sparse.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-3, atol=1e-4, msg=name)
+    torch.testing.assert_close(pillars.features.grad,
+                               x_dense.grad.permute(0, 2, 3, 1).reshape(-1, C_IN),
+                               rtol=1e-3, atol=1e-5)
+
+
 def test_gradients_reach_every_parameter_and_the_pillar_features():
     _, sparse = _pair()
     pillars = _pillars(_random_mask(2, 24, 32, 0.2))

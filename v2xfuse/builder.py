@@ -9,13 +9,14 @@ import inspect
 import logging
 from pathlib import Path
 
+from torch import nn
+
 from .datasets import CoopSampler, DatasetError, Opv2vAdapter, PipelineConfig
-from .models.backbone import BevBackbone
 from .models.detector import CoopDetector
 from .models.encoders.fuser import MultiSensorEncoder, sensors_of
 from .models.heads import Head
 from .models.inputs import SENSORS
-from .registry import DATASETS, ENCODERS, FUSION, HEADS, SENSOR_FUSERS
+from .registry import BACKBONES, DATASETS, ENCODERS, FUSION, HEADS, SENSOR_FUSERS
 from .structures.bev import BevGrid
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ __all__ = ["build_adapter", "build_dataset", "build_detector", "build_encoder", 
 def _register_builtin() -> None:
     """Import the modules whose import registers encoders, fusion methods, heads and datasets."""
     from . import fusion  # noqa: F401  (fusion/__init__ imports every method)
-    from .models import encoders, heads  # noqa: F401
+    from .models import backbone, encoders, heads, sparse_backbone  # noqa: F401
     if "opv2v" not in DATASETS:
         DATASETS.register("opv2v")(Opv2vAdapter)
 
@@ -216,8 +217,7 @@ def build_detector(cfg: dict) -> CoopDetector:
     if "camera" in sensors_of(encoder) and pipeline.cameras is None:
         raise KeyError("model.encoders.camera reads images: set pipeline.cameras "
                        "(image_size: [H, W]) so that the batches carry them")
-    backbone = BevBackbone(encoder.out_channels,
-                           **kwargs_for(BevBackbone, model.get("backbone", {}), "model.backbone"))
+    backbone = build_backbone(model.get("backbone"), encoder)
     fusion_cfg = dict(model.get("fusion", {"type": "none"}))
     fusion_cls = FUSION.get(fusion_cfg["type"])
     fusion_kwargs = kwargs_for(fusion_cls, fusion_cfg, "model.fusion")
@@ -269,6 +269,22 @@ def image_feature_channels(encoder) -> int | None:
     else:
         camera = encoder if getattr(encoder, "sensor", None) == "camera" else None
     return getattr(camera, "image_feature_channels", None)
+
+
+def build_backbone(backbone_cfg: dict | None, encoder: nn.Module) -> nn.Module:
+    """The BEV backbone ``model.backbone.type`` names in ``BACKBONES`` (default ``dense``) on
+    the encoder's maps; its options are the section's other keys. A backbone with
+    ``sparse_input`` reads the encoder's occupied cells (``encoder.pillars``), which only a
+    pillar encoder has."""
+    section = dict(backbone_cfg or {})
+    name = section.get("type", "dense")
+    cls = BACKBONES.get(name)
+    backbone = cls(encoder.out_channels, **kwargs_for(cls, section, "model.backbone"))
+    if getattr(backbone, "sparse_input", False) and not hasattr(encoder, "pillars"):
+        raise ValueError(f"model.backbone.type {name!r} reads sparse pillars; the encoder "
+                         f"{type(encoder).__name__} has none (use model.encoder.type: "
+                         f"pointpillars with a LiDAR-only model)")
+    return backbone
 
 
 def build_head(head_cfg: dict | None, in_channels: int, grid: BevGrid,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-__all__ = ["Registry", "FUSION", "ENCODERS", "SENSOR_FUSERS", "HEADS", "DATASETS"]
+__all__ = ["Registry", "FUSION", "ENCODERS", "SENSOR_FUSERS", "BACKBONES", "HEADS", "DATASETS"]
 
 T = TypeVar("T")
 
@@ -46,5 +46,6 @@ class Registry:
 FUSION = Registry("fusion method")
 ENCODERS = Registry("encoder")
 SENSOR_FUSERS = Registry("sensor fuser")
+BACKBONES = Registry("BEV backbone")
 HEADS = Registry("detection head")
 DATASETS = Registry("dataset")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BevBackbone", "conv_bn_relu"]
+from ..registry import BACKBONES
+
+__all__ = ["BevBackbone", "conv_bn_relu", "upsample_to"]
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -12,6 +14,19 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
                          nn.BatchNorm2d(cout, eps=1e-3, momentum=0.1), nn.ReLU(inplace=True))
 
 
+def upsample_to(cin: int, cout: int, stride: int, out_stride: int) -> nn.Sequential:
+    """The neck of one block: (N, cin) maps at ``stride`` -> (N, cout) at ``out_stride``
+    (transposed conv up, strided conv down, 1x1 conv at the same stride), then BN + ReLU."""
+    if stride >= out_stride:
+        k = stride // out_stride
+        ups = nn.ConvTranspose2d(cin, cout, k, k, bias=False) if k > 1 else nn.Conv2d(cin, cout, 1, bias=False)
+    else:
+        k = out_stride // stride
+        ups = nn.Conv2d(cin, cout, k, k, bias=False)
+    return nn.Sequential(ups, nn.BatchNorm2d(cout, eps=1e-3, momentum=0.1), nn.ReLU(inplace=True))
+
+
+@BACKBONES.register("dense")
 class BevBackbone(nn.Module):
     """SECOND/PointPillars-style 2D backbone.
 
@@ -35,13 +50,7 @@ class BevBackbone(nn.Module):
             layers = [conv_bn_relu(cin, c, s)] + [conv_bn_relu(c, c) for _ in range(n)]
             self.blocks.append(nn.Sequential(*layers))
             stride *= s
-            if stride >= out_stride:
-                k = stride // out_stride
-                ups = nn.ConvTranspose2d(c, up, k, k, bias=False) if k > 1 else nn.Conv2d(c, up, 1, bias=False)
-            else:
-                k = out_stride // stride
-                ups = nn.Conv2d(c, up, k, k, bias=False)
-            self.ups.append(nn.Sequential(ups, nn.BatchNorm2d(up, eps=1e-3, momentum=0.1), nn.ReLU(inplace=True)))
+            self.ups.append(upsample_to(c, up, stride, out_stride))
             cin = c
         self.out_channels = int(sum(upsample_channels))
         self.out_stride = out_stride

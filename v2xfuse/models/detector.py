@@ -72,7 +72,8 @@ class CoopDetector(nn.Module):
     """
     Args:
         encoder: :class:`AgentInputs` of N agents -> (N, C, H, W) BEV maps.
-        backbone: (N, C, H, W) -> (N, C', H', W').
+        backbone: (N, C, H, W) -> (N, C', H', W'); one with ``sparse_input`` (the sparse
+            backbone) reads ``encoder.pillars(inputs)`` instead.
         fusion: the fusion method.
         head: detection head on the fused (B, C', H', W') maps.
         nms_iou, score_threshold, max_detections: post-processing.
@@ -145,7 +146,11 @@ class CoopDetector(nn.Module):
                              f"(model.head.anchor.uncertainty)")
 
     def bev(self, inputs: AgentInputs) -> torch.Tensor:
-        """(N, C', H', W') feature maps of the N agents of ``inputs``."""
+        """(N, C', H', W') feature maps of the N agents of ``inputs``. A backbone with
+        ``sparse_input`` reads the encoder's occupied cells (``encoder.pillars``) instead of
+        its dense maps."""
+        if getattr(self.backbone, "sparse_input", False):
+            return self.backbone(self.encoder.pillars(inputs))
         return self.backbone(self.encoder(inputs))
 
     def modality_mask(self, batch: CoopBatch) -> torch.Tensor:

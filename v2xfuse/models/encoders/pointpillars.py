@@ -1,6 +1,8 @@
 """PointPillars (Lang et al., CVPR 2019): a PointNet per vertical column, scattered to BEV."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -9,7 +11,7 @@ from ...structures.bev import BevGrid
 from ..inputs import AgentInputs
 from ..voxelize import Voxelizer, Voxels
 
-__all__ = ["PillarFeatureNet", "PointPillars", "scatter_pillars"]
+__all__ = ["PillarFeatureNet", "PointPillars", "Pillars", "scatter_pillars"]
 
 
 class PillarFeatureNet(nn.Module):
@@ -69,6 +71,28 @@ class PillarFeatureNet(nn.Module):
         return (extreme * scale + shift).relu() * nonempty[:, None].to(x.dtype)
 
 
+@dataclass
+class Pillars:
+    """The occupied cells of N agents' BEV grids, before any scatter to a dense map.
+
+    Attributes:
+        features: (V, C) one vector per occupied cell (pillar).
+        coords: (V, 4) int32 [agent, z, y, x] (spconv order; z is 0), agents ``0..N-1``.
+        num_agents: N (agents without a pillar included).
+        ny, nx: the grid's size.
+    """
+
+    features: torch.Tensor
+    coords: torch.Tensor
+    num_agents: int
+    ny: int
+    nx: int
+
+    def dense(self) -> torch.Tensor:
+        """-> (N, C, ny, nx), zero where no pillar is (:func:`scatter_pillars`)."""
+        return scatter_pillars(self.features, self.coords, self.num_agents, self.ny, self.nx)
+
+
 @ENCODERS.register("pointpillars")
 class PointPillars(nn.Module):
     """Points of N agents -> (N, C, ny, nx) pseudo-images on ``grid`` (one per agent)."""
@@ -91,9 +115,19 @@ class PointPillars(nn.Module):
         num_agents, ny, nx = inputs.num_agents, self.grid.ny, self.grid.nx
         if inputs.points is None or len(inputs.points) == 0:  # BN cannot normalise no pillar
             return self.pfn.linear.weight.new_zeros((num_agents, self.out_channels, ny, nx))
+        return self.pillars(inputs).dense()
+
+    def pillars(self, inputs: AgentInputs) -> Pillars:
+        """The same features, only at the occupied cells (what a sparse backbone reads;
+        ``forward`` is ``pillars(inputs).dense()``). No points: V = 0."""
+        num_agents, ny, nx = inputs.num_agents, self.grid.ny, self.grid.nx
+        if inputs.points is None or len(inputs.points) == 0:
+            weight = self.pfn.linear.weight
+            return Pillars(weight.new_zeros((0, self.out_channels)),
+                           torch.zeros((0, 4), dtype=torch.int32, device=weight.device),
+                           num_agents, ny, nx)
         voxels = self.voxelizer(inputs.points, num_agents)
-        feats = self.pfn(voxels)
-        return scatter_pillars(feats, voxels.coords, num_agents, ny, nx)
+        return Pillars(self.pfn(voxels), voxels.coords, num_agents, ny, nx)
 
 
 def scatter_pillars(feats: torch.Tensor, coords: torch.Tensor, num_agents: int, ny: int,

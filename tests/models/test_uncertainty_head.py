@@ -102,3 +102,27 @@ def test_the_variances_do_not_change_the_box_or_score_gradients():
         grads.append([head.reg.weight.grad.clone(), head.cls.weight.grad.clone()])
     for without, with_ in zip(*grads):
         torch.testing.assert_close(with_, without)
+
+
+def test_detached_variances_train_their_convs_but_never_the_input_features():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, GRID.ny, GRID.nx)
+
+    def run(detach, weight):
+        torch.manual_seed(0)
+        head = AnchorHead(8, GRID, uncertainty=True, unc_weight=weight, detach_uncertainty=detach)
+        feats = x.clone().requires_grad_(True)
+        out = head(feats)
+        head.loss(out, [CAR])["loss"].backward()
+        return out, feats.grad, head.log_var.weight.grad, head.log_var_cls.weight.grad
+
+    attached, detached, without = run(False, 1.0), run(True, 1.0), run(False, 0.0)
+    for a, b in zip(attached[0].__dict__.values(), detached[0].__dict__.values()):
+        torch.testing.assert_close(a, b)  # the same maps either way
+    # detached, the features get exactly the gradients of the losses without the variances ...
+    torch.testing.assert_close(detached[1], without[1])
+    assert not torch.allclose(attached[1], without[1])  # ... which attached they do not
+    # ... and the log-variance convs learn exactly as before
+    torch.testing.assert_close(detached[2], attached[2])
+    torch.testing.assert_close(detached[3], attached[3])
+    assert detached[2].abs().sum() > 0 and detached[3].abs().sum() > 0

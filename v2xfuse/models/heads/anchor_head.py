@@ -114,18 +114,23 @@ class AnchorHead(Head):
         uncertainty: also predict log-variances (module docstring); ``unc_weight`` weighs
             their losses (``loss_unc_reg``, ``loss_unc_cls``) in the total.
         dropout: channel dropout on the input maps in training and in ``mc`` passes.
+        detach_uncertainty: the log-variance convs read the maps detached, so the uncertainty
+            losses train those two convs only and never the shared features (their
+            gradients into the features cost CoDynTrust more than half its AP@0.5 at the
+            quickstart budget; README "AP against the collaborators' delay").
     """
 
     def __init__(self, in_channels: int, grid: BevGrid, anchor_size=(4.5, 1.9, 1.6), anchor_z: float = -1.1,
                  rotations_deg=(0.0, 90.0), pos_iou: float = 0.6, neg_iou: float = 0.45,
                  cls_weight: float = 1.0, reg_weight: float = 2.0, dir_weight: float = 0.2,
                  dir_offset: float = math.pi / 4, uncertainty: bool = False,
-                 unc_weight: float = 1.0, dropout: float = 0.0):
+                 unc_weight: float = 1.0, dropout: float = 0.0, detach_uncertainty: bool = False):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.head dropout must be in [0, 1), got {dropout}")
         self.uncertainty, self.unc_weight = bool(uncertainty), float(unc_weight)
         self.dropout = float(dropout)
+        self.detach_uncertainty = bool(detach_uncertainty)
         self.grid = grid
         self.num_anchors = len(rotations_deg)
         self.cls = nn.Conv2d(in_channels, self.num_anchors, 1)
@@ -161,13 +166,18 @@ class AnchorHead(Head):
         if self.dropout > 0 and (self.training or mc):
             x = F.dropout2d(x, self.dropout, training=True)
         convs = self._convs()
-        # One 1x1 conv over the concatenated weights reads the input map once instead of once
-        # per output (the separate convs made the head 1.5x OpenCOOD's); the parameters stay
-        # separate, so checkpoints keep their names.
+        if self.uncertainty and self.detach_uncertainty and torch.is_grad_enabled():
+            return HeadOutput(*self._conv(x, convs[:3]), *self._conv(x.detach(), convs[3:]))
+        return HeadOutput(*self._conv(x, convs))
+
+    @staticmethod
+    def _conv(x: torch.Tensor, convs: list[nn.Conv2d]) -> tuple[torch.Tensor, ...]:
+        """The 1x1 ``convs`` applied to ``x`` as one conv over their concatenated weights: the
+        input map is read once instead of once per output (the separate convs made the head
+        1.5x OpenCOOD's); the parameters stay separate, so checkpoints keep their names."""
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs])
-        maps = F.conv2d(x, weight, bias).split([c.out_channels for c in convs], dim=1)
-        return HeadOutput(*maps)
+        return F.conv2d(x, weight, bias).split([c.out_channels for c in convs], dim=1)
 
     def _convs(self) -> list[nn.Conv2d]:
         """The 1x1 convs in :class:`HeadOutput`'s field order."""

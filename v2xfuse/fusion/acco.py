@@ -68,6 +68,7 @@ from ..comm.received import Received
 from ..models.heads.query_decoder import ANCHOR_DIM, AnchorEncoder, Queries
 from ..registry import FUSION
 from ..structures.bev import BevGrid
+from ..utils.precision import full_precision
 from .base import Contract, FusionMethod, FusionState, group_by_sample
 from .payload_checks import FeatureRange, expect, expect_within
 from .quest import select_confident
@@ -84,6 +85,7 @@ def relative_yaw(a_from_b: torch.Tensor) -> torch.Tensor:
     return torch.atan2(a_from_b[1, 0], a_from_b[0, 0])
 
 
+@full_precision
 def anchors_to_frame(a_from_b: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """(n, 8) anchors in frame b -> the same in frame a: the centre by the whole transform, the
     heading code ``[sin yaw, cos yaw]`` rotated by its yaw (its norm kept), sizes unchanged."""

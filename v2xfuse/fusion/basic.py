@@ -8,6 +8,7 @@ from ..registry import FUSION
 from ..structures.bev import _resample, shift_map, whole_cell_shifts
 from ..structures.boxes import transform_boxes
 from ..structures.detections import Detections
+from ..utils.precision import full_precision
 from .base import (Arrivals, Contract, FusionMethod, FusionState, fuse_each_sample,
                    group_by_sample)
 from .payload_checks import FeatureRange, expect, expect_finite, expect_magnitude, expect_within
@@ -70,6 +71,7 @@ class EarlyFusion(FusionMethod):
         return [{"points": pts[agent == i, 1:5].contiguous()} if count[i] > 0 else None
                 for i in senders]
 
+    @full_precision
     def fuse(self, state: FusionState, received: list[Received]) -> torch.Tensor:
         """-> (P, 5) [sample, x, y, z, intensity], every point in its sample's ego frame."""
         batch = state.batch

@@ -28,6 +28,7 @@ from ..comm.received import Received
 from ..fusion.base import FusionMethod, FusionState
 from ..structures.boxes import transform_boxes
 from ..structures.detections import Detections
+from ..utils.precision import full_precision
 from ..utils.timing import null_timer
 from ..structures.bev import BevGrid
 from .encoders.fuser import modality_mask, sensors_of
@@ -470,6 +471,7 @@ def run_handshake(fusion: FusionMethod, state: FusionState, senders: list[int],
                                          fusion.request(state, senders, arrived), state=state)
 
 
+@full_precision
 def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> CoopBatch:
     """Re-express the listed agents' points in frames with the ego's axes.
 
@@ -512,6 +514,7 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
                    true_ego_from_agent=true_pose, cameras=cameras, history=history)
 
 
+@full_precision
 def _move_agents_points(points: torch.Tensor, agent_from_old: torch.Tensor,
                         agents: list[int]) -> torch.Tensor:
     """points (P, 5) [agent, x, y, z, intensity] with the listed agents' xyz moved by their

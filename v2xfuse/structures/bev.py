@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..utils.precision import full_precision
+
 __all__ = ["BevGrid", "warp_to_ego", "ego_to_agent_theta", "whole_cell_shifts"]
 
 
@@ -44,6 +46,7 @@ class BevGrid:
         return torch.meshgrid(xs, ys, indexing="xy")
 
 
+@full_precision
 def ego_to_agent_theta(ego_from_agent: torch.Tensor, grid: BevGrid) -> torch.Tensor:
     """(N, 2, 3) ``affine_grid`` matrices mapping the ego grid's normalised coordinates to each
     agent grid's normalised coordinates (align_corners=False, so -1 and 1 are grid edges)."""

@@ -37,6 +37,8 @@ import math
 import numpy as np
 import torch
 
+from ..utils.precision import full_precision
+
 __all__ = [
     "BOX_DIM",
     "CORNER_SIGNS",
@@ -143,6 +145,7 @@ def corners_to_boxes(corners):
     return _back(out, was_np)
 
 
+@full_precision
 def transform_boxes(a_from_b, boxes_b):
     """Express boxes given in frame b in frame a.
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ...registry import ENCODERS
 from ...structures.bev import BevGrid
+from ...utils.precision import full_precision
 from ..inputs import AgentInputs
 
 __all__ = ["CameraBev"]
@@ -80,6 +81,7 @@ class CameraBev(nn.Module):
         hits = feats.new_zeros((n, ny * nx)).index_add_(0, cams.agent, count)
         return (total / hits.clamp(min=1.0)[:, None]).view(n, self.out_channels, ny, nx)
 
+    @full_precision
     def sample_grid(self, intrinsics: torch.Tensor, lidar_from_camera: torch.Tensor,
                     image_size) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each camera sees each cell centre at each height.

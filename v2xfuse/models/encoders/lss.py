@@ -43,6 +43,7 @@ from torch import nn
 from ...ops import bev_pool
 from ...registry import ENCODERS
 from ...structures.bev import BevGrid
+from ...utils.precision import full_precision
 from ..backbone import conv_bn_relu
 from ..inputs import AgentInputs, CameraFeatures
 from .camera_bev import _MEAN, _STD
@@ -299,6 +300,7 @@ class LiftSplat(nn.Module):
         return FrustumCells(index, coords)
 
     @torch.no_grad()
+    @full_precision
     def depth_targets(self, points: torch.Tensor | None, cameras, image_size) -> torch.Tensor:
         """Each feature pixel's depth bin from its camera's agent's own LiDAR points.
 
@@ -339,6 +341,7 @@ class LiftSplat(nn.Module):
         return target.view(k, h, w)
 
 
+@full_precision
 def camera_to_lidar(intrinsics: torch.Tensor, lidar_from_camera: torch.Tensor,
                     scaled_pixels: torch.Tensor) -> torch.Tensor:
     """Pixels at depths, in each camera's LiDAR frame: ``lidar_from_camera @ (inv(K) @ [u d, v d, d])``.

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...structures.detections import Detections
 from ...structures.bev import BevGrid
+from ...utils.precision import full_precision
 
 __all__ = ["Head", "OutsideGrid"]
 
@@ -72,6 +73,7 @@ class OutsideGrid:
     outer_from_map: torch.Tensor
     grid: BevGrid
 
+    @full_precision
     def __call__(self, xy: torch.Tensor) -> torch.Tensor:
         """(K, 2) positions in the map's frame -> (K,) True where they fall outside ``grid``."""
         t = self.outer_from_map.to(device=xy.device, dtype=xy.dtype)

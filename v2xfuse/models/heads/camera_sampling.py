@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...utils.precision import full_precision
 from ..inputs import CameraFeatures
 
 __all__ = ["MIN_DEPTH_M", "project_to_cameras", "sample_cameras"]
@@ -30,6 +31,7 @@ __all__ = ["MIN_DEPTH_M", "project_to_cameras", "sample_cameras"]
 MIN_DEPTH_M = 0.1
 
 
+@full_precision
 def project_to_cameras(points: torch.Tensor,
                        cameras: CameraFeatures) -> tuple[torch.Tensor, torch.Tensor]:
     """Each camera's view of the key points of its own map.

@@ -1,0 +1,36 @@
+"""Geometry in full precision under mixed precision (``train.amp``).
+
+Autocast lowers matmul, addmm, einsum and the convolutions to bfloat16 or float16, the networks'
+business, but also every point, pose and anchor transformed with them: a bfloat16 coordinate 50 m
+out is 0.25 m coarse, and writing it into a float32 array fails. :func:`full_precision` runs a
+function with autocast off on every device where it is on; the function's float32 (or float64)
+inputs stay so. Nothing changes without autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+__all__ = ["full_precision", "autocast_off"]
+
+_DEVICES = ("cpu", "cuda")
+
+
+def autocast_off() -> contextlib.ExitStack:
+    """A context with autocast off on each device where it is on now (nothing when none is)."""
+    stack = contextlib.ExitStack()
+    for device in _DEVICES:
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
+def full_precision(fn):
+    """``fn`` run under :func:`autocast_off`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with autocast_off():
+            return fn(*args, **kwargs)
+    return wrapper

@@ -1,10 +1,16 @@
 """Tiny synthetic datasets and training configs shared by the engine tests (made once per session:
 generating them takes a few seconds)."""
 import copy
+import dataclasses
+from pathlib import Path
 
 import pytest
 
+from v2xfuse.config import load_config
 from v2xfuse.sim import SimConfig, generate_dataset
+from v2xfuse.sim.config import default_rsu_cameras, default_vehicle_cameras
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _small_sim() -> SimConfig:
@@ -12,6 +18,34 @@ def _small_sim() -> SimConfig:
                                "rsu_lidar": {"azimuth_steps": 360, "beams": 16}})
     sim.cameras = False
     return sim
+
+
+def _quarter(cameras) -> list[dict]:
+    return [dict(dataclasses.asdict(c), width=c.width // 4, height=c.height // 4) for c in cameras]
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment():
+    """``tiny_experiment(name, tmp_path, cameras, **dataset)`` -> configs/<name>.yaml (e.g.
+    "experimental/acco", "quickstart") on 2 scenes of 3 frames its own ``dataset.synthetic``
+    section generates into ``tmp_path / "data"``, +-12.8 m, one step."""
+    def make(name: str, tmp_path: Path, cameras: bool, **dataset) -> dict:
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        sim = {"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
+               "rsu_lidar": {"azimuth_steps": 360, "beams": 16}}
+        if cameras:
+            sim.update(vehicle_cameras=_quarter(default_vehicle_cameras()),
+                       rsu_cameras=_quarter(default_rsu_cameras()))
+        cfg["dataset"].update(root=str(tmp_path / "data"), comm_range=200.0, cache_points_mb=0,
+                              cache_dir=str(tmp_path / "point_cache"),  # not the repo's work_dirs
+                              synthetic={"scenes": 2, "frames": 3, "seed": 11, "cameras": cameras,
+                                         "splits": {"train": 0.5, "validate": 0.5}, "sim": sim},
+                              **dataset)
+        cfg["pipeline"]["lidar_range"] = [-12.8, -12.8, -5.0, 12.8, 12.8, 3.0]
+        cfg["train"].update(steps=1, batch_size=2, num_workers=0, checkpoint_every=1,
+                            val_frames=2, log_every=1)
+        return cfg
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -1,39 +1,11 @@
 """The configs of configs/experimental/ train a step and evaluate through the real builder,
 trainer and evaluation, on tiny synthetic data their own ``dataset.synthetic`` section makes."""
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from v2xfuse.config import load_config
 from v2xfuse.engine.trainer import Trainer, load_checkpoint
-from v2xfuse.sim.config import default_rsu_cameras, default_vehicle_cameras
-
-EXPERIMENTAL = Path(__file__).resolve().parents[2] / "configs" / "experimental"
-
-
-def _quarter(cameras) -> list[dict]:
-    return [dict(dataclasses.asdict(c), width=c.width // 4, height=c.height // 4) for c in cameras]
-
-
-def _tiny(name: str, tmp_path: Path, cameras: bool, **dataset) -> dict:
-    """configs/experimental/<name>.yaml on 2 scenes of 3 frames, +-12.8 m, one step."""
-    cfg = load_config(EXPERIMENTAL / f"{name}.yaml")
-    sim = {"vehicle_lidar": {"azimuth_steps": 360, "beams": 16},
-           "rsu_lidar": {"azimuth_steps": 360, "beams": 16}}
-    if cameras:
-        sim.update(vehicle_cameras=_quarter(default_vehicle_cameras()),
-                   rsu_cameras=_quarter(default_rsu_cameras()))
-    cfg["dataset"].update(root=str(tmp_path / "data"), comm_range=200.0, cache_points_mb=0,
-                          cache_dir=str(tmp_path / "point_cache"),  # not the repo's work_dirs
-                          synthetic={"scenes": 2, "frames": 3, "seed": 11, "cameras": cameras,
-                                     "splits": {"train": 0.5, "validate": 0.5}, "sim": sim},
-                          **dataset)
-    cfg["pipeline"]["lidar_range"] = [-12.8, -12.8, -5.0, 12.8, 12.8, 3.0]
-    cfg["train"].update(steps=1, batch_size=2, num_workers=0, checkpoint_every=1, val_frames=2,
-                        log_every=1)
-    return cfg
 
 
 def _fit(cfg: dict, work: Path) -> dict:
@@ -41,8 +13,8 @@ def _fit(cfg: dict, work: Path) -> dict:
     return json.loads((work / "results_val.json").read_text())
 
 
-def test_lidar_camera_trains_a_step_on_images_and_evaluates(tmp_path):
-    cfg = _tiny("lidar_camera", tmp_path, cameras=True)
+def test_lidar_camera_trains_a_step_on_images_and_evaluates(tiny_experiment, tmp_path):
+    cfg = tiny_experiment("experimental/lidar_camera", tmp_path, cameras=True)
     cfg["pipeline"]["cameras"]["image_size"] = [32, 64]  # multiples of the lss stride (8)
     assert cfg["model"]["encoders"]["camera"]["type"] == "lss"
     results = _fit(cfg, tmp_path / "work")
@@ -61,7 +33,7 @@ def test_lidar_camera_trains_a_step_on_images_and_evaluates(tmp_path):
     assert "encoder.fuser.conv.0.weight" in state
 
 
-def test_history_trains_a_step_and_evaluates_with_histories_in_every_batch(tmp_path, monkeypatch):
+def test_history_trains_a_step_and_evaluates_with_histories_in_every_batch(tiny_experiment, tmp_path, monkeypatch):
     from v2xfuse.models.detector import CoopDetector
 
     seen = []
@@ -73,7 +45,7 @@ def test_history_trains_a_step_and_evaluates_with_histories_in_every_batch(tmp_p
         return forward(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(CoopDetector, "forward", recording)
-    cfg = _tiny("history", tmp_path, cameras=False)
+    cfg = tiny_experiment("experimental/history", tmp_path, cameras=False)
     cfg["train"]["val_frames"] = 3  # the whole validation scenario: frames 0, 1, 2
     assert cfg["dataset"]["history_frames"] == 2 and cfg["pipeline"]["delay_frames"] == 1
     results = _fit(cfg, tmp_path / "work")
@@ -87,7 +59,7 @@ def test_history_trains_a_step_and_evaluates_with_histories_in_every_batch(tmp_p
         assert all(n <= (2 if i in egos else 1) for i, n in enumerate(length))
 
 
-def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tmp_path,
+def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tiny_experiment, tmp_path,
                                                                               monkeypatch):
     from v2xfuse.models.detector import CoopDetector
 
@@ -104,7 +76,7 @@ def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tm
         return forward(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(CoopDetector, "forward", recording)
-    cfg = _tiny("hetero", tmp_path, cameras=True)
+    cfg = tiny_experiment("experimental/hetero", tmp_path, cameras=True)
     cfg["pipeline"]["cameras"]["image_size"] = [32, 56]
     assert cfg["dataset"]["sensors"] == {"ego": ["lidar"], "vehicle": ["lidar"],
                                          "infrastructure": ["camera"]}
@@ -117,10 +89,11 @@ def test_hetero_trains_a_step_with_lidar_cars_and_a_camera_only_roadside_unit(tm
     assert int(state["encoder.encoders.camera.image_net.layers.1.num_batches_tracked"]) == 1
 
 
-def test_query_and_quest_train_a_step_and_evaluate_through_the_channel(tmp_path):
+def test_query_and_quest_train_a_step_and_evaluate_through_the_channel(tiny_experiment, tmp_path):
     results = {}
     for name in ("query", "quest"):
-        cfg = _tiny(name, tmp_path, cameras=False)  # one dataset for both
+        # one dataset for both
+        cfg = tiny_experiment(f"experimental/{name}", tmp_path, cameras=False)
         if name == "quest":  # untrained, its queries score about 0.01: send some all the same
             cfg["model"]["fusion"].update(score_threshold=0.0, top_k=4)
         results[name] = _fit(cfg, tmp_path / f"work_{name}")
@@ -131,8 +104,8 @@ def test_query_and_quest_train_a_step_and_evaluate_through_the_channel(tmp_path)
     assert "fusion.align.feature.weight" in state and "head.layers.2.cls.2.bias" in state
 
 
-def test_acco_trains_a_step_and_evaluates_through_the_channel_beyond_a_distance(tmp_path):
-    cfg = _tiny("acco", tmp_path, cameras=False)
+def test_acco_trains_a_step_and_evaluates_through_the_channel_beyond_a_distance(tiny_experiment, tmp_path):
+    cfg = tiny_experiment("experimental/acco", tmp_path, cameras=False)
     # untrained, its anchors score about 0.01: send some all the same
     cfg["model"]["fusion"].update(score_threshold=0.0, top_k=4)
     cfg.setdefault("eval", {})["range_m"] = [5.0, float("inf")]
@@ -144,8 +117,8 @@ def test_acco_trains_a_step_and_evaluates_through_the_channel_beyond_a_distance(
     assert "fusion.attn_out.weight" in state and "fusion.range.lo" in state
 
 
-def test_codyntrust_trains_a_step_and_evaluates_through_the_channel(tmp_path):
-    cfg = _tiny("codyntrust", tmp_path, cameras=False)
+def test_codyntrust_trains_a_step_and_evaluates_through_the_channel(tiny_experiment, tmp_path):
+    cfg = tiny_experiment("experimental/codyntrust", tmp_path, cameras=False)
     assert cfg["model"]["fusion"]["type"] == "codyntrust" and cfg["dataset"]["history_frames"] == 1
     cfg["model"]["fusion"]["passes"] = 2
     cfg["train"]["val_frames"] = 3

@@ -49,3 +49,24 @@ def test_a_detector_trains_a_step_under_bf16_autocast(fusion, model, tiny_detect
     losses["loss"].float().backward()
     grads = [p.grad for p in detector.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_the_uncertainty_losses_run_in_float32_under_autocast():
+    from v2xfuse.models.heads.uncertainty import attenuated_l2, sampled_logit_bce, von_mises_nll
+
+    g = torch.Generator().manual_seed(0)
+    diff, log_var, logits = (torch.randn(50, generator=g) for _ in range(3))
+    targets = (torch.rand(50, generator=g) > 0.5).float()
+    for fn, args in ((attenuated_l2, (diff, log_var)), (von_mises_nll, (diff, log_var)),
+                     (sampled_logit_bce, (logits, log_var, targets))):
+        torch.manual_seed(1)
+        exact = fn(*args)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # as autocast's networks would hand them over: bfloat16
+            mixed = fn(*(a.bfloat16() for a in args))
+        assert mixed.dtype == torch.float32, fn.__name__
+        widened = [a.bfloat16().float() for a in args]
+        torch.manual_seed(1)
+        torch.testing.assert_close(mixed, fn(*widened), atol=0, rtol=0)
+        torch.testing.assert_close(mixed, exact, atol=0.05, rtol=0.05)

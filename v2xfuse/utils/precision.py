@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-__all__ = ["full_precision", "autocast_off"]
+__all__ = ["full_precision", "autocast_off", "widen"]
 
 _DEVICES = ("cpu", "cuda")
 
@@ -34,3 +34,8 @@ def full_precision(fn):
         with autocast_off():
             return fn(*args, **kwargs)
     return wrapper
+
+
+def widen(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor in float32 if it is a 16-bit float (autocast's outputs), else as it is."""
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)

@@ -4,8 +4,6 @@ dataset with camera images; the tools/ scripts as modules; a dataset's train spl
 frame behind a sample."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +104,10 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 def load_tool():
     """``load_tool(name)`` -> tools/<name>.py freshly executed as a module (the tools are
     scripts, not a package); registered in ``sys.modules``, where dataclasses look it up."""
+    from v2xfuse.utils.scripts import load_script
+
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"_v2xfuse_tool_{name}", TOOLS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
+        return load_script(TOOLS / f"{name}.py", fresh=True)
     return load
 
 

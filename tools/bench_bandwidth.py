@@ -44,12 +44,13 @@ import argparse
 import copy
 import csv
 import functools
-import importlib.util
 import logging
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from v2xfuse.utils.scripts import load_script
 
 log = logging.getLogger("bench_bandwidth")
 
@@ -140,17 +141,6 @@ COLUMNS = ["method", "knob", "value", "bytes_per_frame", "bytes_per_frame_p95", 
            "ap_30", "ap_50", "ap_70", "latency_ms_median", "frames", "dataset", "split",
            "sort_mode", "iou_type", "eval_range", "checkpoint_step"]
 ATTACK_COLUMNS = COLUMNS + ["rejected_messages"]
-
-
-def _sibling(name: str):
-    """tools/<name>.py as a module (tools are scripts, not a package; no sys.path edits)."""
-    key = f"_v2xfuse_tool_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,7 +437,7 @@ def run(args) -> int:
     if not rows:
         log.warning("no results to plot")
         return 1
-    report = _sibling("bench_bandwidth_report")
+    report = load_script(Path(__file__).with_name("bench_bandwidth_report.py"))
     if attacks:
         report.write_attack_markdown(rows, out_dir / "attacks.md", args.attack_fraction)
         print(f"wrote {csv_path} and {out_dir / 'attacks.md'}")

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import logging
 import math
 import sys
 from pathlib import Path
+
+from v2xfuse.utils.scripts import load_script
 
 log = logging.getLogger("bench_delay")
 
@@ -51,17 +52,6 @@ PROTOCOLS = ("binomial", "fixed", "uniform")
 COLUMNS = ["method", "protocol", "delay_ms", "realised_delay_ms", "ap_30", "ap_50", "ap_70",
            "bytes_per_frame", "frames", "dataset", "split", "sort_mode", "iou_type",
            "eval_range", "checkpoint_step", "rejected_messages"]
-
-
-def _sibling(name: str):
-    """tools/<name>.py as a module (tools are scripts, not a package; no sys.path edits)."""
-    key = f"_v2xfuse_tool_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def delay_overrides(protocol: str, delay_ms: float, period_ms: float, n: int = 10
@@ -132,7 +122,7 @@ def run(args) -> int:
     from v2xfuse.engine.trainer import load_checkpoint
     from v2xfuse.registry import FUSION
 
-    bw = _sibling("bench_bandwidth")
+    bw = load_script(Path(__file__).with_name("bench_bandwidth.py"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "delay.csv"

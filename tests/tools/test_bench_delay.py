@@ -1,8 +1,6 @@
 """tools/bench_delay.py on a tiny generated dataset with untrained models: every (method, delay)
 point scored once, resumable, the binomial protocol's delays realised, plot and table written."""
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +10,14 @@ from v2xfuse.builder import build_detector
 from v2xfuse.config import dump_config
 from v2xfuse.engine.checkpoint import save_checkpoint
 from v2xfuse.sim import SimConfig, generate_dataset
+from v2xfuse.utils.scripts import load_script
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 METHODS = ["none", "max", "codyntrust"]
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOLS / f"{name}.py", fresh=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,7 @@ def test_bench_delay_scores_each_method_at_each_delay_and_resumes(tiny_bench, tm
     assert all(f"\n| {m} |" in table for m in METHODS)
 
     # a rerun scores nothing; a lost row is scored again, alone
-    bandwidth = bench._sibling("bench_bandwidth")
+    bandwidth = load_script(TOOLS / "bench_bandwidth.py")  # the module the bench uses
     calls = []
     original = bandwidth.evaluate_detector
 

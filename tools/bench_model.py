@@ -60,6 +60,9 @@ def scenario_config(grid: str) -> dict:
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     cfg["model"]["fusion"] = {"type": "max"}
+    # the anchor head with its defaults, as the quickstart's, spelled so that older checkouts
+    # (--compare) read it too: they know no per-head sections
+    cfg["model"]["head"] = {"type": "anchor"}
     if grid == "opv2v":
         cfg["model"] = merge(cfg["model"], OPV2V_MODEL)
         cfg["pipeline"]["lidar_range"] = list(OPV2V_RANGE)

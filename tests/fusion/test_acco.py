@@ -2,6 +2,7 @@
 length, attention over exactly what arrived, untrusted payloads, and the detector's rounds
 inside the decoder layers (before their refinement)."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,29 +18,15 @@ from v2xfuse.models.detector import CoopDetector
 from v2xfuse.models.heads.query_decoder import (Queries, anchors_from_boxes, boxes_from_anchors,
                                                 front_logit)
 from v2xfuse.registry import FUSION
-from v2xfuse.structures.bev import BevGrid
 from v2xfuse.structures.boxes import transform_boxes, wrap_angle
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
+from v2xfuse.utils.scripts import load_script
 
-GRID = BevGrid(-25.6, -25.6, 25.6, 25.6, 0.8)
-DIMS = 16
-SENDER_POSE = pose_from_xyz_rpy(10.0, -4.0, 0.0, 0.0, 0.0, math.radians(30.0))  # ego_from_sender
+_scene = load_script(Path(__file__).with_name("query_scene.py"))
+GRID, DIMS, SENDER_POSE = _scene.GRID, _scene.DIMS, _scene.SENDER_POSE
+boxes, queries = _scene.boxes, _scene.queries
 QUERY_HEAD = {"type": "query", "num_queries": 12, "embed_dims": DIMS, "heads": 2, "ffn_dims": 32,
               "learned_points": 2, "decoder_layers": 3, "heatmap_channels": 8}
-
-
-def boxes(*rows):
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def queries(box_rows: torch.Tensor, scores, seed: int = 0) -> Queries:
-    """One map's queries standing for ``box_rows`` (K, 7) with ``scores`` (K,)."""
-    g = torch.Generator().manual_seed(seed)
-    k = len(box_rows)
-    scores = torch.as_tensor(scores, dtype=torch.float32)
-    return Queries(torch.randn(1, k, DIMS, generator=g), anchors_from_boxes(box_rows)[None],
-                   torch.logit(scores)[None], front_logit(box_rows[:, 6])[None],
-                   torch.ones(1, k, dtype=torch.bool), torch.randn(1, k, DIMS, generator=g))
 
 
 def state_with(random_points_batch, ego: Queries, sent: Queries, layer: int = 1) -> FusionState:
@@ -274,17 +261,9 @@ def test_the_detector_fuses_at_each_layer_trains_and_degrades_to_ego_only(
     assert fusion.range.known  # the senders' features were observed
     assert sum(p.grad is None for p in fusion.parameters()) == 0
 
-    model.eval()
-    ego_only = build_detector(tiny_detector_cfg("none", head=QUERY_HEAD))
-    ego_only.load_state_dict({k: v for k, v in model.state_dict().items()
-                              if not k.startswith("fusion.")})
-    ego_only.eval()
-    lossy = BatchChannel(Channel(0, LinkConfig(loss=1.0)))
-    ideal = BatchChannel(Channel(0))
+    lost, alone, out, _, ideal = _scene.lost_alone_ideal(
+        model, batch, tiny_detector_cfg("none", head=QUERY_HEAD), LinkConfig(loss=1.0))
     with torch.no_grad():
-        lost = model.predict(model(batch, channel=lossy))[0]
-        alone = ego_only.predict(ego_only(batch))[0]
-        out = model(batch, channel=ideal)
         fused = model.predict(out)[0]
     assert list(out.rounds) == ["decoder:1", "decoder:2"]
     for point in out.rounds:

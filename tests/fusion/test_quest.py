@@ -1,6 +1,7 @@
 """QUEST: query streams, one packet per query, through the real bytes of the channel; poses,
 fusion and complementation, the byte formula, packet loss and untrusted packets."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,32 +15,17 @@ from v2xfuse.fusion.base import FusionState
 from v2xfuse.fusion.quest import Quest
 from v2xfuse.models.detector import CoopDetector
 from v2xfuse.models.inputs import AgentInputs
-from v2xfuse.models.heads.query_decoder import (Queries, anchors_from_boxes, boxes_from_anchors,
-                                                front_logit)
+from v2xfuse.models.heads.query_decoder import Queries, boxes_from_anchors
 from v2xfuse.registry import FUSION
-from v2xfuse.structures.bev import BevGrid
 from v2xfuse.structures.boxes import transform_boxes, wrap_angle
 from v2xfuse.structures.transforms import pose_from_xyz_rpy
+from v2xfuse.utils.scripts import load_script
 
-GRID = BevGrid(-25.6, -25.6, 25.6, 25.6, 0.8)
-DIMS = 16
-SENDER_POSE = pose_from_xyz_rpy(10.0, -4.0, 0.0, 0.0, 0.0, math.radians(30.0))  # ego_from_sender
+_scene = load_script(Path(__file__).with_name("query_scene.py"))
+GRID, DIMS, SENDER_POSE = _scene.GRID, _scene.DIMS, _scene.SENDER_POSE
+boxes, queries = _scene.boxes, _scene.queries
 QUERY_HEAD = {"type": "query", "num_queries": 12, "embed_dims": DIMS, "heads": 2, "ffn_dims": 32,
               "learned_points": 2, "decoder_layers": 2, "heatmap_channels": 8}
-
-
-def boxes(*rows):
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def queries(box_rows: torch.Tensor, scores, seed: int = 0) -> Queries:
-    """One map's queries standing for ``box_rows`` (K, 7) with ``scores`` (K,)."""
-    g = torch.Generator().manual_seed(seed)
-    k = len(box_rows)
-    scores = torch.as_tensor(scores, dtype=torch.float32)
-    return Queries(torch.randn(1, k, DIMS, generator=g), anchors_from_boxes(box_rows)[None],
-                   torch.logit(scores)[None], front_logit(box_rows[:, 6])[None],
-                   torch.ones(1, k, dtype=torch.bool), torch.randn(1, k, DIMS, generator=g))
 
 
 def state_with(random_points_batch, ego: Queries, sent: Queries) -> FusionState:
@@ -229,17 +215,8 @@ def test_the_detector_streams_queries_trains_end_to_end_and_degrades_to_ego_only
     assert model.fusion.align["feature"].weight.grad.abs().sum() > 0
     assert model.fusion.fuse_proj.weight.grad is not None
 
-    model.eval()
-    ego_only = build_detector(tiny_detector_cfg("none", head=QUERY_HEAD))
-    ego_only.load_state_dict({k: v for k, v in model.state_dict().items()
-                              if not k.startswith("fusion.")})
-    ego_only.eval()
-    lossy = BatchChannel(Channel(0, LinkConfig(packet_loss=1.0)))
-    ideal = BatchChannel(Channel(0))
-    with torch.no_grad():
-        lost = model.predict(model(batch, channel=lossy))[0]
-        alone = ego_only.predict(ego_only(batch))[0]
-        out = model(batch, channel=ideal)
+    lost, alone, out, lossy, ideal = _scene.lost_alone_ideal(
+        model, batch, tiny_detector_cfg("none", head=QUERY_HEAD), LinkConfig(packet_loss=1.0))
     sent = 5 * (model.fusion.packet_bytes("1") + model.fusion.packet_bytes("2"))
     assert lossy.ledger.bytes_per_frame() == ideal.ledger.bytes_per_frame() == [sent]
     torch.testing.assert_close(lost.boxes, alone.boxes)  # nothing arrived: the ego alone

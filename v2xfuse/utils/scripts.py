@@ -1,5 +1,5 @@
-"""The scripts of tools/ as modules: they are files, not a package, and one tool (or a test) uses
-another's functions without editing ``sys.path``."""
+"""Python files outside the package as modules (the scripts of tools/, test helpers): one tool (or
+a test) uses another's functions without editing ``sys.path``."""
 from __future__ import annotations
 
 import importlib.util

@@ -514,7 +514,6 @@ def ego_aligned_frames(batch: CoopBatch, agents: list[int], cell: float) -> Coop
                    true_ego_from_agent=true_pose, cameras=cameras, history=history)
 
 
-@full_precision
 def _move_agents_points(points: torch.Tensor, agent_from_old: torch.Tensor,
                         agents: list[int]) -> torch.Tensor:
     """points (P, 5) [agent, x, y, z, intensity] with the listed agents' xyz moved by their

@@ -16,9 +16,12 @@ from v2xfuse.models.sparse_backbone import SparseBevBackbone
 WIDTHS = dict(layer_strides=(2, 2, 2), layer_channels=(8, 16, 16), layer_nums=(1, 2, 1),
               upsample_channels=(4, 4, 4), out_stride=2)
 C_IN = 5
+# the quickstart's stride-1 first block, here downsampled by its neck (a dense strided conv)
+QUICKSTART_LIKE = dict(layer_strides=(1, 2), layer_channels=(8, 16), layer_nums=(2, 1),
+                       upsample_channels=(4, 4), out_stride=2)
 
 
-def _pair(seed: int = 0, **widths):
+def _pair(seed: int = 0, grow_first: bool = False, **widths):
     """A dense and a sparse backbone with the same weights (BN statistics made non-trivial)."""
     widths = widths or WIDTHS
     torch.manual_seed(seed)
@@ -30,7 +33,7 @@ def _pair(seed: int = 0, **widths):
                 m.bias.uniform_(-0.3, 0.3)
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
-    sparse = SparseBevBackbone(C_IN, **widths)
+    sparse = SparseBevBackbone(C_IN, grow_first=grow_first, **widths)
     sparse.load_state_dict(dense_to_sparse_state(dense.state_dict()))
     return dense, sparse
 
@@ -55,20 +58,21 @@ def _random_mask(n: int, ny: int, nx: int, fraction: float, seed: int = 0) -> to
     return torch.rand(n, ny, nx, generator=gen) < fraction
 
 
-def masked_dense_reference(dense: BevBackbone, pillars: Pillars) -> torch.Tensor:
+def masked_dense_reference(dense: BevBackbone, pillars: Pillars, grow_first: bool = False
+                           ) -> torch.Tensor:
     """What the sparse backbone computes, with dense ops (evaluation mode): every conv on the
     zero-filled map, outputs kept only at active cells. A strided 3x3 conv (padding 1) makes
     a cell active when any cell of its input window is; a submanifold conv keeps the active
-    set."""
+    set; with ``grow_first`` every block's first conv is a regular one (a ring more at stride 1)."""
     x = pillars.dense()
     active = torch.zeros(pillars.num_agents, 1, pillars.ny, pillars.nx)
     c = pillars.coords.long()
     active[c[:, 0], 0, c[:, 2], c[:, 3]] = 1.0
     outs = []
     for block, up in zip(dense.blocks, dense.ups):
-        for layer in block:
+        for j, layer in enumerate(block):
             conv = layer[0]
-            if conv.stride[0] > 1:
+            if conv.stride[0] > 1 or (grow_first and j == 0):
                 active = F.max_pool2d(active, 3, conv.stride, 1)
             x = layer(x) * active
         outs.append(up(x))
@@ -83,31 +87,30 @@ def test_output_shape_and_channels_equal_the_dense_backbone():
     assert list(sparse.state_dict()) == list(dense.state_dict())  # same names, same necks
 
 
+@pytest.mark.parametrize("grow_first", [False, True])
+@pytest.mark.parametrize("widths", [WIDTHS, QUICKSTART_LIKE], ids=["opv2v", "quickstart"])
 @pytest.mark.parametrize("train", [True, False])
-def test_on_a_fully_occupied_grid_it_is_the_dense_backbone(train):
+def test_on_a_fully_occupied_grid_it_is_the_dense_backbone(train, widths, grow_first):
     """Every cell active: strided sparse convs yield every output cell, submanifold convs are
     dense convs, BN over the active cells is BN over the map (batch statistics in training)."""
-    dense, sparse = _pair()
+    dense, sparse = _pair(grow_first=grow_first, **widths)
     pillars = _pillars(torch.ones(2, 16, 24, dtype=torch.bool))
     dense.train(train)
     sparse.train(train)
     torch.testing.assert_close(sparse(pillars), dense(pillars.dense()), rtol=1e-4, atol=1e-5)
 
 
-# the quickstart's stride-1 first block, here downsampled by its neck (a dense strided conv)
-QUICKSTART_LIKE = dict(layer_strides=(1, 2), layer_channels=(8, 16), layer_nums=(2, 1),
-                       upsample_channels=(4, 4), out_stride=2)
-
-
+@pytest.mark.parametrize("grow_first", [False, True])
 @pytest.mark.parametrize("fraction", [0.05, 0.3])
 @pytest.mark.parametrize("widths", [WIDTHS, QUICKSTART_LIKE], ids=["opv2v", "quickstart"])
-def test_on_a_partly_occupied_grid_it_is_the_masked_dense_convolution(fraction, widths):
-    dense, sparse = _pair(seed=1, **widths)
+def test_on_a_partly_occupied_grid_it_is_the_masked_dense_convolution(fraction, widths,
+                                                                      grow_first):
+    dense, sparse = _pair(seed=1, grow_first=grow_first, **widths)
     pillars = _pillars(_random_mask(2, 24, 32, fraction, seed=2), seed=3)
     dense.eval()
     sparse.eval()
     with torch.no_grad():
-        got, want = sparse(pillars), masked_dense_reference(dense, pillars)
+        got, want = sparse(pillars), masked_dense_reference(dense, pillars, grow_first)
         plain = dense(pillars.dense())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (got - plain).abs().max() > 1e-2  # the reference is not the dense backbone itself

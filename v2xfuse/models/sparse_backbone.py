@@ -35,11 +35,12 @@ from .encoders.pointpillars import Pillars
 __all__ = ["SparseBevBackbone"]
 
 
-def _sparse_conv_bn_relu(cin: int, cout: int, stride: int, key: str):
-    """A strided SparseConv2d (stride > 1) or a SubMConv2d sharing rule book ``key``, then
-    BatchNorm1d + ReLU on the features; its children are numbered as ``conv_bn_relu``'s."""
+def _sparse_conv_bn_relu(cin: int, cout: int, stride: int, key: str, grow: bool = False):
+    """A SparseConv2d (stride > 1, or ``grow``: the active cells and a ring around them) or a
+    SubMConv2d sharing rule book ``key``, then BatchNorm1d + ReLU on the features; its children
+    are numbered as ``conv_bn_relu``'s."""
     sp = spconv_pytorch()
-    if stride > 1:
+    if stride > 1 or grow:
         conv = sp.SparseConv2d(cin, cout, 3, stride, padding=1, bias=False)
     else:
         conv = sp.SubMConv2d(cin, cout, 3, padding=1, bias=False, indice_key=key)
@@ -76,7 +77,8 @@ class SparseBevBackbone(nn.Module):
     """The :class:`~.backbone.BevBackbone` of the same arguments on sparse pillars.
 
     A block of stride 1 starts with a submanifold conv (a regular one would grow the active
-    set by a ring of cells at every layer).
+    set by a ring of cells at every layer), or with ``grow_first`` with a regular one: one
+    ring of cells around the pillars per block, where a car's centre often has no point.
 
     ``forward``: :class:`~.encoders.pointpillars.Pillars` of N agents ->
     (N, sum(upsample_channels), ny / out_stride, nx / out_stride).
@@ -86,7 +88,8 @@ class SparseBevBackbone(nn.Module):
     sparse_input = True
 
     def __init__(self, in_channels: int, layer_strides=(2, 2), layer_channels=(64, 128),
-                 layer_nums=(3, 3), upsample_channels=(64, 64), out_stride: int = 2):
+                 layer_nums=(3, 3), upsample_channels=(64, 64), out_stride: int = 2,
+                 grow_first: bool = False):
         super().__init__()
         sp = spconv_pytorch()
         self.blocks = nn.ModuleList()
@@ -96,7 +99,7 @@ class SparseBevBackbone(nn.Module):
         for i, (s, c, n, up) in enumerate(zip(layer_strides, layer_channels, layer_nums,
                                               upsample_channels)):
             key = f"subm{i}"
-            layers = [_sparse_conv_bn_relu(cin, c, s, key)]
+            layers = [_sparse_conv_bn_relu(cin, c, s, key, grow=grow_first)]
             layers += [_sparse_conv_bn_relu(c, c, 1, key) for _ in range(n)]
             self.blocks.append(sp.SparseSequential(*layers))
             stride *= s

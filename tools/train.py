@@ -41,7 +41,7 @@ from pathlib import Path
 from v2xfuse.config import ConfigError, load_config
 from v2xfuse.engine.evaluate import dair_summary_key
 from v2xfuse.datasets.base import DatasetError
-from v2xfuse.engine.distributed import close_world, init_world
+from v2xfuse.engine.distributed import barrier, close_world, init_world
 from v2xfuse.engine.trainer import CheckpointError, ResumeError, Trainer
 from v2xfuse.sim.target import ForeignDataError
 from v2xfuse.evaluation import DAIR_RANGES
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, work_dir, tensorboard=not args.no_tensorboard,
                           progress=not args.quiet, world=world)
         results = trainer.fit(resume=args.resume)
+        # every rank done before any tears the process group down: a rank that left while
+        # another still wrote its results was once aborted in teardown (std::terminate, CI)
+        barrier(world)
     except (ConfigError, CheckpointError, ResumeError, DatasetError, ForeignDataError) as exc:
         print(f"{who}error: {exc}", file=sys.stderr)
         return 2

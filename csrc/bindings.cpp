@@ -75,6 +75,11 @@ TORCH_LIBRARY(v2xfuse, m) {
   m.def("bev_pool_forward_planned(Tensor features, Tensor order, Tensor offsets, int batch_size, "
         "int ny, int nx) -> Tensor");
   m.def("bev_pool_backward_planned(Tensor grad_out, Tensor order, Tensor offsets) -> Tensor");
+  // CPU only: lift and splat in one pass (v2xfuse.ops.bev_pool_weighted)
+  m.def("bev_pool_weighted_forward(Tensor weights, Tensor values, Tensor rows, Tensor order, "
+        "Tensor offsets, int batch_size, int ny, int nx) -> Tensor");
+  m.def("bev_pool_weighted_backward(Tensor grad_out, Tensor weights, Tensor values, Tensor rows, "
+        "Tensor cells, Tensor row_order, Tensor row_offsets) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(v2xfuse, CPU, m) {
@@ -87,6 +92,8 @@ TORCH_LIBRARY_IMPL(v2xfuse, CPU, m) {
   m.impl("bev_pool_plan", &bev_pool_plan_cpu);
   m.impl("bev_pool_forward_planned", &bev_pool_forward_planned_cpu);
   m.impl("bev_pool_backward_planned", &bev_pool_backward_planned_cpu);
+  m.impl("bev_pool_weighted_forward", &bev_pool_weighted_forward_cpu);
+  m.impl("bev_pool_weighted_backward", &bev_pool_weighted_backward_cpu);
 }
 
 // Registered in CPU-only builds too, so that CUDA tensors get the message above rather than

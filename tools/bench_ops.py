@@ -223,7 +223,8 @@ def bench_device(device: torch.device, args, table: Table) -> None:
 
 
 def lss_pool_inputs(config: Path, samples: int, device: torch.device):
-    """(features (M, C), coords (M, 3), agents, ny, nx, note): what the lss camera encoder of
+    """(features (M, C), coords (M, 3), (weights (M,), values (R, C), rows (M,)), agents, ny, nx,
+    note): what the lss camera encoder of
     ``config`` pools for one training batch of ``samples`` samples, each of 3 vehicles and a
     roadside unit with the synthetic world's cameras."""
     from v2xfuse.builder import build_encoder
@@ -250,16 +251,22 @@ def lss_pool_inputs(config: Path, samples: int, device: torch.device):
     total = cams.num_cameras * encoder.bins.count * h * w
     g = torch.Generator().manual_seed(4)
     feats = torch.randn(len(cells.index), encoder.out_channels, generator=g).to(device)
+    # the same points as depth x context (bev_pool_weighted): a weight per point, a context row
+    # per image pixel, each point's pixel
+    d = encoder.bins.count
+    lift = (torch.rand(len(cells.index), generator=g).to(device),
+            torch.randn(cams.num_cameras * h * w, encoder.out_channels, generator=g).to(device),
+            (cells.index // (d * h * w)) * (h * w) + cells.index % (h * w))
     agents = 4 * samples
     note = (f"{cams.num_cameras} cameras x {encoder.bins.count} bins x {h}x{w}: kept "
             f"{len(cells.index) / 1000:.0f}k of {total / 1000:.0f}k; grid {agents}x{encoder.grid.ny}"
             f"x{encoder.grid.nx}; {config.name}")
-    return feats, cells.coords, agents, encoder.grid.ny, encoder.grid.nx, note
+    return feats, cells.coords, lift, agents, encoder.grid.ny, encoder.grid.nx, note
 
 
 def bench_lss_pool(device: torch.device, args, table: Table) -> None:
-    feats, coords, agents, ny, nx, note = lss_pool_inputs(Path(args.lss_config), args.lss_samples,
-                                                          device)
+    feats, coords, lift, agents, ny, nx, note = lss_pool_inputs(Path(args.lss_config),
+                                                                args.lss_samples, device)
     grad = torch.randn(agents, feats.shape[1], ny, nx, generator=torch.Generator().manual_seed(5))
     grad = grad.to(device)
 
@@ -277,6 +284,27 @@ def bench_lss_pool(device: torch.device, args, table: Table) -> None:
     table.add(name, device.type, "op (v2xfuse._C)", t_op, note)
     table.add(name, device.type, "reference (PyTorch)", t_ref,
               f"interleaved with the op; max |out op-ref| {out_err:.1e}, |grad op-ref| {err:.1e}")
+
+    # lift and splat: the products depth x context formed (reference: then the reference pool)
+    # against bev_pool_weighted, which never forms them; gradients of both inputs
+    weights, values, rows = lift
+
+    def lift_fwd_bwd(fn):
+        w, v = weights.detach().requires_grad_(True), values.detach().requires_grad_(True)
+        fn(w, v, rows, coords, agents, ny, nx).backward(grad)
+        return w.grad, v.grad
+
+    def ref_lift(w, v, r, c, b, y, x):
+        return reference.bev_pool(w[:, None] * v[r], c, b, y, x)
+
+    name = f"lift+splat fwd+bwd lss {len(weights) // 1000}k x {values.shape[1]}"
+    t_fused, t_lift_ref = timeit_interleaved([lambda: lift_fwd_bwd(ops.bev_pool_weighted),
+                                              lambda: lift_fwd_bwd(ref_lift)], device, args.repeat)
+    (gw, gv), (rw, rv) = lift_fwd_bwd(ops.bev_pool_weighted), lift_fwd_bwd(ref_lift)
+    table.add(name, device.type, "op (bev_pool_weighted)", t_fused, "depth x context never stored")
+    table.add(name, device.type, "reference (PyTorch)", t_lift_ref,
+              f"lift then pool; |grad w| {(gw - rw).abs().max():.1e}, |grad v| "
+              f"{(gv - rv).abs().max():.1e}")
 
 
 def main() -> None:
@@ -334,6 +362,12 @@ def main() -> None:
         print(f"\nBEV IoU op vs shapely loop on CPU: {loop[0][3] / op[3]:.0f}x "
               f"(acceptance >= 50x: {'PASS' if loop[0][3] / op[3] >= 50 else 'FAIL'})")
     for device in devices:
+        fused = [r for r in table.rows if r[0].startswith("lift+splat fwd+bwd lss")
+                 and r[1] == device.type]
+        if len(fused) == 2:
+            op, ref = sorted(fused, key=lambda r: not r[2].startswith("op"))
+            print(f"lift+splat fwd+bwd at the lss shapes on {device.type}: bev_pool_weighted "
+                  f"{op[3] * 1e3:.2f} ms, reference {ref[3] * 1e3:.2f} ms, {ref[3] / op[3]:.1f}x")
         lss = [r for r in table.rows if r[0].startswith("bev_pool fwd+bwd lss") and r[1] == device.type]
         if len(lss) == 2:
             op, ref = sorted(lss, key=lambda r: not r[2].startswith("op"))

@@ -131,6 +131,36 @@ void for_each_tile(int64_t batch_size, int64_t plane, int64_t grain, const F& fn
   });
 }
 
+// The planned forward pass over the tiles of ``out`` (B, C, ny, nx): each cell's points, in
+// plan order, summed channel-last by ``add(sums_of_the_cell, plan_position)`` (a vectorised loop
+// over C), then each channel's sums of the tile written out as one contiguous run; a tile without
+// a point is written with zeros.
+template <typename scalar_t, typename Add>
+void pool_tiles(const int32_t* off, int64_t batch_size, int64_t plane, int64_t channels,
+                scalar_t* dst, const Add& add) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_each_tile(batch_size, plane, /*grain=*/16, [&](int64_t b, int64_t yx0, int64_t n) {
+    const int32_t* o = off + b * plane + yx0;
+    scalar_t* tile_out = dst + b * channels * plane + yx0;
+    if (o[0] == o[n]) {  // no point in the whole tile
+      for (int64_t c = 0; c < channels; ++c) {
+        std::fill_n(tile_out + c * plane, n, scalar_t(0));
+      }
+      return;
+    }
+    thread_local std::vector<acc_t> sums;
+    sums.assign(n * channels, acc_t(0));
+    for (int64_t t = 0; t < n; ++t) {
+      acc_t* cell = sums.data() + t * channels;
+      for (int32_t i = o[t]; i < o[t + 1]; ++i) add(cell, i);
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      scalar_t* run = tile_out + c * plane;
+      for (int64_t t = 0; t < n; ++t) run[t] = static_cast<scalar_t>(sums[t * channels + c]);
+    }
+  });
+}
+
 // Shapes and dtypes only: order and offsets are trusted to come from bev_pool_plan_cpu (checking
 // every entry would cost as much as the pooling itself).
 void check_plan(const at::Tensor& order, const at::Tensor& offsets, int64_t n_cells) {
@@ -143,6 +173,16 @@ void check_plan(const at::Tensor& order, const at::Tensor& offsets, int64_t n_ce
               n_cells, ", got shape ", offsets.sizes());
   TORCH_CHECK(offsets.data_ptr<int32_t>()[n_cells] == order.size(0),
               "offsets[-1] must equal the number of points ", order.size(0));
+}
+
+// A planned pass's grid, the plan of its B * ny * nx cells, and one plan entry per point.
+void check_planned_pool(const at::Tensor& order, const at::Tensor& offsets, int64_t n_points,
+                        int64_t batch_size, int64_t ny, int64_t nx) {
+  TORCH_CHECK(batch_size >= 0 && ny > 0 && nx > 0,
+              "need batch_size >= 0, ny > 0 and nx > 0, got ", batch_size, ", ", ny, ", ", nx);
+  check_plan(order, offsets, batch_size * ny * nx);
+  TORCH_CHECK(order.size(0) == n_points, "order must have one entry per point (", n_points,
+              "), got ", order.size(0));
 }
 
 }  // namespace
@@ -187,12 +227,8 @@ at::Tensor bev_pool_forward_planned_cpu(const at::Tensor& features, const at::Te
   TORCH_CHECK(features.dim() == 2 && at::isFloatingType(features.scalar_type()) &&
               features.device().is_cpu(), "features must be a (P, C) floating CPU tensor, got ",
               features.sizes(), " ", features.scalar_type());
-  TORCH_CHECK(batch_size >= 0 && ny > 0 && nx > 0,
-              "need batch_size >= 0, ny > 0 and nx > 0, got ", batch_size, ", ", ny, ", ", nx);
+  check_planned_pool(order, offsets, features.size(0), batch_size, ny, nx);
   const int64_t plane = ny * nx;
-  check_plan(order, offsets, batch_size * plane);
-  TORCH_CHECK(order.size(0) == features.size(0), "order must have one entry per point (",
-              features.size(0), "), got ", order.size(0));
   const int64_t channels = features.size(1);
   // Every element is written below (empty cells get their zeros there), so no zero fill here.
   at::Tensor out = at::empty({batch_size, channels, ny, nx}, features.options());
@@ -208,33 +244,12 @@ at::Tensor bev_pool_forward_planned_cpu(const at::Tensor& features, const at::Te
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t n_points = feats.size(0);
     const int64_t row_bytes = channels * static_cast<int64_t>(sizeof(scalar_t));
-    for_each_tile(batch_size, plane, /*grain=*/16, [&](int64_t b, int64_t yx0, int64_t n) {
-      const int32_t* o = off + b * plane + yx0;
-      scalar_t* tile_out = dst + b * channels * plane + yx0;
-      if (o[0] == o[n]) {  // no point in the whole tile
-        for (int64_t c = 0; c < channels; ++c) {
-          std::fill_n(tile_out + c * plane, n, scalar_t(0));
-        }
-        return;
+    pool_tiles(off, batch_size, plane, channels, dst, [&](acc_t* cell, int32_t i) {
+      if (i + kAhead < n_points) {
+        prefetch_row(src + static_cast<int64_t>(ord[i + kAhead]) * channels, row_bytes, false);
       }
-      // Channel-last sums of the tile's cells: each point adds one contiguous row of C (a
-      // vectorised loop), then each channel's n sums go out as one contiguous run.
-      thread_local std::vector<acc_t> sums;
-      sums.assign(n * channels, acc_t(0));
-      for (int64_t t = 0; t < n; ++t) {
-        acc_t* cell = sums.data() + t * channels;
-        for (int32_t i = o[t]; i < o[t + 1]; ++i) {
-          if (i + kAhead < n_points) {
-            prefetch_row(src + static_cast<int64_t>(ord[i + kAhead]) * channels, row_bytes, false);
-          }
-          const scalar_t* row = src + static_cast<int64_t>(ord[i]) * channels;
-          for (int64_t c = 0; c < channels; ++c) cell[c] += static_cast<acc_t>(row[c]);
-        }
-      }
-      for (int64_t c = 0; c < channels; ++c) {
-        scalar_t* run = tile_out + c * plane;
-        for (int64_t t = 0; t < n; ++t) run[t] = static_cast<scalar_t>(sums[t * channels + c]);
-      }
+      const scalar_t* row = src + static_cast<int64_t>(ord[i]) * channels;
+      for (int64_t c = 0; c < channels; ++c) cell[c] += static_cast<acc_t>(row[c]);
     });
   });
   return out;
@@ -321,6 +336,113 @@ at::Tensor bev_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& c
   const auto [order, offsets] = bev_pool_plan_cpu(coords, grad_out.size(0), grad_out.size(2),
                                                   grad_out.size(3));
   return bev_pool_backward_planned_cpu(grad_out, order, offsets);
+}
+
+// Lift and splat in one pass (bev_pool.h): the point rows are weights[p] * values[rows[p]],
+// never stored. Rows and weights are trusted to match the plan (their shapes are checked);
+// v2xfuse.ops.bev_pool_weighted checks rows against values before it plans.
+at::Tensor bev_pool_weighted_forward_cpu(const at::Tensor& weights, const at::Tensor& values,
+                                         const at::Tensor& rows, const at::Tensor& order,
+                                         const at::Tensor& offsets, int64_t batch_size,
+                                         int64_t ny, int64_t nx) {
+  TORCH_CHECK(values.dim() == 2 && at::isFloatingType(values.scalar_type()) &&
+              values.device().is_cpu(), "values must be a (R, C) floating CPU tensor, got ",
+              values.sizes(), " ", values.scalar_type());
+  TORCH_CHECK(weights.dim() == 1 && weights.scalar_type() == values.scalar_type() &&
+              weights.device().is_cpu(), "weights must be a (P,) CPU tensor of the values' dtype");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.size(0) == weights.size(0),
+              "rows must be a (P,) int64 tensor, P = ", weights.size(0));
+  check_planned_pool(order, offsets, weights.size(0), batch_size, ny, nx);
+  const int64_t plane = ny * nx;
+  const int64_t channels = values.size(1);
+  at::Tensor out = at::empty({batch_size, channels, ny, nx}, values.options());
+  if (channels == 0 || batch_size == 0) return out;
+  const at::Tensor vals = values.contiguous(), w = weights.contiguous(), r = rows.contiguous();
+  const int32_t* ord = order.data_ptr<int32_t>();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  const int64_t* row_of = r.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(),
+                                  "bev_pool_weighted_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = vals.data_ptr<scalar_t>();
+    const scalar_t* wt = w.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    pool_tiles(off, batch_size, plane, channels, dst, [&](acc_t* cell, int32_t i) {
+      const int64_t p = ord[i];
+      const scalar_t weight = wt[p];
+      const scalar_t* row = src + row_of[p] * channels;
+      // the product rounded to scalar_t first, as the lifted features (weights * values) were
+      for (int64_t c = 0; c < channels; ++c) {
+        cell[c] += static_cast<acc_t>(static_cast<scalar_t>(weight * row[c]));
+      }
+    });
+  });
+  return out;
+}
+
+// grad_weights[p] = <values[rows[p]], g[cells[p]]> and grad_values[r] = sum over the points of
+// row r, in increasing index (row_order / row_offsets: the plan of rows), of weights[p] *
+// g[cells[p]], with g the output gradient channel-last: both deterministic.
+std::tuple<at::Tensor, at::Tensor> bev_pool_weighted_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& weights, const at::Tensor& values,
+    const at::Tensor& rows, const at::Tensor& cells, const at::Tensor& row_order,
+    const at::Tensor& row_offsets) {
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.scalar_type() == values.scalar_type() &&
+              grad_out.device().is_cpu(), "grad_out must be a (B, C, ny, nx) CPU tensor of the "
+              "values' dtype");
+  const int64_t n_points = weights.size(0), n_rows = values.size(0), channels = values.size(1);
+  TORCH_CHECK(grad_out.size(1) == channels, "grad_out has ", grad_out.size(1),
+              " channels, values ", channels);
+  TORCH_CHECK(cells.dim() == 1 && cells.scalar_type() == at::kInt && cells.size(0) == n_points,
+              "cells must be a (P,) int32 tensor");
+  check_plan(row_order, row_offsets, n_rows);
+  TORCH_CHECK(row_order.size(0) == n_points, "row_order must have one entry per point");
+  // (B * ny * nx, C): each point reads its cell's gradient as one contiguous row
+  const at::Tensor g = grad_out.permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor vals = values.contiguous(), w = weights.contiguous(), r = rows.contiguous();
+  at::Tensor grad_weights = at::empty({n_points}, weights.options());
+  at::Tensor grad_values = at::empty({n_rows, channels}, values.options());
+  const int32_t* cell_of = cells.data_ptr<int32_t>();
+  const int32_t* ord = row_order.data_ptr<int32_t>();
+  const int32_t* off = row_offsets.data_ptr<int32_t>();
+  const int64_t* row_of = r.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(),
+                                  "bev_pool_weighted_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* src = vals.data_ptr<scalar_t>();
+    const scalar_t* wt = w.data_ptr<scalar_t>();
+    scalar_t* gw = grad_weights.data_ptr<scalar_t>();
+    scalar_t* gv = grad_values.data_ptr<scalar_t>();
+    at::parallel_for(0, n_points, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t* row = src + row_of[p] * channels;
+        const scalar_t* go = gp + static_cast<int64_t>(cell_of[p]) * channels;
+        acc_t dot = acc_t(0);
+        for (int64_t c = 0; c < channels; ++c) {
+          dot += static_cast<acc_t>(row[c]) * static_cast<acc_t>(go[c]);
+        }
+        gw[p] = static_cast<scalar_t>(dot);
+      }
+    });
+    at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(channels);
+      for (int64_t k = begin; k < end; ++k) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int32_t i = off[k]; i < off[k + 1]; ++i) {
+          const int64_t p = ord[i];
+          const acc_t weight = static_cast<acc_t>(wt[p]);
+          const scalar_t* go = gp + static_cast<int64_t>(cell_of[p]) * channels;
+          for (int64_t c = 0; c < channels; ++c) acc[c] += weight * static_cast<acc_t>(go[c]);
+        }
+        scalar_t* out_row = gv + k * channels;
+        for (int64_t c = 0; c < channels; ++c) out_row[c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  return {grad_weights, grad_values};
 }
 
 }  // namespace v2xfuse

@@ -201,3 +201,67 @@ def test_half_precision_backward_is_a_gather():
     out.backward(grad)
     c = coords.long()
     assert torch.equal(f.grad, grad[c[:, 0], :, c[:, 1], c[:, 2]])
+
+
+def _lift_case(seed=0, points=4000, rows=300, channels=8, batch=2, ny=9, nx=11):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(points, generator=g)
+    values = torch.randn(rows, channels, generator=g)
+    row_of = torch.randint(0, rows, (points,), generator=g)
+    coords = torch.stack([torch.randint(0, batch, (points,), generator=g),
+                          torch.randint(0, ny, (points,), generator=g),
+                          torch.randint(0, nx // 2, (points,), generator=g)], 1).int()
+    return weights, values, row_of, coords, batch, ny, nx  # the right half of x stays empty
+
+
+def test_weighted_pool_is_the_pool_of_the_lifted_rows_bit_for_bit():
+    w, v, rows, coords, b, ny, nx = _lift_case()
+    got = ops.bev_pool_weighted(w, v, rows, coords, b, ny, nx)
+    want = ops.bev_pool(w[:, None] * v[rows], coords, b, ny, nx)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, reference.bev_pool_weighted(w, v, rows, coords, b, ny, nx))
+    assert got[..., nx // 2:].abs().sum() == 0
+
+
+def test_weighted_pool_gradients_are_those_of_the_lifted_rows():
+    w, v, rows, coords, b, ny, nx = _lift_case(seed=1)
+    grad = torch.randn(b, v.shape[1], ny, nx, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (ops.bev_pool_weighted, reference.bev_pool_weighted):
+        wi, vi = w.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        fn(wi, vi, rows, coords, b, ny, nx).backward(grad)
+        grads.append((wi.grad, vi.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    again_w, again_v = w.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    ops.bev_pool_weighted(again_w, again_v, rows, coords, b, ny, nx).backward(grad)
+    assert torch.equal(again_w.grad, grads[0][0]) and torch.equal(again_v.grad, grads[0][1])
+
+
+@needs_extension
+def test_weighted_pool_gradcheck_float64():
+    w, v, rows, coords, b, ny, nx = _lift_case(seed=3, points=60, rows=7, channels=3)
+    w, v = w.double().requires_grad_(True), v.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, c: ops.bev_pool_weighted(a, c, rows, coords, b, ny, nx), (w, v))
+
+
+def test_weighted_pool_refuses_bad_rows_and_arguments():
+    w, v, rows, coords, b, ny, nx = _lift_case(points=20, rows=5)
+    bad = rows.clone()
+    bad[7] = 5
+    with pytest.raises(ValueError, match=r"rows\[7\] = 5 is not a row of the 5 values"):
+        ops.bev_pool_weighted(w, v, bad, coords, b, ny, nx)
+    with pytest.raises(ValueError, match="one dtype"):
+        ops.bev_pool_weighted(w.double(), v, rows, coords, b, ny, nx)
+    with pytest.raises(ValueError, match="outside the grid"):
+        ops.bev_pool_weighted(w, v, rows, coords, 1, ny, nx)
+    with pytest.raises(ValueError, match="integer"):
+        ops.bev_pool_weighted(w, v, rows.float(), coords, b, ny, nx)
+
+
+def test_weighted_pool_without_the_extension_is_the_same(monkeypatch):
+    w, v, rows, coords, b, ny, nx = _lift_case(seed=4)
+    with_ext = ops.bev_pool_weighted(w, v, rows, coords, b, ny, nx)
+    monkeypatch.setattr(ops, "_use_extension", lambda: False)
+    torch.testing.assert_close(ops.bev_pool_weighted(w, v, rows, coords, b, ny, nx), with_ext)

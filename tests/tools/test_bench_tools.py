@@ -2,6 +2,7 @@
 import csv
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -340,9 +341,12 @@ def test_bench_latency_times_the_camera_encoder_per_agent(load_tool, tmp_path, c
 
 def test_bench_ops_pools_what_the_camera_config_s_encoder_keeps(load_tool):
     bench = load_tool("bench_ops")
-    feats, coords, agents, ny, nx, note = bench.lss_pool_inputs(bench.DEFAULT_LSS_CONFIG, 1,
-                                                                torch.device("cpu"))
+    feats, coords, lift, agents, ny, nx, note = bench.lss_pool_inputs(
+        bench.DEFAULT_LSS_CONFIG, 1, torch.device("cpu"))
     assert agents == 4 and (ny, nx) == (96, 96) and feats.shape == (len(coords), 32)
+    weights, values, rows = lift  # the same points as depth x context: a pixel row each
+    assert weights.shape == (len(coords),) and values.shape == (13 * 16 * 24, 32)
+    assert rows.shape == (len(coords),) and 0 <= int(rows.min()) and int(rows.max()) < len(values)
     assert 0 < len(coords) < 13 * 44 * 16 * 24 and "13 cameras" in note
     assert coords[:, 0].unique().tolist() == [0, 1, 2, 3]
     assert int(coords[:, 1:].min()) >= 0 and int(coords[:, 1].max()) < ny and int(coords[:, 2].max()) < nx
@@ -361,3 +365,8 @@ def test_bench_ops_prints_the_lss_pool_ratio_against_the_target(load_tool, monke
     last = out.strip().splitlines()[-1]
     assert last.startswith("bev_pool fwd+bwd at the lss shapes on cpu: op ") and \
         "issue 20 target >= 4x: " in last
+    # and the lift and splat in one pass against lifting then pooling in PyTorch
+    assert "lift+splat fwd+bwd at the lss shapes on cpu: bev_pool_weighted " in out
+    grad_w, grad_v = (float(x) for x in re.search(r"\|grad w\| (\S+), \|grad v\| (\S+)",
+                                                  out).groups())
+    assert grad_w < 1e-4 and grad_v < 1e-4

@@ -29,6 +29,7 @@ __all__ = [
     "boxes_iou_3d",
     "nms_rotated",
     "bev_pool",
+    "bev_pool_weighted",
     "extension_available",
     "extension_with_cuda",
     "reference",
@@ -191,3 +192,57 @@ def bev_pool(features: torch.Tensor, coords: torch.Tensor, batch_size: int, ny: 
         return reference.bev_pool(features, coords, batch_size, ny, nx)
     return _BevPool.apply(features.contiguous(), coords.contiguous(), int(batch_size), int(ny),
                           int(nx))
+
+
+class _BevPoolWeighted(torch.autograd.Function):
+    """Lift and splat on CPU without the lifted rows: ``weights[p] * values[rows[p]]`` summed per
+    cell in point order (the products and order of :func:`bev_pool` on the lifted rows, so the
+    same output bit for bit); backward gives both inputs their gradients from the cells' output
+    gradients, the values' summed per row in point order (a plan of rows, like the cells')."""
+
+    @staticmethod
+    def forward(ctx, weights, values, rows, coords, batch_size, ny, nx):
+        order, offsets = torch.ops.v2xfuse.bev_pool_plan(coords, batch_size, ny, nx)
+        c = coords.long()
+        cells = ((c[:, 0] * ny + c[:, 1]) * nx + c[:, 2]).int()
+        zero = torch.zeros_like(rows)
+        row_order, row_offsets = torch.ops.v2xfuse.bev_pool_plan(
+            torch.stack([zero, zero, rows], 1), 1, 1, len(values))
+        ctx.save_for_backward(weights, values, rows, cells, row_order, row_offsets)
+        return torch.ops.v2xfuse.bev_pool_weighted_forward(weights, values, rows, order, offsets,
+                                                           batch_size, ny, nx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weights, values, rows, cells, row_order, row_offsets = ctx.saved_tensors
+        grad_w, grad_v = torch.ops.v2xfuse.bev_pool_weighted_backward(
+            grad_out.contiguous(), weights, values, rows, cells, row_order, row_offsets)
+        return (grad_w if ctx.needs_input_grad[0] else None,
+                grad_v if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+
+
+def bev_pool_weighted(weights: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                      coords: torch.Tensor, batch_size: int, ny: int, nx: int) -> torch.Tensor:
+    """:func:`bev_pool` of ``weights[:, None] * values[rows]`` without forming those rows: lift
+    and splat in one pass (LSS's depth x context per frustum point). Differentiable in
+    ``weights`` and ``values``.
+
+    Args:
+        weights: (P,) floating, e.g. each kept frustum point's depth probability.
+        values: (R, C) of the weights' dtype, e.g. the context features of every image pixel.
+        rows: (P,) integer, each point's row of ``values`` (ValueError outside [0, R)).
+        coords: (P, 3) integer [batch, y, x] cells, as for :func:`bev_pool`.
+    Returns:
+        (batch_size, C, ny, nx), equal to ``bev_pool(weights[:, None] * values[rows], ...)``
+        (bit for bit on CPU; CUDA and builds without the extension compute exactly that).
+    """
+    reference.check_bev_pool_weighted_args(weights, values, rows, coords)
+    if not _use_extension() or values.device.type != "cpu":
+        return bev_pool(weights[:, None] * values[rows.long()], coords, batch_size, ny, nx)
+    reference.check_bev_pool_args(values[:0], coords[:0], batch_size, ny, nx)
+    if coords.shape != (len(weights), 3):
+        raise ValueError(f"coords must be (P, 3) with P = {len(weights)}, got {tuple(coords.shape)}")
+    return _BevPoolWeighted.apply(weights.contiguous(), values.contiguous(),
+                                  rows.long().contiguous(), coords.contiguous(), int(batch_size),
+                                  int(ny), int(nx))

@@ -21,6 +21,7 @@ __all__ = [
     "boxes_iou_3d",
     "nms_rotated",
     "bev_pool",
+    "bev_pool_weighted",
     "check_box_pair",
 ]
 
@@ -242,3 +243,30 @@ def bev_pool(features: torch.Tensor, coords: torch.Tensor, batch_size: int, ny: 
     flat = features.new_zeros((batch_size * ny * nx, features.shape[1]))
     flat = flat.index_add(0, cells, features)
     return flat.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def check_bev_pool_weighted_args(weights: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                                 coords: torch.Tensor) -> None:
+    """ValueError unless weights (P,) and values (R, C) floating of one dtype, rows (P,) integer
+    within [0, R), all on coords' device."""
+    if weights.dim() != 1 or values.dim() != 2 or not values.is_floating_point() \
+            or weights.dtype != values.dtype:
+        raise ValueError(f"weights (P,) and values (R, C) must be floating of one dtype, got "
+                         f"{weights.dtype} {tuple(weights.shape)} and {values.dtype} "
+                         f"{tuple(values.shape)}")
+    if rows.shape != weights.shape or rows.is_floating_point() or rows.dtype == torch.bool:
+        raise ValueError(f"rows must be integer of the weights' shape {tuple(weights.shape)}, got "
+                         f"{rows.dtype} {tuple(rows.shape)}")
+    if not (weights.device == values.device == rows.device == coords.device):
+        raise ValueError("weights, values, rows and coords must be on the same device")
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(values)):
+        bad = int(torch.nonzero((rows < 0) | (rows >= len(values)))[0, 0])
+        raise ValueError(f"bev_pool_weighted: rows[{bad}] = {int(rows[bad])} is not a row of the "
+                         f"{len(values)} values")
+
+
+def bev_pool_weighted(weights: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                      coords: torch.Tensor, batch_size: int, ny: int, nx: int) -> torch.Tensor:
+    """:func:`bev_pool` of the rows ``weights[:, None] * values[rows]`` (lift and splat)."""
+    check_bev_pool_weighted_args(weights, values, rows, coords)
+    return bev_pool(weights[:, None] * values[rows.long()], coords, batch_size, ny, nx)

@@ -8,7 +8,8 @@ supervision from LiDAR (Li et al., AAAI 2023) as an option.
     place:  its pixel (u, v) and depth d -> lidar_from_camera @ (d * inv(K) @ [u, v, 1])
             -> (x, y, z) in the camera's agent's LiDAR frame -> BEV cell; points outside the
             grid in x, y or outside point_range in z are dropped before pooling
-    splat:  v2xfuse.ops.bev_pool sums the kept points per (agent, cell) -> (N, C, ny, nx): the
+    splat:  v2xfuse.ops.bev_pool_weighted sums the kept points' depth x context per (agent, cell)
+            without storing the products -> (N, C, ny, nx): the
             cameras of one agent add into its map; an agent without cameras gets zeros
 
 Pixels follow OpenCV (:mod:`v2xfuse.datasets.images`): image pixel column c has its centre at
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops import bev_pool
+from ...ops import bev_pool_weighted
 from ...registry import ENCODERS
 from ...structures.bev import BevGrid
 from ...utils.precision import full_precision
@@ -257,8 +258,9 @@ class LiftSplat(nn.Module):
         k, d, h, w = depth.shape
         pixel = (cells.index // (d * h * w)) * (h * w) + cells.index % (h * w)
         context = context.permute(0, 2, 3, 1).reshape(k * h * w, -1)
-        features = depth.reshape(-1)[cells.index, None] * context[pixel]  # (M, C)
-        return bev_pool(features, cells.coords, num_agents, self.grid.ny, self.grid.nx)
+        # depth[point] * context[its pixel] summed per cell, the (M, C) products never stored
+        return bev_pool_weighted(depth.reshape(-1)[cells.index], context, pixel, cells.coords,
+                                 num_agents, self.grid.ny, self.grid.nx)
 
     def base_frustum(self, image_size, device) -> torch.Tensor:
         """(D, h, w, 3) float32 [u d, v d, d] of every frustum point: feature pixel centres in

@@ -253,10 +253,9 @@ def lss_pool_inputs(config: Path, samples: int, device: torch.device):
     feats = torch.randn(len(cells.index), encoder.out_channels, generator=g).to(device)
     # the same points as depth x context (bev_pool_weighted): a weight per point, a context row
     # per image pixel, each point's pixel
-    d = encoder.bins.count
     lift = (torch.rand(len(cells.index), generator=g).to(device),
             torch.randn(cams.num_cameras * h * w, encoder.out_channels, generator=g).to(device),
-            (cells.index // (d * h * w)) * (h * w) + cells.index % (h * w))
+            cells.pixels(encoder.bins.count, h, w))
     agents = 4 * samples
     note = (f"{cams.num_cameras} cameras x {encoder.bins.count} bins x {h}x{w}: kept "
             f"{len(cells.index) / 1000:.0f}k of {total / 1000:.0f}k; grid {agents}x{encoder.grid.ny}"
@@ -285,8 +284,8 @@ def bench_lss_pool(device: torch.device, args, table: Table) -> None:
     table.add(name, device.type, "reference (PyTorch)", t_ref,
               f"interleaved with the op; max |out op-ref| {out_err:.1e}, |grad op-ref| {err:.1e}")
 
-    # lift and splat: the products depth x context formed (reference: then the reference pool)
-    # against bev_pool_weighted, which never forms them; gradients of both inputs
+    # lift and splat: the products depth x context formed, then pooled (the reference) against
+    # bev_pool_weighted, which never forms them; gradients of both inputs
     weights, values, rows = lift
 
     def lift_fwd_bwd(fn):
@@ -294,13 +293,12 @@ def bench_lss_pool(device: torch.device, args, table: Table) -> None:
         fn(w, v, rows, coords, agents, ny, nx).backward(grad)
         return w.grad, v.grad
 
-    def ref_lift(w, v, r, c, b, y, x):
-        return reference.bev_pool(w[:, None] * v[r], c, b, y, x)
-
     name = f"lift+splat fwd+bwd lss {len(weights) // 1000}k x {values.shape[1]}"
     t_fused, t_lift_ref = timeit_interleaved([lambda: lift_fwd_bwd(ops.bev_pool_weighted),
-                                              lambda: lift_fwd_bwd(ref_lift)], device, args.repeat)
-    (gw, gv), (rw, rv) = lift_fwd_bwd(ops.bev_pool_weighted), lift_fwd_bwd(ref_lift)
+                                              lambda: lift_fwd_bwd(reference.bev_pool_weighted)],
+                                             device, args.repeat)
+    (gw, gv), (rw, rv) = (lift_fwd_bwd(ops.bev_pool_weighted),
+                          lift_fwd_bwd(reference.bev_pool_weighted))
     table.add(name, device.type, "op (bev_pool_weighted)", t_fused, "depth x context never stored")
     table.add(name, device.type, "reference (PyTorch)", t_lift_ref,
               f"lift then pool; |grad w| {(gw - rw).abs().max():.1e}, |grad v| "

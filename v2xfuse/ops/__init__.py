@@ -203,8 +203,7 @@ class _BevPoolWeighted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, values, rows, coords, batch_size, ny, nx):
         order, offsets = torch.ops.v2xfuse.bev_pool_plan(coords, batch_size, ny, nx)
-        c = coords.long()
-        cells = ((c[:, 0] * ny + c[:, 1]) * nx + c[:, 2]).int()
+        cells = reference.flat_cells(coords, ny, nx).int()
         zero = torch.zeros_like(rows)
         row_order, row_offsets = torch.ops.v2xfuse.bev_pool_plan(
             torch.stack([zero, zero, rows], 1), 1, 1, len(values))
@@ -237,12 +236,9 @@ def bev_pool_weighted(weights: torch.Tensor, values: torch.Tensor, rows: torch.T
         (batch_size, C, ny, nx), equal to ``bev_pool(weights[:, None] * values[rows], ...)``
         (bit for bit on CPU; CUDA and builds without the extension compute exactly that).
     """
-    reference.check_bev_pool_weighted_args(weights, values, rows, coords)
+    reference.check_bev_pool_weighted_args(weights, values, rows, coords, batch_size, ny, nx)
     if not _use_extension() or values.device.type != "cpu":
         return bev_pool(weights[:, None] * values[rows.long()], coords, batch_size, ny, nx)
-    reference.check_bev_pool_args(values[:0], coords[:0], batch_size, ny, nx)
-    if coords.shape != (len(weights), 3):
-        raise ValueError(f"coords must be (P, 3) with P = {len(weights)}, got {tuple(coords.shape)}")
     return _BevPoolWeighted.apply(weights.contiguous(), values.contiguous(),
                                   rows.long().contiguous(), coords.contiguous(), int(batch_size),
                                   int(ny), int(nx))

@@ -222,6 +222,12 @@ def check_bev_pool_args(features: torch.Tensor, coords: torch.Tensor, batch_size
         raise ValueError(f"need batch_size >= 0, ny > 0 and nx > 0, got {batch_size}, {ny}, {nx}")
 
 
+def flat_cells(coords: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
+    """(P,) int64 flat index ``(batch * ny + y) * nx + x`` of coords (P, 3) [batch, y, x]."""
+    c = coords.long()
+    return (c[:, 0] * ny + c[:, 1]) * nx + c[:, 2]
+
+
 def bev_pool(features: torch.Tensor, coords: torch.Tensor, batch_size: int, ny: int,
              nx: int) -> torch.Tensor:
     """Sum point features into a BEV grid (lift-splat pooling); differentiable in features.
@@ -239,16 +245,17 @@ def bev_pool(features: torch.Tensor, coords: torch.Tensor, batch_size: int, ny: 
         row = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"bev_pool: coords[{row}] = {c[row].tolist()} is outside the grid; need "
                          f"0 <= batch < {batch_size}, 0 <= y < {ny}, 0 <= x < {nx}")
-    cells = (c[:, 0] * ny + c[:, 1]) * nx + c[:, 2]
+    cells = flat_cells(c, ny, nx)
     flat = features.new_zeros((batch_size * ny * nx, features.shape[1]))
     flat = flat.index_add(0, cells, features)
     return flat.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2).contiguous()
 
 
 def check_bev_pool_weighted_args(weights: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-                                 coords: torch.Tensor) -> None:
+                                 coords: torch.Tensor, batch_size: int, ny: int, nx: int) -> None:
     """ValueError unless weights (P,) and values (R, C) floating of one dtype, rows (P,) integer
-    within [0, R), all on coords' device."""
+    within [0, R), all on coords' device, and coords what :func:`check_bev_pool_args` takes for
+    P rows."""
     if weights.dim() != 1 or values.dim() != 2 or not values.is_floating_point() \
             or weights.dtype != values.dtype:
         raise ValueError(f"weights (P,) and values (R, C) must be floating of one dtype, got "
@@ -263,10 +270,11 @@ def check_bev_pool_weighted_args(weights: torch.Tensor, values: torch.Tensor, ro
         bad = int(torch.nonzero((rows < 0) | (rows >= len(values)))[0, 0])
         raise ValueError(f"bev_pool_weighted: rows[{bad}] = {int(rows[bad])} is not a row of the "
                          f"{len(values)} values")
+    check_bev_pool_args(weights[:, None], coords, batch_size, ny, nx)
 
 
 def bev_pool_weighted(weights: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                       coords: torch.Tensor, batch_size: int, ny: int, nx: int) -> torch.Tensor:
     """:func:`bev_pool` of the rows ``weights[:, None] * values[rows]`` (lift and splat)."""
-    check_bev_pool_weighted_args(weights, values, rows, coords)
+    check_bev_pool_weighted_args(weights, values, rows, coords, batch_size, ny, nx)
     return bev_pool(weights[:, None] * values[rows.long()], coords, batch_size, ny, nx)

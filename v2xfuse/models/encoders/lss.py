@@ -98,6 +98,11 @@ class FrustumCells:
     index: torch.Tensor
     coords: torch.Tensor
 
+    def pixels(self, bins: int, h: int, w: int) -> torch.Tensor:
+        """(M,) each kept point's feature pixel in the flattened (K, h, w) maps (the frustum
+        being (K, bins, h, w))."""
+        return (self.index // (bins * h * w)) * (h * w) + self.index % (h * w)
+
 
 class BasicBlock(nn.Module):
     """ResNet's basic block: two 3x3 convs and a (projected when the shape changes) shortcut."""
@@ -256,7 +261,7 @@ class LiftSplat(nn.Module):
             (num_agents, C, ny, nx).
         """
         k, d, h, w = depth.shape
-        pixel = (cells.index // (d * h * w)) * (h * w) + cells.index % (h * w)
+        pixel = cells.pixels(d, h, w)
         context = context.permute(0, 2, 3, 1).reshape(k * h * w, -1)
         # depth[point] * context[its pixel] summed per cell, the (M, C) products never stored
         return bev_pool_weighted(depth.reshape(-1)[cells.index], context, pixel, cells.coords,

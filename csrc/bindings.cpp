@@ -79,7 +79,7 @@ TORCH_LIBRARY(v2xfuse, m) {
   m.def("bev_pool_weighted_forward(Tensor weights, Tensor values, Tensor rows, Tensor order, "
         "Tensor offsets, int batch_size, int ny, int nx) -> Tensor");
   m.def("bev_pool_weighted_backward(Tensor grad_out, Tensor weights, Tensor values, Tensor rows, "
-        "Tensor cells, Tensor row_order, Tensor row_offsets) -> (Tensor, Tensor)");
+        "Tensor order, Tensor offsets) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(v2xfuse, CPU, m) {

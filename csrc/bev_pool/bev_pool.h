@@ -50,16 +50,14 @@ at::Tensor bev_pool_backward_planned_cpu(const at::Tensor& grad_out, const at::T
 // Lift and splat in one pass: out[cell] = sum over the cell's points (the plan of coords, in
 // increasing index) of weights[p] * values[rows[p]], weights (P,), values (R, C), rows (P,)
 // int64; the same products and order as bev_pool_forward_planned on the lifted rows. Backward:
-// (grad_weights (P,), grad_values (R, C)) from cells (P,) int32, each point's flat cell, and the
-// plan of rows (row_order (P,), row_offsets (R + 1,), int32).
+// (grad_weights (P,), grad_values (R, C)) from the same plan, in one walk over the cells.
 at::Tensor bev_pool_weighted_forward_cpu(const at::Tensor& weights, const at::Tensor& values,
                                          const at::Tensor& rows, const at::Tensor& order,
                                          const at::Tensor& offsets, int64_t batch_size,
                                          int64_t ny, int64_t nx);
 std::tuple<at::Tensor, at::Tensor> bev_pool_weighted_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& weights, const at::Tensor& values,
-    const at::Tensor& rows, const at::Tensor& cells, const at::Tensor& row_order,
-    const at::Tensor& row_offsets);
+    const at::Tensor& rows, const at::Tensor& order, const at::Tensor& offsets);
 
 void check_bev_pool_forward_args(const at::Tensor& features, const at::Tensor& coords,
                                  int64_t batch_size, int64_t ny, int64_t nx);

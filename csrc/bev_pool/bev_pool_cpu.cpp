@@ -102,6 +102,23 @@ inline void prefetch_row(const void* row, int64_t bytes, bool write) {
   }
 }
 
+// The weighted passes read, per point in plan order, its weight and row index (scattered over
+// (P,) arrays) and then its row of values (an (R, C) table in L3): the first two are asked for
+// kAhead points on, the row (whose index has arrived by then) kAhead / 2 points on.
+template <typename scalar_t>
+inline void prefetch_point(const int32_t* ord, int64_t i, int64_t n_points, const scalar_t* wt,
+                           const int64_t* row_of, const scalar_t* values, int64_t channels) {
+  if (i + kAhead < n_points) {
+    const int64_t p = ord[i + kAhead];
+    __builtin_prefetch(wt + p, 0);
+    __builtin_prefetch(row_of + p, 0);
+  }
+  if (i + kAhead / 2 < n_points) {
+    prefetch_row(values + row_of[ord[i + kAhead / 2]] * channels,
+                 channels * static_cast<int64_t>(sizeof(scalar_t)), false);
+  }
+}
+
 template <typename index_t>
 void plan_cells(const index_t* coords, int64_t n_points, int64_t batch_size, int64_t ny,
                 int64_t nx, int32_t* cell_of, int32_t* counts) {
@@ -368,7 +385,9 @@ at::Tensor bev_pool_weighted_forward_cpu(const at::Tensor& weights, const at::Te
     const scalar_t* src = vals.data_ptr<scalar_t>();
     const scalar_t* wt = w.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t n_points = w.size(0);
     pool_tiles(off, batch_size, plane, channels, dst, [&](acc_t* cell, int32_t i) {
+      prefetch_point(ord, i, n_points, wt, row_of, src, channels);
       const int64_t p = ord[i];
       const scalar_t weight = wt[p];
       const scalar_t* row = src + row_of[p] * channels;
@@ -381,68 +400,106 @@ at::Tensor bev_pool_weighted_forward_cpu(const at::Tensor& weights, const at::Te
   return out;
 }
 
-// grad_weights[p] = <values[rows[p]], g[cells[p]]> and grad_values[r] = sum over the points of
-// row r, in increasing index (row_order / row_offsets: the plan of rows), of weights[p] *
-// g[cells[p]], with g the output gradient channel-last: both deterministic.
+// One walk over the cells of every batch plane in plan order (the forward's), a tile of kTile
+// cells at a time: the tile's output gradients turned channel-last (g, in L1), then for every
+// point p of a cell, grad_weights[p] = <values[rows[p]], g[cell]> and
+// grad_values[rows[p]] += weights[p] * g[cell]. No (B * ny * nx, C) copy of the gradient and no
+// pass per row: values and grad_values are the small (R, C) tables (the image pixels) and stay in
+// cache. Each row of grad_values sums its points in walk order (planes, then cells, then point
+// index): deterministic, and the same on any number of threads, since the planes run in parallel
+// only when no row has points in two planes (LSS: a camera belongs to one sample), where a row's
+// order is its plane's walk; otherwise the planes run one after the other.
 std::tuple<at::Tensor, at::Tensor> bev_pool_weighted_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& weights, const at::Tensor& values,
-    const at::Tensor& rows, const at::Tensor& cells, const at::Tensor& row_order,
-    const at::Tensor& row_offsets) {
+    const at::Tensor& rows, const at::Tensor& order, const at::Tensor& offsets) {
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.scalar_type() == values.scalar_type() &&
               grad_out.device().is_cpu(), "grad_out must be a (B, C, ny, nx) CPU tensor of the "
               "values' dtype");
+  TORCH_CHECK(values.dim() == 2, "values must be (R, C), got shape ", values.sizes());
   const int64_t n_points = weights.size(0), n_rows = values.size(0), channels = values.size(1);
+  const int64_t batch_size = grad_out.size(0), plane = grad_out.size(2) * grad_out.size(3);
   TORCH_CHECK(grad_out.size(1) == channels, "grad_out has ", grad_out.size(1),
               " channels, values ", channels);
-  TORCH_CHECK(cells.dim() == 1 && cells.scalar_type() == at::kInt && cells.size(0) == n_points,
-              "cells must be a (P,) int32 tensor");
-  check_plan(row_order, row_offsets, n_rows);
-  TORCH_CHECK(row_order.size(0) == n_points, "row_order must have one entry per point");
-  // (B * ny * nx, C): each point reads its cell's gradient as one contiguous row
-  const at::Tensor g = grad_out.permute({0, 2, 3, 1}).contiguous();
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.size(0) == n_points,
+              "rows must be a (P,) int64 tensor, P = ", n_points);
+  check_planned_pool(order, offsets, n_points, batch_size, grad_out.size(2), grad_out.size(3));
+  const at::Tensor go = grad_out.contiguous();
   const at::Tensor vals = values.contiguous(), w = weights.contiguous(), r = rows.contiguous();
   at::Tensor grad_weights = at::empty({n_points}, weights.options());
-  at::Tensor grad_values = at::empty({n_rows, channels}, values.options());
-  const int32_t* cell_of = cells.data_ptr<int32_t>();
-  const int32_t* ord = row_order.data_ptr<int32_t>();
-  const int32_t* off = row_offsets.data_ptr<int32_t>();
+  // Summed in the accumulation type (float for half and bfloat16), rounded once at the end.
+  const at::ScalarType acc_type = at::toOpMathType(values.scalar_type());
+  at::Tensor grad_values_acc = at::zeros({n_rows, channels}, values.options().dtype(acc_type));
+  if (channels == 0 || n_points == 0) {
+    grad_weights.zero_();
+    return {grad_weights, grad_values_acc.to(values.scalar_type())};
+  }
+  const int32_t* ord = order.data_ptr<int32_t>();
+  const int32_t* off = offsets.data_ptr<int32_t>();
   const int64_t* row_of = r.data_ptr<int64_t>();
+
+  // The planes in parallel only when every row's points lie in one plane.
+  bool planes_apart = at::get_num_threads() > 1 && batch_size > 1;
+  if (planes_apart) {
+    std::vector<int64_t> plane_of_row(n_rows, -1);
+    for (int64_t b = 0; b < batch_size && planes_apart; ++b) {
+      for (int32_t i = off[b * plane]; i < off[(b + 1) * plane]; ++i) {
+        int64_t& owner = plane_of_row[row_of[ord[i]]];
+        if (owner != b && owner != -1) {
+          planes_apart = false;
+          break;
+        }
+        owner = b;
+      }
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(),
                                   "bev_pool_weighted_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* src = vals.data_ptr<scalar_t>();
+    const scalar_t* src = go.data_ptr<scalar_t>();
+    const scalar_t* val = vals.data_ptr<scalar_t>();
     const scalar_t* wt = w.data_ptr<scalar_t>();
     scalar_t* gw = grad_weights.data_ptr<scalar_t>();
-    scalar_t* gv = grad_values.data_ptr<scalar_t>();
-    at::parallel_for(0, n_points, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* row = src + row_of[p] * channels;
-        const scalar_t* go = gp + static_cast<int64_t>(cell_of[p]) * channels;
-        acc_t dot = acc_t(0);
+    acc_t* gv = grad_values_acc.data_ptr<acc_t>();
+    auto walk_plane = [&](int64_t b) {
+      std::vector<acc_t> g(kTile * channels);
+      for (int64_t yx0 = 0; yx0 < plane; yx0 += kTile) {
+        const int64_t n = std::min(kTile, plane - yx0);
+        const int32_t* o = off + b * plane + yx0;
+        if (o[0] == o[n]) continue;
+        const scalar_t* tile_in = src + b * channels * plane + yx0;
         for (int64_t c = 0; c < channels; ++c) {
-          dot += static_cast<acc_t>(row[c]) * static_cast<acc_t>(go[c]);
+          const scalar_t* run = tile_in + c * plane;
+          for (int64_t t = 0; t < n; ++t) g[t * channels + c] = static_cast<acc_t>(run[t]);
         }
-        gw[p] = static_cast<scalar_t>(dot);
-      }
-    });
-    at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(channels);
-      for (int64_t k = begin; k < end; ++k) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int32_t i = off[k]; i < off[k + 1]; ++i) {
-          const int64_t p = ord[i];
-          const acc_t weight = static_cast<acc_t>(wt[p]);
-          const scalar_t* go = gp + static_cast<int64_t>(cell_of[p]) * channels;
-          for (int64_t c = 0; c < channels; ++c) acc[c] += weight * static_cast<acc_t>(go[c]);
+        for (int64_t t = 0; t < n; ++t) {
+          const acc_t* cell = g.data() + t * channels;
+          for (int32_t i = o[t]; i < o[t + 1]; ++i) {
+            prefetch_point(ord, i, n_points, wt, row_of, val, channels);
+            const int64_t p = ord[i], row = row_of[p];
+            const scalar_t* v = val + row * channels;
+            acc_t* acc = gv + row * channels;
+            const acc_t weight = static_cast<acc_t>(wt[p]);
+            acc_t dot = acc_t(0);
+            for (int64_t c = 0; c < channels; ++c) {
+              dot += static_cast<acc_t>(v[c]) * cell[c];
+              acc[c] += weight * cell[c];
+            }
+            gw[p] = static_cast<scalar_t>(dot);
+          }
         }
-        scalar_t* out_row = gv + k * channels;
-        for (int64_t c = 0; c < channels; ++c) out_row[c] = static_cast<scalar_t>(acc[c]);
       }
-    });
+    };
+    if (planes_apart) {
+      at::parallel_for(0, batch_size, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) walk_plane(b);
+      });
+    } else {
+      for (int64_t b = 0; b < batch_size; ++b) walk_plane(b);
+    }
   });
-  return {grad_weights, grad_values};
+  return {grad_weights, acc_type == values.scalar_type()
+                            ? grad_values_acc : grad_values_acc.to(values.scalar_type())};
 }
 
 }  // namespace v2xfuse

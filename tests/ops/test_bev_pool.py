@@ -239,6 +239,47 @@ def test_weighted_pool_gradients_are_those_of_the_lifted_rows():
 
 
 @needs_extension
+@pytest.mark.parametrize("rows_apart", [True, False], ids=["rows_in_one_plane", "rows_shared"])
+def test_weighted_pool_gradients_do_not_depend_on_the_threads(rows_apart):
+    # LSS: each image row (a pixel of one camera) lies in one sample's plane, and the planes
+    # then run in parallel; rows shared between planes make them run one after the other
+    w, v, rows, coords, b, ny, nx = _lift_case(seed=5, points=20000, rows=400, batch=4)
+    if rows_apart:
+        coords[:, 0] = (rows % b).int()
+    grad = torch.randn(b, v.shape[1], ny, nx, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            wi, vi = w.clone().requires_grad_(True), v.clone().requires_grad_(True)
+            ops.bev_pool_weighted(wi, vi, rows, coords, b, ny, nx).backward(grad)
+            grads.append((wi.grad, vi.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for got in grads[1:]:
+        assert torch.equal(got[0], grads[0][0]) and torch.equal(got[1], grads[0][1])
+    wr, vr = w.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    reference.bev_pool_weighted(wr, vr, rows, coords, b, ny, nx).backward(grad)
+    torch.testing.assert_close(grads[0][0], wr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0][1], vr.grad, atol=1e-4, rtol=1e-5)
+
+
+@needs_extension
+def test_weighted_pool_bfloat16_gradients_sum_in_float():
+    w, v, rows, coords, b, ny, nx = _lift_case(seed=7, points=6000, rows=20)
+    grad = torch.randn(b, v.shape[1], ny, nx, generator=torch.Generator().manual_seed(8))
+    wh, vh = (t.bfloat16().requires_grad_(True) for t in (w, v))
+    ops.bev_pool_weighted(wh, vh, rows, coords, b, ny, nx).backward(grad.bfloat16())
+    wf, vf = (t.bfloat16().float().requires_grad_(True) for t in (w, v))
+    reference.bev_pool_weighted(wf, vf, rows, coords, b, ny, nx).backward(grad.bfloat16().float())
+    assert wh.grad.dtype == vh.grad.dtype == torch.bfloat16
+    # ~300 points per row: summed in bfloat16 the error would be tens of ulps; in float, one rounding
+    torch.testing.assert_close(vh.grad.float(), vf.grad, atol=0, rtol=2 ** -8)
+    torch.testing.assert_close(wh.grad.float(), wf.grad, atol=1e-2, rtol=2 ** -7)
+
+
+@needs_extension
 def test_weighted_pool_gradcheck_float64():
     w, v, rows, coords, b, ny, nx = _lift_case(seed=3, points=60, rows=7, channels=3)
     w, v = w.double().requires_grad_(True), v.double().requires_grad_(True)

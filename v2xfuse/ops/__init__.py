@@ -197,26 +197,22 @@ def bev_pool(features: torch.Tensor, coords: torch.Tensor, batch_size: int, ny: 
 class _BevPoolWeighted(torch.autograd.Function):
     """Lift and splat on CPU without the lifted rows: ``weights[p] * values[rows[p]]`` summed per
     cell in point order (the products and order of :func:`bev_pool` on the lifted rows, so the
-    same output bit for bit); backward gives both inputs their gradients from the cells' output
-    gradients, the values' summed per row in point order (a plan of rows, like the cells')."""
+    same output bit for bit); backward gives both inputs their gradients in one walk over the
+    same plan of cells, each row of the values' gradient summed in that walk's order."""
 
     @staticmethod
     def forward(ctx, weights, values, rows, coords, batch_size, ny, nx):
         order, offsets = torch.ops.v2xfuse.bev_pool_plan(coords, batch_size, ny, nx)
-        cells = reference.flat_cells(coords, ny, nx).int()
-        zero = torch.zeros_like(rows)
-        row_order, row_offsets = torch.ops.v2xfuse.bev_pool_plan(
-            torch.stack([zero, zero, rows], 1), 1, 1, len(values))
-        ctx.save_for_backward(weights, values, rows, cells, row_order, row_offsets)
+        ctx.save_for_backward(weights, values, rows, order, offsets)
         return torch.ops.v2xfuse.bev_pool_weighted_forward(weights, values, rows, order, offsets,
                                                            batch_size, ny, nx)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        weights, values, rows, cells, row_order, row_offsets = ctx.saved_tensors
+        weights, values, rows, order, offsets = ctx.saved_tensors
         grad_w, grad_v = torch.ops.v2xfuse.bev_pool_weighted_backward(
-            grad_out.contiguous(), weights, values, rows, cells, row_order, row_offsets)
+            grad_out.contiguous(), weights, values, rows, order, offsets)
         return (grad_w if ctx.needs_input_grad[0] else None,
                 grad_v if ctx.needs_input_grad[1] else None, None, None, None, None, None)
 

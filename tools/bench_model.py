@@ -5,6 +5,8 @@ training step, optionally against another checkout of v2xfuse on identical input
     python tools/bench_model.py                        # this checkout
     git worktree add /tmp/v2xfuse-base main            # the code to compare against
     python tools/bench_model.py --compare /tmp/v2xfuse-base --reps 7
+    git clone https://github.com/DerrickXuNu/OpenCOOD /tmp/OpenCOOD  # the peer, side by side
+    python tools/bench_model.py --opencood /tmp/OpenCOOD --reps 5
 
 Scenarios: the quickstart grid (configs/quickstart.yaml: 0.8 m cells, 96 x 96, 32 channels) and
 the OPV2V-standard grid (OpenCOOD's PointPillars: 0.4 m cells, 704 x 200, 64 channels, backbone
@@ -20,6 +22,20 @@ so other load on the machine does not inflate it); with ``--compare`` the two wo
 turns rep by rep (the first of each pair alternates), and the table gives medians and the
 ratio new / old. Both sides load the same inputs and the same weights (written by this
 checkout's worker), and the script prints the largest difference between their head outputs.
+
+With ``--opencood PATH`` the other side is OpenCOOD (a checkout of DerrickXuNu/OpenCOOD; it
+needs spconv 2 and cumm, which OpenCOOD's voxeliser uses): the same work built from its own
+classes, run by its own code -- each agent's cloud projected into the ego's frame and cropped
+(``box_utils.project_points_by_matrix_torch``, ``pcd_utils.mask_points_by_range``: OpenCOOD's
+``proj_first``), voxelised and collated by ``SpVoxelPreprocessor``, then ``PillarVFE``,
+``PointPillarScatter``, ``BaseBEVBackbone`` and F-Cooper's ``SpatialFusion`` with the scenario's
+widths, and 1x1 class and box convolutions (two anchors); a training step adds
+``PointPillarLoss`` on fixed targets and the backward pass. OpenCOOD does not decode boxes on the
+CPU (its NMS is a CUDA extension), so the ratio compares the model without ``decode`` and the
+v2xfuse side alone carries its direction head and its target assignment (in its step, where
+OpenCOOD assigns in its data loader). Weights differ (the two parameterise the layers
+differently), so outputs are compared by shape only. open3d, which OpenCOOD imports for file I/O
+only, is replaced by an empty module in that worker when it is not installed.
 
 Stages (inference): ``transform`` (senders' points into the ego's axes), ``voxelise``,
 ``pillar_net``, ``scatter`` (the rest of the encoder), ``backbone``, ``fusion``, ``head``
@@ -241,8 +257,147 @@ class Worker:
         return restore
 
 
-def worker_main(workdir: Path, write_weights: bool) -> int:
-    worker = Worker(workdir, write_weights)
+class OpenCOODWorker:
+    """The other side with ``--opencood``: the scenario's work on OpenCOOD's own classes."""
+
+    def __init__(self, workdir: Path, opencood: Path):
+        import types
+
+        import torch
+
+        torch.set_num_threads(1)
+        sys.path.insert(0, str(opencood))
+        try:
+            import open3d  # noqa: F401  (OpenCOOD's pcd_utils reads files with it)
+        except ImportError:
+            sys.modules["open3d"] = types.ModuleType("open3d")
+        self.torch = torch
+        self.workdir = workdir
+        self.models: dict[tuple[str, str], tuple] = {}
+        self.targets: dict[str, dict] = {}
+
+    def model(self, grid: str, mode: str):
+        """(modules, initial weights, preprocessor, scenario sizes) of ``grid``; the voxeliser's
+        cap is v2xfuse's max_pillars in both modes, so both sides keep the same pillars."""
+        torch = self.torch
+        if (grid, mode) in self.models:
+            return self.models[(grid, mode)]
+        from opencood.data_utils.pre_processor.sp_voxel_preprocessor import SpVoxelPreprocessor
+        from opencood.models.fuse_modules.f_cooper_fuse import SpatialFusion
+        from opencood.models.sub_modules.base_bev_backbone import BaseBEVBackbone
+        from opencood.models.sub_modules.pillar_vfe import PillarVFE
+        from opencood.models.sub_modules.point_pillar_scatter import PointPillarScatter
+
+        cfg = scenario_config(grid)
+        enc, bb = cfg["model"]["encoder"], cfg["model"]["backbone"]
+        lidar_range = [float(v) for v in cfg["pipeline"]["lidar_range"]]
+        voxel = [float(enc["voxel_size"][0]), float(enc["voxel_size"][1]),
+                 lidar_range[5] - lidar_range[2]]
+        max_pillars = int(enc.get("max_pillars", 32000))
+        pre = SpVoxelPreprocessor({"cav_lidar_range": lidar_range, "args": {
+            "voxel_size": voxel, "max_points_per_voxel": int(enc["max_points_per_pillar"]),
+            "max_voxel_train": max_pillars, "max_voxel_test": max_pillars}}, mode == "train")
+        grid_size = np.round((np.array(lidar_range[3:]) - np.array(lidar_range[:3]))
+                             / np.array(voxel)).astype(np.int64)
+        strides = np.cumprod(bb["layer_strides"])
+        torch.manual_seed(0)
+        channels = int(enc["out_channels"])
+        modules = torch.nn.ModuleDict({
+            "pillar_vfe": PillarVFE({"use_norm": True, "with_distance": False,
+                                     "use_absolute_xyz": True, "num_filters": [channels]},
+                                    num_point_features=4, voxel_size=voxel,
+                                    point_cloud_range=lidar_range),
+            "scatter": PointPillarScatter({"num_features": channels, "grid_size": grid_size}),
+            "backbone": BaseBEVBackbone({
+                "layer_nums": list(bb["layer_nums"]), "layer_strides": list(bb["layer_strides"]),
+                "num_filters": list(bb["layer_channels"]),
+                "upsample_strides": [int(s // bb["out_stride"]) for s in strides],
+                "num_upsample_filter": list(bb["upsample_channels"])}, channels),
+            "fusion": SpatialFusion(),
+        })
+        width = sum(bb["upsample_channels"])
+        modules["cls_head"] = torch.nn.Conv2d(width, 2, kernel_size=1)
+        modules["reg_head"] = torch.nn.Conv2d(width, 14, kernel_size=1)
+        sizes = {"range": lidar_range, "ny": int(grid_size[1] // bb["out_stride"]),
+                 "nx": int(grid_size[0] // bb["out_stride"])}
+        self.models[(grid, mode)] = (modules, {k: v.clone() for k, v in
+                                               modules.state_dict().items()}, pre, sizes)
+        return self.models[(grid, mode)]
+
+    def fixed_targets(self, name: str, frames: int, sizes: dict) -> dict:
+        """PointPillarLoss's targets: a few positive anchors per frame, random box residuals."""
+        torch = self.torch
+        if name not in self.targets:
+            g = torch.Generator().manual_seed(1)
+            pos = (torch.rand(frames, sizes["ny"], sizes["nx"], 2, generator=g) < 2e-3).float()
+            reg = torch.randn(frames, sizes["ny"], sizes["nx"], 14, generator=g)
+            self.targets[name] = {"pos_equal_one": pos, "targets": reg}
+        return self.targets[name]
+
+    def run(self, grid: str, name: str, mode: str, save: bool) -> dict:
+        from opencood.loss.point_pillar_loss import PointPillarLoss
+        from opencood.utils import box_utils, pcd_utils
+
+        torch = self.torch
+        modules, weights, pre, sizes = self.model(grid, mode)
+        modules.load_state_dict(weights)
+        data = np.load(self.workdir / f"{name}.npz")
+        points, poses = data["points"], data["poses"].astype(np.float64)
+        clouds = [points[points[:, 0] == i, 1:].copy() for i in range(len(poses))]
+        record_len = torch.from_numpy(data["record_len"])
+        times: dict[str, float] = {}
+
+        def timed(stage, fn, *args):
+            start = time.process_time()
+            out = fn(*args)
+            times[stage] = times.get(stage, 0.0) + time.process_time() - start
+            return out
+
+        def project(clouds):
+            out = []
+            for cloud, pose in zip(clouds, poses):
+                cloud[:, :3] = box_utils.project_points_by_matrix_torch(cloud[:, :3], pose)
+                out.append(pcd_utils.mask_points_by_range(cloud, sizes["range"]))
+            return out
+
+        def voxelise(clouds):
+            merged = {"voxel_features": [], "voxel_coords": [], "voxel_num_points": []}
+            for cloud in clouds:
+                for key, value in pre.preprocess(cloud).items():
+                    merged[key].append(value)
+            return pre.collate_batch(merged)
+
+        training = mode == "train"
+        modules.train(training)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.process_time()
+        with torch.set_grad_enabled(training):
+            batch = timed("voxelise", voxelise, timed("transform", project, clouds))
+            batch["record_len"] = record_len
+            batch = timed("pillar_net", modules["pillar_vfe"], batch)
+            batch = timed("scatter", modules["scatter"], batch)
+            batch = timed("backbone", modules["backbone"], batch)
+            fused = timed("fusion", modules["fusion"], batch["spatial_features_2d"], record_len)
+            out = timed("head", lambda x: {"psm": modules["cls_head"](x),
+                                           "rm": modules["reg_head"](x)}, fused)
+            if training:
+                loss = PointPillarLoss({"cls_weight": 1.0, "reg": 2.0})(
+                    out, self.fixed_targets(name, len(record_len), sizes))
+                loss.backward()
+        total = time.process_time() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        result = dict(times, total=total)
+        if training:
+            result["backward"] = total - sum(times.values())
+        if save:
+            np.savez(self.workdir / f"out_{os.getpid()}_{name}_{mode}.npz",
+                     cls=out["psm"].detach().numpy(), reg=out["rm"].detach().numpy())
+        modules.zero_grad(set_to_none=True)
+        return {"seconds": result, "page_faults": faults}
+
+
+def worker_main(workdir: Path, write_weights: bool, opencood: Path | None = None) -> int:
+    worker = OpenCOODWorker(workdir, opencood) if opencood else Worker(workdir, write_weights)
     for line in sys.stdin:
         cmd = json.loads(line)
         result = worker.run(cmd["grid"], cmd["name"], cmd["mode"], cmd.get("save", False))
@@ -254,11 +409,15 @@ def worker_main(workdir: Path, write_weights: bool) -> int:
 
 
 class Side:
-    def __init__(self, label: str, checkout: Path, workdir: Path, write_weights: bool):
-        env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="1")
+    def __init__(self, label: str, checkout: Path, workdir: Path, write_weights: bool,
+                 opencood: bool = False):
+        env = dict(os.environ, PYTHONPATH=str(ROOT if opencood else checkout),
+                   OMP_NUM_THREADS="1")
         args = [sys.executable, str(Path(__file__).resolve()), "--worker", str(workdir)]
         if write_weights:
             args.append("--write-weights")
+        if opencood:
+            args += ["--opencood", str(checkout)]
         self.label, self.checkout = label, checkout
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
@@ -301,6 +460,8 @@ def largest_difference(workdir: Path, sides: list[Side], name: str, mode: str) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", type=Path, help="another v2xfuse checkout (the old side)")
+    parser.add_argument("--opencood", type=Path,
+                        help="an OpenCOOD checkout: the other side is OpenCOOD's classes")
     parser.add_argument("--reps", type=int, default=5, help="measured reps per side and scenario")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated scenario names")
@@ -308,9 +469,16 @@ def main(argv=None) -> int:
     parser.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker_main(args.worker, args.write_weights)
+        return worker_main(args.worker, args.write_weights, args.opencood)
+    if args.compare and args.opencood:
+        raise SystemExit("--compare and --opencood: one other side at a time")
     if args.compare and not (args.compare / "v2xfuse" / "__init__.py").exists():
         raise SystemExit(f"--compare {args.compare}: no v2xfuse package there")
+    if args.opencood and not (args.opencood / "opencood" / "models").is_dir():
+        raise SystemExit(f"--opencood {args.opencood}: no opencood/models there (a clone of "
+                         f"https://github.com/DerrickXuNu/OpenCOOD)")
+    other = args.compare or args.opencood
+    other_label = "OpenCOOD" if args.opencood else "old"
     chosen = [s for s in SCENARIOS if not args.only or s[0] in args.only.split(",")]
     if not chosen:
         raise SystemExit(f"--only {args.only!r}: none of {[s[0] for s in SCENARIOS]}")
@@ -322,11 +490,11 @@ def main(argv=None) -> int:
             lidar_range = OPV2V_RANGE if grid == "opv2v" else [-38.4, -38.4, -5.0, 38.4, 38.4, 3.0]
             np.savez(workdir / f"{name}.npz", **make_inputs(rng, agents, per_agent, frames, lidar_range))
         sides = [Side("new", ROOT, workdir, True)]
-        if args.compare:
-            sides.append(Side("old", args.compare.resolve(), workdir, False))
+        if other:
+            sides.append(Side("old", other.resolve(), workdir, False, bool(args.opencood)))
         print(f"process CPU time per call, 1 torch thread per side, medians of {args.reps} reps "
-              f"after {args.warmup} warm-up" + (", sides interleaved" if args.compare else ""))
-        print(f"new: {ROOT}" + (f"\nold: {args.compare.resolve()}" if args.compare else ""))
+              f"after {args.warmup} warm-up" + (", sides interleaved" if other else ""))
+        print(f"new: {ROOT}" + (f"\n{other_label.lower()}: {other.resolve()}" if other else ""))
         try:
             for name, grid, agents, per_agent, frames, modes in chosen:
                 for mode in modes:
@@ -339,34 +507,56 @@ def main(argv=None) -> int:
                             if rep >= args.warmup:
                                 runs[side.label].append(r["seconds"])
                                 faults[side.label].append(r["page_faults"])
-                    report(name, mode, agents, frames, runs)
+                    report(name, mode, agents, frames, runs, other_label)
                     print("  minor page faults per call (median): " + ", ".join(
                         f"{k} {int(np.median(v))}" for k, v in faults.items()))
                     if args.compare:
                         print(f"  largest |new - old|: {largest_difference(workdir, sides, name, mode)}")
+                    if args.opencood:
+                        print(f"  head outputs: {output_shapes(workdir, sides, name, mode)}")
         finally:
             for s in sides:
                 s.close()
     return 0
 
 
-def report(name: str, mode: str, agents: int, frames: int, runs: dict) -> None:
-    stages = [s for s in STAGES if s in runs["new"][0]] + \
-        [s for s in runs["new"][0] if s not in STAGES]
+def output_shapes(workdir: Path, sides: list[Side], name: str, mode: str) -> str:
+    """The two sides' class and box output shapes (OpenCOOD's weights are its own)."""
+    a, b = (np.load(workdir / f"out_{s.proc.pid}_{name}_{mode}.npz") for s in sides)
+    return ", ".join(f"{key} {tuple(a[key].shape)} vs {tuple(b[key].shape)}"
+                     for key in ("cls", "reg"))
+
+
+def report(name: str, mode: str, agents: int, frames: int, runs: dict,
+           other: str = "old") -> None:
+    keys = list(runs["new"][0]) + [k for k in runs.get("old", [{}])[0] if k not in runs["new"][0]]
+    stages = [s for s in STAGES if s in keys] + [s for s in keys if s not in STAGES]
     stages.remove("total")
     stages.append("total")
+
+    def median(side: str, stage: str) -> float:
+        return 1e3 * float(np.median([r.get(stage, 0.0) for r in runs[side]]))
+
     print(f"\n{name} ({mode}, {agents} agents x {frames} frame{'s' if frames > 1 else ''})")
     header = f"  {'stage':<12}{'new ms':>10}"
     if "old" in runs:
-        header += f"{'old ms':>10}{'new/old':>9}"
+        header += f"{other + ' ms':>14}{'new/' + other:>14}"
     print(header)
     for stage in stages:
-        new = 1e3 * float(np.median([r.get(stage, 0.0) for r in runs["new"]]))
+        new = median("new", stage)
         line = f"  {stage:<12}{new:>10.1f}"
         if "old" in runs:
-            old = 1e3 * float(np.median([r.get(stage, 0.0) for r in runs["old"]]))
-            line += f"{old:>10.1f}{(new / old if old > 0 else float('nan')):>9.2f}"
+            old = median("old", stage)
+            line += f"{old:>14.1f}{(new / old if old > 0 else float('nan')):>14.2f}"
         print(line)
+    if other == "OpenCOOD":
+        # the same work: OpenCOOD's side has no decode, so neither does the ratio
+        new = float(np.median([r["total"] - r.get("decode", 0.0) for r in runs["new"]]))
+        old = float(np.median([r["total"] for r in runs["old"]]))
+        target = 0.8 if mode == "train" else 0.6
+        print(f"  same work (total without decode): v2xfuse {1e3 * new:.1f} ms, OpenCOOD "
+              f"{1e3 * old:.1f} ms, ratio {new / old:.2f} (issue 20 target <= {target}: "
+              f"{'PASS' if new / old <= target else 'FAIL'})")
 
 
 if __name__ == "__main__":

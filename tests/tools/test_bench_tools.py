@@ -370,3 +370,26 @@ def test_bench_ops_prints_the_lss_pool_ratio_against_the_target(load_tool, monke
     grad_w, grad_v = (float(x) for x in re.search(r"\|grad w\| (\S+), \|grad v\| (\S+)",
                                                   out).groups())
     assert grad_w < 1e-4 and grad_v < 1e-4
+
+
+def test_bench_model_refuses_a_folder_without_opencood(load_tool, tmp_path):
+    bench = load_tool("bench_model")
+    with pytest.raises(SystemExit, match="no opencood/models there"):
+        bench.main(["--opencood", str(tmp_path)])
+    with pytest.raises(SystemExit, match="one other side at a time"):
+        bench.main(["--opencood", str(tmp_path), "--compare", str(tmp_path)])
+
+
+def test_bench_model_ratio_against_opencood_leaves_out_the_decode(load_tool, capsys):
+    bench = load_tool("bench_model")
+    ours = [{"voxelise": 0.01, "backbone": 0.03, "decode": 0.02, "total": 0.06 + d}
+            for d in (0.0, 0.001, 0.002)]
+    theirs = [{"voxelise": 0.02, "backbone": 0.05, "total": 0.08 + d} for d in (0.0, 0.01, 0.02)]
+    bench.report("opv2v_3", "infer", 3, 1, {"new": ours, "old": theirs}, "OpenCOOD")
+    out = capsys.readouterr().out
+    # medians: ours 61 ms with 20 ms of decode, OpenCOOD 90 ms: 41 / 90 = 0.46
+    assert "same work (total without decode): v2xfuse 41.0 ms, OpenCOOD 90.0 ms, ratio 0.46 " \
+           "(issue 20 target <= 0.6: PASS)" in out
+    assert re.search(r"decode\s+20\.0\s+0\.0\s+nan", out)
+    bench.report("opv2v_train", "train", 3, 2, {"new": theirs, "old": ours}, "OpenCOOD")
+    assert "target <= 0.8: FAIL" in capsys.readouterr().out

@@ -112,3 +112,51 @@ def test_agent_loss_ignores_the_same_anchors_as_before(tiny_detector_cfg, random
                  (xy[:, 1] < g.y_max))
     got = OutsideGrid(ego_from_agent.double(), g)(centres)
     assert torch.equal(got, expected) and 0 < int(got.sum()) < len(got)
+
+
+def test_anchor_sizes_put_every_size_in_every_rotation():
+    grid = BevGrid(-4.0, -4.0, 4.0, 4.0, 0.8)
+    one = AnchorHead(8, grid, anchor_size=(4.5, 1.9, 1.6), anchor_z=-1.1)
+    same = AnchorHead(8, grid, anchor_sizes=[(4.5, 1.9, 1.6)], anchor_z=[-1.1])
+    assert torch.equal(one.anchors, same.anchors)
+    two = AnchorHead(8, grid, anchor_sizes=[(4.5, 1.9, 1.6), (9.0, 2.5, 3.3)],
+                     anchor_z=[-1.1, -0.25])
+    assert two.num_anchors == 4 and two.cls.out_channels == 4 and two.reg.out_channels == 28
+    per_anchor = two.anchors.view(4, grid.ny, grid.nx, 7)  # (A, H, W) order
+    for a, (size, z, yaw) in enumerate([((4.5, 1.9, 1.6), -1.1, 0.0), ((4.5, 1.9, 1.6), -1.1, 90.0),
+                                        ((9.0, 2.5, 3.3), -0.25, 0.0), ((9.0, 2.5, 3.3), -0.25, 90.0)]):
+        torch.testing.assert_close(per_anchor[a, ..., 3:6],
+                                   torch.tensor(size).expand(grid.ny, grid.nx, 3))
+        assert bool((per_anchor[a, ..., 2] == z).all())
+        assert bool((per_anchor[a, ..., 6] == math.radians(yaw)).all())
+    torch.testing.assert_close(per_anchor[2, ..., :2], one.anchors.view(2, grid.ny, grid.nx, 7)[0, ..., :2])
+    # a bus overlaps no car anchor by pos_iou, but the bus-sized ones
+    bus = torch.tensor([[0.4, 0.4, -0.2, 11.0, 2.5, 3.2, 0.0]])
+    assert int((one.assign(bus)[0] == 1).sum()) == 1  # the per-box best only
+    labels, _ = two.assign(bus)
+    assert int((labels.view(4, -1)[2] == 1).sum()) > 1 and int((labels.view(4, -1)[:2] == 1).sum()) == 0
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        AnchorHead(8, grid, anchor_sizes=[(4.5, 1.9, 1.6), (9.0, 2.5, 3.3)], anchor_z=[-1.1])
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        AnchorHead(8, grid, anchor_sizes=[(4.5, 1.9)])
+
+
+def test_a_detector_with_two_anchor_sizes_learns_a_bus(tiny_detector_cfg, random_points_batch):
+    torch.manual_seed(0)
+    model = build_detector(tiny_detector_cfg(head={"type": "anchor", "anchor": {
+        "anchor_sizes": [[4.5, 1.9, 1.6], [9.0, 2.5, 3.3]], "anchor_z": [-1.1, -0.25]}}))
+    assert model.head.num_anchors == 4
+    batch = random_points_batch([pose_from_xyz_rpy(0, 0, 0, 0, 0, 0)])
+    bus = torch.tensor([[2.0, -1.0, -0.3, 11.0, 2.5, 3.2, 0.2]])
+    batch.gt_boxes = [bus]
+    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(40):
+        optim.zero_grad()
+        model.loss(model(batch), batch)["loss"].backward()
+        optim.step()
+    model.eval()
+    with torch.no_grad():
+        dets = model.predict(model(batch))[0]
+    top = dets.boxes[dets.scores.argmax()]
+    assert abs(float(top[3]) - 11.0) < 1.0 and abs(float(top[0]) - 2.0) < 0.5

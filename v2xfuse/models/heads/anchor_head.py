@@ -110,6 +110,10 @@ class AnchorHead(Head):
         in_channels: channels of the fused map.
         grid: the head's BEV grid (the fused map's extent and cell size).
         anchor_size: (l, w, h); anchor_z: anchor centre height in the ego LiDAR frame.
+        anchor_sizes: several (l, w, h) instead of ``anchor_size`` (e.g. cars and trucks, whose
+            boxes a car-sized anchor never overlaps by ``pos_iou``: each would train one
+            anchor only); ``anchor_z`` is then one height or one per size. Every size comes in
+            every rotation: A = sizes x rotations anchors per cell.
         rotations_deg: anchor yaws.
         uncertainty: also predict log-variances (module docstring); ``unc_weight`` weighs
             their losses (``loss_unc_reg``, ``loss_unc_cls``) in the total.
@@ -124,7 +128,8 @@ class AnchorHead(Head):
                  rotations_deg=(0.0, 90.0), pos_iou: float = 0.6, neg_iou: float = 0.45,
                  cls_weight: float = 1.0, reg_weight: float = 2.0, dir_weight: float = 0.2,
                  dir_offset: float = math.pi / 4, uncertainty: bool = False,
-                 unc_weight: float = 1.0, dropout: float = 0.0, detach_uncertainty: bool = False):
+                 unc_weight: float = 1.0, dropout: float = 0.0, detach_uncertainty: bool = False,
+                 anchor_sizes=None):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.head dropout must be in [0, 1), got {dropout}")
@@ -132,7 +137,12 @@ class AnchorHead(Head):
         self.dropout = float(dropout)
         self.detach_uncertainty = bool(detach_uncertainty)
         self.grid = grid
-        self.num_anchors = len(rotations_deg)
+        sizes = [tuple(anchor_size)] if anchor_sizes is None else [tuple(a) for a in anchor_sizes]
+        heights = list(anchor_z) if isinstance(anchor_z, (list, tuple)) else [anchor_z] * len(sizes)
+        if not sizes or any(len(a) != 3 or min(a) <= 0 for a in sizes) or len(heights) != len(sizes):
+            raise ValueError(f"model.head anchor_sizes must be (l, w, h) > 0 each, with one "
+                             f"anchor_z or one per size; got {anchor_sizes}, {anchor_z}")
+        self.num_anchors = len(sizes) * len(rotations_deg)
         self.cls = nn.Conv2d(in_channels, self.num_anchors, 1)
         self.reg = nn.Conv2d(in_channels, self.num_anchors * 7, 1)
         self.dir = nn.Conv2d(in_channels, self.num_anchors * 2, 1)
@@ -151,12 +161,13 @@ class AnchorHead(Head):
         xs, ys = grid.centres()
         n = self.num_anchors
         rot = torch.tensor([math.radians(r) for r in rotations_deg])
-        anchors = torch.zeros(grid.ny, grid.nx, n, 7)
-        anchors[..., 0] = xs[..., None]
-        anchors[..., 1] = ys[..., None]
-        anchors[..., 2] = anchor_z
-        anchors[..., 3:6] = torch.tensor(anchor_size, dtype=torch.float32)
+        anchors = torch.zeros(grid.ny, grid.nx, len(sizes), len(rot), 7)
+        anchors[..., 0] = xs[..., None, None]
+        anchors[..., 1] = ys[..., None, None]
+        anchors[..., 2] = torch.tensor(heights, dtype=torch.float32)[:, None]
+        anchors[..., 3:6] = torch.tensor(sizes, dtype=torch.float32)[:, None]
         anchors[..., 6] = rot
+        anchors = anchors.view(grid.ny, grid.nx, n, 7)  # each size in every rotation
         # (H, W, A, 7) -> flat in (A, H, W) order, matching the maps' channel layout.
         self.register_buffer("anchors", anchors.permute(2, 0, 1, 3).reshape(-1, 7), persistent=False)
 

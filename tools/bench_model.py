@@ -30,7 +30,9 @@ classes, run by its own code -- each agent's cloud projected into the ego's fram
 ``proj_first``), voxelised and collated by ``SpVoxelPreprocessor``, then ``PillarVFE``,
 ``PointPillarScatter``, ``BaseBEVBackbone`` and F-Cooper's ``SpatialFusion`` with the scenario's
 widths, and 1x1 class and box convolutions (two anchors); a training step adds
-``PointPillarLoss`` on fixed targets and the backward pass. OpenCOOD does not decode boxes on the
+``PointPillarLoss`` on fixed targets and the backward pass. OpenCOOD runs with glibc's
+allocator as it ships; ``--opencood-malloc`` gives it the mmap and trim thresholds that importing
+``v2xfuse.models`` sets (v2xfuse.utils.malloc), to compare the code alone. OpenCOOD does not decode boxes on the
 CPU (its NMS is a CUDA extension), so the ratio compares the model without ``decode`` and the
 v2xfuse side alone carries its direction head and its target assignment (in its step, where
 OpenCOOD assigns in its data loader). Weights differ (the two parameterise the layers
@@ -260,12 +262,16 @@ class Worker:
 class OpenCOODWorker:
     """The other side with ``--opencood``: the scenario's work on OpenCOOD's own classes."""
 
-    def __init__(self, workdir: Path, opencood: Path):
+    def __init__(self, workdir: Path, opencood: Path, tune_malloc: bool = False):
         import types
 
         import torch
 
         torch.set_num_threads(1)
+        if tune_malloc:  # the allocator settings importing v2xfuse.models makes (README)
+            from v2xfuse.utils.malloc import tune_malloc as tune
+
+            print(f"OpenCOOD worker: {tune()}", file=sys.stderr)
         sys.path.insert(0, str(opencood))
         try:
             import open3d  # noqa: F401  (OpenCOOD's pcd_utils reads files with it)
@@ -396,8 +402,10 @@ class OpenCOODWorker:
         return {"seconds": result, "page_faults": faults}
 
 
-def worker_main(workdir: Path, write_weights: bool, opencood: Path | None = None) -> int:
-    worker = OpenCOODWorker(workdir, opencood) if opencood else Worker(workdir, write_weights)
+def worker_main(workdir: Path, write_weights: bool, opencood: Path | None = None,
+                tune_malloc: bool = False) -> int:
+    worker = (OpenCOODWorker(workdir, opencood, tune_malloc) if opencood
+              else Worker(workdir, write_weights))
     for line in sys.stdin:
         cmd = json.loads(line)
         result = worker.run(cmd["grid"], cmd["name"], cmd["mode"], cmd.get("save", False))
@@ -410,14 +418,14 @@ def worker_main(workdir: Path, write_weights: bool, opencood: Path | None = None
 
 class Side:
     def __init__(self, label: str, checkout: Path, workdir: Path, write_weights: bool,
-                 opencood: bool = False):
+                 opencood: bool = False, tune_malloc: bool = False):
         env = dict(os.environ, PYTHONPATH=str(ROOT if opencood else checkout),
                    OMP_NUM_THREADS="1")
         args = [sys.executable, str(Path(__file__).resolve()), "--worker", str(workdir)]
         if write_weights:
             args.append("--write-weights")
         if opencood:
-            args += ["--opencood", str(checkout)]
+            args += ["--opencood", str(checkout)] + (["--opencood-malloc"] if tune_malloc else [])
         self.label, self.checkout = label, checkout
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
@@ -462,6 +470,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", type=Path, help="another v2xfuse checkout (the old side)")
     parser.add_argument("--opencood", type=Path,
                         help="an OpenCOOD checkout: the other side is OpenCOOD's classes")
+    parser.add_argument("--opencood-malloc", action="store_true",
+                        help="give the OpenCOOD side v2xfuse's glibc allocator settings too "
+                             "(v2xfuse.utils.malloc); by default it runs as it ships")
     parser.add_argument("--reps", type=int, default=5, help="measured reps per side and scenario")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated scenario names")
@@ -469,7 +480,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker_main(args.worker, args.write_weights, args.opencood)
+        return worker_main(args.worker, args.write_weights, args.opencood, args.opencood_malloc)
     if args.compare and args.opencood:
         raise SystemExit("--compare and --opencood: one other side at a time")
     if args.compare and not (args.compare / "v2xfuse" / "__init__.py").exists():
@@ -491,10 +502,14 @@ def main(argv=None) -> int:
             np.savez(workdir / f"{name}.npz", **make_inputs(rng, agents, per_agent, frames, lidar_range))
         sides = [Side("new", ROOT, workdir, True)]
         if other:
-            sides.append(Side("old", other.resolve(), workdir, False, bool(args.opencood)))
+            sides.append(Side("old", other.resolve(), workdir, False, bool(args.opencood),
+                              args.opencood_malloc))
         print(f"process CPU time per call, 1 torch thread per side, medians of {args.reps} reps "
               f"after {args.warmup} warm-up" + (", sides interleaved" if other else ""))
         print(f"new: {ROOT}" + (f"\n{other_label.lower()}: {other.resolve()}" if other else ""))
+        if args.opencood:
+            print("OpenCOOD's allocator: " + ("v2xfuse's glibc settings (--opencood-malloc)"
+                                              if args.opencood_malloc else "as it ships"))
         try:
             for name, grid, agents, per_agent, frames, modes in chosen:
                 for mode in modes:

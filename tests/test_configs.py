@@ -57,12 +57,12 @@ def test_every_experiment_config_switches_heads_with_one_override(path):
     assert isinstance(model.head, CenterHead)
 
 
-@pytest.mark.parametrize("name, size", [("opv2v", [3.9, 1.6, 1.56]), ("dair_v2x", [4.5, 2.0, 1.56]),
-                                        ("quickstart", [4.5, 1.9, 1.6])])
-def test_the_anchors_of_each_config(name, size):
+@pytest.mark.parametrize("name, sizes", [
+    ("opv2v", [[-1.0, 3.9, 1.6, 1.56]]), ("dair_v2x", [[-1.0, 4.5, 2.0, 1.56]]),
+    ("quickstart", [[-1.1, 4.5, 1.9, 1.6], [-0.25, 9.0, 2.5, 3.3]])])  # a car's and a truck's
+def test_the_anchors_of_each_config(name, sizes):
     head = build_detector(load_config(CONFIGS / f"{name}.yaml")).head
-    z = -1.1 if name == "quickstart" else -1.0
-    assert head.anchors[:, 2:6].unique(dim=0).tolist() == [torch.tensor([z, *size]).tolist()]
+    assert head.anchors[:, 2:6].unique(dim=0).tolist() == torch.tensor(sizes).tolist()
     assert head.anchors[:, 6].unique().tolist() == torch.tensor([0.0, math.pi / 2]).tolist()
     assert (head.pos_iou, head.neg_iou) == (0.6, 0.45)
 

@@ -32,10 +32,10 @@ classes, run by its own code -- each agent's cloud projected into the ego's fram
 widths, and 1x1 class and box convolutions (two anchors); a training step adds
 ``PointPillarLoss`` on fixed targets and the backward pass. OpenCOOD runs with glibc's
 allocator as it ships; ``--opencood-malloc`` gives it the mmap and trim thresholds that importing
-``v2xfuse.models`` sets (v2xfuse.utils.malloc), to compare the code alone. OpenCOOD does not decode boxes on the
-CPU (its NMS is a CUDA extension), so the ratio compares the model without ``decode`` and the
-v2xfuse side alone carries its direction head and its target assignment (in its step, where
-OpenCOOD assigns in its data loader). Weights differ (the two parameterise the layers
+``v2xfuse.models`` sets (v2xfuse.utils.malloc), to compare the code alone. OpenCOOD does not
+decode boxes on the CPU (its NMS is a CUDA extension), so the ratio compares the model without
+``decode``, and the v2xfuse side alone carries its direction head and its target assignment (in
+its step, where OpenCOOD assigns in its data loader). Weights differ (the two parameterise the layers
 differently), so outputs are compared by shape only. open3d, which OpenCOOD imports for file I/O
 only, is replaced by an empty module in that worker when it is not installed.
 

@@ -123,18 +123,21 @@ def test_anchor_sizes_put_every_size_in_every_rotation():
                      anchor_z=[-1.1, -0.25])
     assert two.num_anchors == 4 and two.cls.out_channels == 4 and two.reg.out_channels == 28
     per_anchor = two.anchors.view(4, grid.ny, grid.nx, 7)  # (A, H, W) order
-    for a, (size, z, yaw) in enumerate([((4.5, 1.9, 1.6), -1.1, 0.0), ((4.5, 1.9, 1.6), -1.1, 90.0),
-                                        ((9.0, 2.5, 3.3), -0.25, 0.0), ((9.0, 2.5, 3.3), -0.25, 90.0)]):
+    car, truck = (4.5, 1.9, 1.6), (9.0, 2.5, 3.3)
+    expected = [(car, -1.1, 0.0), (car, -1.1, 90.0), (truck, -0.25, 0.0), (truck, -0.25, 90.0)]
+    for a, (size, z, yaw) in enumerate(expected):
         torch.testing.assert_close(per_anchor[a, ..., 3:6],
                                    torch.tensor(size).expand(grid.ny, grid.nx, 3))
         assert bool((per_anchor[a, ..., 2] == z).all())
         assert bool((per_anchor[a, ..., 6] == math.radians(yaw)).all())
-    torch.testing.assert_close(per_anchor[2, ..., :2], one.anchors.view(2, grid.ny, grid.nx, 7)[0, ..., :2])
+    centres = one.anchors.view(2, grid.ny, grid.nx, 7)[0, ..., :2]
+    torch.testing.assert_close(per_anchor[2, ..., :2], centres)
     # a bus overlaps no car anchor by pos_iou, but the bus-sized ones
     bus = torch.tensor([[0.4, 0.4, -0.2, 11.0, 2.5, 3.2, 0.0]])
     assert int((one.assign(bus)[0] == 1).sum()) == 1  # the per-box best only
     labels, _ = two.assign(bus)
-    assert int((labels.view(4, -1)[2] == 1).sum()) > 1 and int((labels.view(4, -1)[:2] == 1).sum()) == 0
+    positives = (labels.view(4, -1) == 1).sum(dim=1)
+    assert int(positives[2]) > 1 and int(positives[:2].sum()) == 0
     with pytest.raises(ValueError, match="anchor_sizes"):
         AnchorHead(8, grid, anchor_sizes=[(4.5, 1.9, 1.6), (9.0, 2.5, 3.3)], anchor_z=[-1.1])
     with pytest.raises(ValueError, match="anchor_sizes"):

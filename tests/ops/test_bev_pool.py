@@ -274,7 +274,8 @@ def test_weighted_pool_bfloat16_gradients_sum_in_float():
     wf, vf = (t.bfloat16().float().requires_grad_(True) for t in (w, v))
     reference.bev_pool_weighted(wf, vf, rows, coords, b, ny, nx).backward(grad.bfloat16().float())
     assert wh.grad.dtype == vh.grad.dtype == torch.bfloat16
-    # ~300 points per row: summed in bfloat16 the error would be tens of ulps; in float, one rounding
+    # ~300 points per row: summed in bfloat16 the error would be tens of ulps; in float, one
+    # rounding
     torch.testing.assert_close(vh.grad.float(), vf.grad, atol=0, rtol=2 ** -8)
     torch.testing.assert_close(wh.grad.float(), wf.grad, atol=1e-2, rtol=2 ** -7)
 

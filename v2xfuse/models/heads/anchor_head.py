@@ -139,7 +139,8 @@ class AnchorHead(Head):
         self.grid = grid
         sizes = [tuple(anchor_size)] if anchor_sizes is None else [tuple(a) for a in anchor_sizes]
         heights = list(anchor_z) if isinstance(anchor_z, (list, tuple)) else [anchor_z] * len(sizes)
-        if not sizes or any(len(a) != 3 or min(a) <= 0 for a in sizes) or len(heights) != len(sizes):
+        bad_size = any(len(a) != 3 or min(a) <= 0 for a in sizes)
+        if not sizes or bad_size or len(heights) != len(sizes):
             raise ValueError(f"model.head anchor_sizes must be (l, w, h) > 0 each, with one "
                              f"anchor_z or one per size; got {anchor_sizes}, {anchor_z}")
         self.num_anchors = len(sizes) * len(rotations_deg)

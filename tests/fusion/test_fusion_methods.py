@@ -91,3 +91,34 @@ def test_reported_bytes_are_the_serialised_lengths(tiny_detector_cfg, random_poi
     assert total < 2 * (c * h * w * 4 + 400)
     if records is not None:
         assert total == sum(r.num_bytes for r in records)
+
+
+def test_late_fusion_trains_exactly_as_the_ego_alone(tiny_detector_cfg, random_points_batch):
+    # single-agent training: the collaborators are not encoded, so they cannot move the
+    # batch-norm statistics of a model supervised on the ego's view only (time-compensated
+    # late fusion inherits the rule)
+    from v2xfuse.fusion.basic import LateFusion
+    from v2xfuse.fusion.late_tc import TimeCompensatedLateFusion
+    assert TimeCompensatedLateFusion.senders is LateFusion.senders
+    method = "late"
+    poses = [pose_from_xyz_rpy(0, 0, 0, 0, 0, 0), pose_from_xyz_rpy(6.0, -3.0, 0, 0, 0, 0.4),
+             pose_from_xyz_rpy(-8.0, 5.0, 4.0, 0, 0, 1.2)]
+    batch = random_points_batch(poses, seed=3)
+    batch.gt_boxes = [torch.tensor([[4.0, 2.0, -1.0, 4.5, 1.9, 1.6, 0.3]])]
+    states = []
+    for fusion in ("none", method):
+        torch.manual_seed(0)
+        model = build_detector(tiny_detector_cfg(fusion))
+        model.train()
+        out = model(batch)
+        model.loss(out, batch)["loss"].backward()
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()}
+                      | {"grad." + n: p.grad.clone() for n, p in model.named_parameters()
+                         if p.grad is not None})
+        if fusion != "none":
+            assert model.fusion.senders(batch) == []
+            model.eval()
+            assert model.fusion.senders(batch) == [1, 2]  # and everybody sends at inference
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key

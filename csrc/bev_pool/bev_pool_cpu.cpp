@@ -119,6 +119,19 @@ inline void prefetch_point(const int32_t* ord, int64_t i, int64_t n_points, cons
   }
 }
 
+// The weighted passes' inputs: values (R, C) floating, weights (P,) of its dtype, rows (P,)
+// int64, all on the CPU (checked by both passes).
+void check_weighted_args(const at::Tensor& weights, const at::Tensor& values,
+                         const at::Tensor& rows) {
+  TORCH_CHECK(values.dim() == 2 && at::isFloatingType(values.scalar_type()) &&
+              values.device().is_cpu(), "values must be a (R, C) floating CPU tensor, got ",
+              values.sizes(), " ", values.scalar_type());
+  TORCH_CHECK(weights.dim() == 1 && weights.scalar_type() == values.scalar_type() &&
+              weights.device().is_cpu(), "weights must be a (P,) CPU tensor of the values' dtype");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.size(0) == weights.size(0),
+              "rows must be a (P,) int64 tensor, P = ", weights.size(0));
+}
+
 template <typename index_t>
 void plan_cells(const index_t* coords, int64_t n_points, int64_t batch_size, int64_t ny,
                 int64_t nx, int32_t* cell_of, int32_t* counts) {
@@ -362,13 +375,7 @@ at::Tensor bev_pool_weighted_forward_cpu(const at::Tensor& weights, const at::Te
                                          const at::Tensor& rows, const at::Tensor& order,
                                          const at::Tensor& offsets, int64_t batch_size,
                                          int64_t ny, int64_t nx) {
-  TORCH_CHECK(values.dim() == 2 && at::isFloatingType(values.scalar_type()) &&
-              values.device().is_cpu(), "values must be a (R, C) floating CPU tensor, got ",
-              values.sizes(), " ", values.scalar_type());
-  TORCH_CHECK(weights.dim() == 1 && weights.scalar_type() == values.scalar_type() &&
-              weights.device().is_cpu(), "weights must be a (P,) CPU tensor of the values' dtype");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.size(0) == weights.size(0),
-              "rows must be a (P,) int64 tensor, P = ", weights.size(0));
+  check_weighted_args(weights, values, rows);
   check_planned_pool(order, offsets, weights.size(0), batch_size, ny, nx);
   const int64_t plane = ny * nx;
   const int64_t channels = values.size(1);
@@ -415,13 +422,11 @@ std::tuple<at::Tensor, at::Tensor> bev_pool_weighted_backward_cpu(
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.scalar_type() == values.scalar_type() &&
               grad_out.device().is_cpu(), "grad_out must be a (B, C, ny, nx) CPU tensor of the "
               "values' dtype");
-  TORCH_CHECK(values.dim() == 2, "values must be (R, C), got shape ", values.sizes());
+  check_weighted_args(weights, values, rows);
   const int64_t n_points = weights.size(0), n_rows = values.size(0), channels = values.size(1);
   const int64_t batch_size = grad_out.size(0), plane = grad_out.size(2) * grad_out.size(3);
   TORCH_CHECK(grad_out.size(1) == channels, "grad_out has ", grad_out.size(1),
               " channels, values ", channels);
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.size(0) == n_points,
-              "rows must be a (P,) int64 tensor, P = ", n_points);
   check_planned_pool(order, offsets, n_points, batch_size, grad_out.size(2), grad_out.size(3));
   const at::Tensor go = grad_out.contiguous();
   const at::Tensor vals = values.contiguous(), w = weights.contiguous(), r = rows.contiguous();
@@ -498,8 +503,7 @@ std::tuple<at::Tensor, at::Tensor> bev_pool_weighted_backward_cpu(
       for (int64_t b = 0; b < batch_size; ++b) walk_plane(b);
     }
   });
-  return {grad_weights, acc_type == values.scalar_type()
-                            ? grad_values_acc : grad_values_acc.to(values.scalar_type())};
+  return {grad_weights, grad_values_acc.to(values.scalar_type())};  // no copy for float
 }
 
 }  // namespace v2xfuse

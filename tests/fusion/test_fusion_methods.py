@@ -93,18 +93,28 @@ def test_reported_bytes_are_the_serialised_lengths(tiny_detector_cfg, random_poi
         assert total == sum(r.num_bytes for r in records)
 
 
-def test_late_fusion_trains_exactly_as_the_ego_alone(tiny_detector_cfg, random_points_batch):
-    # single-agent training: the collaborators are not encoded, so they cannot move the
-    # batch-norm statistics of a model supervised on the ego's view only (time-compensated
-    # late fusion inherits the rule)
+@pytest.mark.parametrize("method", ["late", "late_tc"])
+def test_late_fusion_trains_exactly_as_the_ego_alone(tiny_detector_cfg, random_points_batch,
+                                                     method):
+    # single-agent training: neither the collaborators nor (late_tc) anyone's earlier
+    # observations are encoded, so they cannot move the batch-norm statistics of a model
+    # supervised on the ego's current view only
     from v2xfuse.fusion.basic import LateFusion
     from v2xfuse.fusion.late_tc import TimeCompensatedLateFusion
     assert TimeCompensatedLateFusion.senders is LateFusion.senders
-    method = "late"
     poses = [pose_from_xyz_rpy(0, 0, 0, 0, 0, 0), pose_from_xyz_rpy(6.0, -3.0, 0, 0, 0, 0.4),
              pose_from_xyz_rpy(-8.0, 5.0, 4.0, 0, 0, 1.2)]
     batch = random_points_batch(poses, seed=3)
     batch.gt_boxes = [torch.tensor([[4.0, 2.0, -1.0, 4.5, 1.9, 1.6, 0.3]])]
+    # one earlier observation of every agent, points unlike the current ones
+    gen = torch.Generator().manual_seed(11)
+    past = torch.cat([torch.rand(300, 4, generator=gen) * torch.tensor([40.0, 40.0, 3.0, 1.0])
+                      - torch.tensor([20.0, 20.0, 2.0, 0.0]) for _ in range(3)])
+    obs = torch.arange(3).repeat_interleave(300)[:, None].float()
+    batch = dataclasses.replace(batch, history=HistoryBatch(
+        points=torch.cat([obs, past], 1), agent=torch.arange(3), steps=torch.ones(3, dtype=torch.long),
+        agent_from_past=torch.eye(4, dtype=torch.float64).repeat(3, 1, 1),
+        timestamp_us=torch.zeros(3, dtype=torch.long), length=torch.ones(3, dtype=torch.long)))
     states = []
     for fusion in ("none", method):
         torch.manual_seed(0)

@@ -320,8 +320,16 @@ class CoopDetector(nn.Module):
         observations encoded into ``state.extras["history"]`` (H, C, H', W'), each in its own
         frame (``batch.history`` says whose, when and where: ``agent_from_past``), and with
         the ``detections`` service, at inference, the senders' detections on theirs in
-        ``state.extras["history_detections"]``: observation index -> Detections (its frame)."""
+        ``state.extras["history_detections"]``: observation index -> Detections (its frame).
+
+        Nothing is encoded where nothing would read it: no method reads the maps themselves, so
+        in training without the detections service (late_tc, CoDynTrust) the history is not
+        encoded; it was, and every agent's earlier view, the roadside unit's too, entered the
+        batch-norm statistics of a model supervised on the ego's current view only."""
         contract, batch = self.fusion.contract, state.batch
+        detecting = "detections" in contract.services and self._detecting()
+        if self.training and not detecting:
+            return
         history = batch.history
         if history is None:
             raise ValueError(f"{type(self.fusion).__name__} needs each agent's earlier "
@@ -333,7 +341,7 @@ class CoopDetector(nn.Module):
         state.extras["history"] = maps = self.bev(inputs)
         if sink is not None:
             state.extras["history_camera_features"] = sink.cameras
-        if "detections" in contract.services and self._detecting():
+        if detecting:
             sending = set(senders)
             wanted = [h for h in used.tolist() if int(history.agent[h]) in sending]
             dets = self.detect_agents(maps, wanted, self._passes(), **self._images_of(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -70,6 +71,13 @@ def _extensions():
     # No -std: torch's build helper adds the standard its headers need (C++17 up to torch 2.9,
     # C++20 after); forcing one here breaks or warns on the other torch versions.
     cxx_flags = ["-O3"]
+    # at::parallel_for is a header template: without OpenMP at compile time it runs every
+    # loop on one thread (the ops did, whatever torch.set_num_threads said). With -fopenmp
+    # the extension needs libgomp.so.1, and the loader hands it the one torch already loaded.
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         ext = CUDAExtension(
@@ -78,10 +86,11 @@ def _extensions():
             # No --use_fast_math: its sin/cos/division are approximate, which would move rotated
             # IoUs near an NMS threshold and make CUDA keep other boxes than CPU.
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
         )
     else:
         ext = CppExtension("v2xfuse._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx_flags})
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

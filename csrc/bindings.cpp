@@ -4,7 +4,7 @@
 // the CPU or CUDA kernel from the tensors' device, the ops work with torch.compile and
 // torch.library, and this file does not need the heavy <torch/extension.h>. Importing
 // v2xfuse._C loads this shared library, whose static initialisers register the ops. The Python
-// module holds `with_cuda` and the PCD decoders (`lzf_decompress`, `pcd_ascii_parse`), which work
+// module holds `with_cuda`, `with_openmp` and the PCD decoders (`lzf_decompress`, `pcd_ascii_parse`), which work
 // on bytes rather than tensors and so are plain Python C-API functions; they release the GIL.
 #include <Python.h>
 #include <torch/library.h>
@@ -116,6 +116,16 @@ PyObject* with_cuda(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+// Whether at::parallel_for runs on torch's threads here: it is a header template, serial
+// unless the extension itself was compiled with OpenMP (setup.py passes -fopenmp on Linux).
+PyObject* with_openmp(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 // lzf_decompress(data: bytes-like, out_size: int) -> bytearray; ValueError names the problem.
 PyObject* lzf_decompress(PyObject*, PyObject* args) {
   Py_buffer in;
@@ -209,6 +219,8 @@ PyObject* pcd_ascii_parse(PyObject*, PyObject* args) {
 
 PyMethodDef module_methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"with_openmp", with_openmp, METH_NOARGS,
+     "Whether the CPU kernels' parallel loops use torch's threads (compiled with OpenMP)."},
     {"lzf_decompress", lzf_decompress, METH_VARARGS,
      "lzf_decompress(data, out_size) -> bytearray: an LZF stream that must expand to exactly "
      "out_size bytes; ValueError names what is corrupt."},

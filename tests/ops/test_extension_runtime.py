@@ -32,3 +32,26 @@ def test_an_error_message_with_numbers_is_raised_not_a_crash():
         f"the extension crashed formatting an error (exit code {run.returncode}): rebuild it "
         f"with the distribution's compiler (CC=gcc CXX=g++, a libstdc++ shared with torch's), "
         f"not one that links libstdc++ statically\n{run.stderr[-2000:]}")
+
+
+CHILD_OPENMP = """
+import torch
+from v2xfuse import ops
+print("openmp", ops.extension_with_openmp())
+print("gomp", sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py adds -fopenmp on Linux")
+def test_the_cpu_kernels_run_on_torch_s_threads_with_torch_s_openmp():
+    """at::parallel_for is a header template: without -fopenmp every op ran on one thread
+    whatever torch.set_num_threads said. Built with it, the extension must share torch's
+    OpenMP runtime (one libgomp in the process: two would each keep a thread pool)."""
+    run = subprocess.run([sys.executable, "-c", CHILD_OPENMP], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "openmp True" in run.stdout, (
+        "v2xfuse._C was compiled without OpenMP: rebuild it (pip install --no-build-isolation "
+        f"-e .)\n{run.stdout}")
+    gomp = eval(run.stdout.split("gomp", 1)[1].strip().splitlines()[0])
+    assert len(gomp) <= 1, f"two OpenMP runtimes loaded: {gomp}"

@@ -32,6 +32,7 @@ __all__ = [
     "bev_pool_weighted",
     "extension_available",
     "extension_with_cuda",
+    "extension_with_openmp",
     "reference",
 ]
 
@@ -46,6 +47,12 @@ def extension_available() -> bool:
 def extension_with_cuda() -> bool:
     """Whether the loaded extension has its CUDA kernels compiled in."""
     return _C is not None and bool(_C.with_cuda())
+
+
+def extension_with_openmp() -> bool:
+    """Whether the loaded extension's CPU kernels run their loops on torch's threads
+    (``torch.set_num_threads``): compiled with OpenMP, as setup.py does on Linux."""
+    return _C is not None and bool(getattr(_C, "with_openmp", lambda: False)())
 
 
 def _use_extension() -> bool:

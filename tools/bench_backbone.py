@@ -109,6 +109,13 @@ def rulebook_macs(pillars, backbone) -> tuple[float, float, float, list[float]]:
             sparse, least = sparse + neck, least + neck  # a downsampling neck runs densely
         else:  # 1x1 or transposed: on the active cells only (sparse_backbone._sparse_neck)
             sparse, least = sparse + neck * fraction, least + neck * fraction
+    # the sparse side's spread: a dense depthwise conv over every output cell of every neck
+    ny, nx = pillars.ny // backbone.out_stride, pillars.nx // backbone.out_stride
+    for spread in backbone.spreads:
+        if isinstance(spread, torch.nn.Conv2d):
+            k = spread.kernel_size[0] * spread.kernel_size[1]
+            cost = pillars.num_agents * ny * nx * k * spread.out_channels
+            sparse, least = sparse + cost, least + cost
     return dense, sparse, least, fractions
 
 
@@ -160,6 +167,10 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="forward,train",
                         help='comma-separated, of forward and train; "" for occupancy and MACs only')
     parser.add_argument("--target", type=float, default=3.0, help="the speed-up aimed at")
+    parser.add_argument("--grow-first", action="store_true",
+                        help="the sparse backbone's grow_first (its blocks here all start strided)")
+    parser.add_argument("--spread", type=int, default=0,
+                        help="the sparse backbone's spread: a depthwise conv of this size per neck")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -180,9 +191,10 @@ def main(argv=None) -> int:
         pillars = encoder.pillars(AgentInputs(args.agents, points))
     widths = {k: v for k, v in cfg["model"]["backbone"].items() if k != "type"}
     dense = BevBackbone(encoder.out_channels, **widths)
-    sparse = SparseBevBackbone(encoder.out_channels, **widths)
+    sparse = SparseBevBackbone(encoder.out_channels, grow_first=args.grow_first,
+                               spread=args.spread, **widths)
     sparse.load_state_dict({k: v.permute(0, 2, 3, 1) if k.startswith("blocks.") and v.dim() == 4
-                            else v for k, v in dense.state_dict().items()})
+                            else v for k, v in dense.state_dict().items()}, strict=not args.spread)
 
     macs_dense, macs_sparse, macs_least, fractions = rulebook_macs(pillars, sparse)
     print(f"source {args.source}: {args.agents} agents, {len(points)} points, {len(pillars.features)} "

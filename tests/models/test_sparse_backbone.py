@@ -208,6 +208,64 @@ def test_agents_do_not_see_each_others_pillars():
     assert (a[0] - b[0]).abs().max() > 1e-2
 
 
+def _spread_pair(kernel):
+    """The sparse backbone without ``spread`` and with ``spread=3`` whose depthwise kernels are
+    all ``kernel`` (3, 3), the rest of the weights the same."""
+    _, plain = _pair(**QUICKSTART_LIKE)
+    spread = SparseBevBackbone(C_IN, spread=3, **QUICKSTART_LIKE)
+    missing, unexpected = spread.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("spreads.") for k in missing)
+    with torch.no_grad():
+        for conv in spread.spreads:
+            conv.weight.copy_(kernel.expand_as(conv.weight))
+    return plain.eval(), spread.eval()
+
+
+def test_spread_is_a_depthwise_conv_between_each_neck_s_conv_and_norm():
+    """A centred one-hot kernel changes nothing; one at the right of the centre moves every
+    neck's output one cell left: what was at a pillar's cell reaches the empty cell beside it."""
+    pillars = _pillars(_random_mask(2, 16, 24, 0.1, seed=7), seed=8)
+    identity, shift = torch.zeros(3, 3), torch.zeros(3, 3)
+    identity[1, 1] = shift[1, 2] = 1.0
+    plain, spread = _spread_pair(identity)
+    with torch.no_grad():
+        torch.testing.assert_close(spread(pillars), plain(pillars), rtol=0, atol=0)
+        plain, spread = _spread_pair(shift)
+        want = plain(pillars)
+        # the last column reads the padding: each neck's norm and ReLU of a zero
+        zero = torch.cat([up[1:](torch.zeros(1, up[0].out_channels, 1, 1)) for up in plain.ups], 1)
+        want = torch.cat([want[..., 1:], zero.expand(2, -1, want.shape[2], 1)], -1)
+        torch.testing.assert_close(spread(pillars), want, rtol=1e-5, atol=1e-6)
+
+
+def test_spread_fills_the_cells_around_the_pillars_and_is_trained():
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[0, 8, 8] = True  # one pillar: a stride-1 block keeps only its cell active
+    widths = dict(layer_strides=(1,), layer_channels=(8,), layer_nums=(1,), upsample_channels=(4,),
+                  out_stride=1)
+    pillars = _pillars(mask)
+    empty = Pillars(pillars.features[:0], pillars.coords[:0], 1, 16, 16)
+    for spread, reach in ((0, 0), (5, 2)):
+        torch.manual_seed(0)
+        net = SparseBevBackbone(C_IN, spread=spread, **widths).eval()
+        with torch.no_grad():
+            changed = (net(pillars) - net(empty)).abs().amax(1)[0] > 0
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        assert rows.min() == cols.min() == 8 - reach and rows.max() == cols.max() == 8 + reach
+    net.train()  # batch statistics need two active cells
+    pillars = _pillars(_random_mask(1, 16, 16, 0.2))
+    pillars.features.requires_grad_(True)
+    out = net(pillars)
+    (out * torch.randn_like(out)).sum().backward()
+    assert net.spreads[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("spread", [-1, 2, 4])
+def test_spread_must_be_an_odd_kernel_size_or_zero(spread):
+    with pytest.raises(ValueError, match="model.backbone.spread"):
+        SparseBevBackbone(C_IN, spread=spread, **QUICKSTART_LIKE)
+
+
 # ----------------------------------------------------------------------------------- detector
 
 

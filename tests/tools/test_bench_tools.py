@@ -363,10 +363,14 @@ def test_bench_ops_prints_the_lss_pool_ratio_against_the_target(load_tool, monke
     assert "cpu clock" in out and "interleaved with the op" in out
     assert "max |out op-ref| 0.0e+00, |grad op-ref| 0.0e+00" in out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("bev_pool fwd+bwd at the lss shapes on cpu: op ") and \
-        "issue 20 target >= 4x: " in last
-    # and the lift and splat in one pass against lifting then pooling in PyTorch
-    assert "lift+splat fwd+bwd at the lss shapes on cpu: bev_pool_weighted " in out
+    assert last.startswith("bev_pool fwd+bwd at the lss shapes on cpu (the op alone on lifted "
+                           "rows): op ") and "issue 20 target >= 4x: " in last
+    # and the lift and splat in one pass (what the camera encoder runs) against lifting then
+    # pooling in PyTorch, judged against the same target
+    fused = next(line for line in out.splitlines() if line.startswith(
+        "lift+splat fwd+bwd at the lss shapes on cpu (the camera encoder's pooling): "
+        "bev_pool_weighted "))
+    assert re.search(r"issue 20 target >= 4x: (PASS|FAIL)\)$", fused)
     grad_w, grad_v = (float(x) for x in re.search(r"\|grad w\| (\S+), \|grad v\| (\S+)",
                                                   out).groups())
     assert grad_w < 1e-4 and grad_v < 1e-4

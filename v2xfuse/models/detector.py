@@ -319,13 +319,15 @@ class CoopDetector(nn.Module):
         """The ``history`` service: each agent's ``contract.history_frames`` newest earlier
         observations encoded into ``state.extras["history"]`` (H, C, H', W'), each in its own
         frame (``batch.history`` says whose, when and where: ``agent_from_past``), and with
-        the ``detections`` service, at inference, the senders' detections on theirs in
+        the ``detections`` service, where it runs (inference; training too with
+        ``detections_in_training``), the senders' detections on theirs in
         ``state.extras["history_detections"]``: observation index -> Detections (its frame).
 
         Nothing is encoded where nothing would read it: no method reads the maps themselves, so
-        in training without the detections service (late_tc, CoDynTrust) the history is not
-        encoded; it was, and every agent's earlier view, the roadside unit's too, entered the
-        batch-norm statistics of a model supervised on the ego's current view only."""
+        in training without the detections service (late_tc) the history is not encoded; it
+        was, and every agent's earlier view, the roadside unit's too, entered the batch-norm
+        statistics of a model supervised on the ego's current view only. CoDynTrust detects in
+        training (its velocities come from the history detections), so it still encodes them."""
         contract, batch = self.fusion.contract, state.batch
         detecting = "detections" in contract.services and self._detecting()
         if self.training and not detecting:

@@ -4,8 +4,9 @@
 // the CPU or CUDA kernel from the tensors' device, the ops work with torch.compile and
 // torch.library, and this file does not need the heavy <torch/extension.h>. Importing
 // v2xfuse._C loads this shared library, whose static initialisers register the ops. The Python
-// module holds `with_cuda`, `with_openmp` and the PCD decoders (`lzf_decompress`, `pcd_ascii_parse`), which work
-// on bytes rather than tensors and so are plain Python C-API functions; they release the GIL.
+// module holds `with_cuda`, `with_openmp` and the PCD decoders (`lzf_decompress`,
+// `pcd_ascii_parse`), which work on bytes rather than tensors and so are plain Python C-API
+// functions; they release the GIL.
 #include <Python.h>
 #include <torch/library.h>
 

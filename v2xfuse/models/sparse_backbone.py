@@ -126,11 +126,6 @@ class _ConcatNCHW(torch.autograd.Function):
         return tuple(grads)
 
 
-def _concat_nchw(maps: list[torch.Tensor]) -> torch.Tensor:
-    """The necks' maps concatenated into the contiguous NCHW map fusion methods and heads read."""
-    return _ConcatNCHW.apply(*maps)
-
-
 @BACKBONES.register("sparse")
 class SparseBevBackbone(nn.Module):
     """The :class:`~.backbone.BevBackbone` of the same arguments on sparse pillars.
@@ -191,7 +186,7 @@ class SparseBevBackbone(nn.Module):
         for block, up, spread in zip(self.blocks, self.ups, self.spreads):
             x = block(x)
             outs.append(_sparse_neck(up, x, spread))
-        return _concat_nchw(outs)
+        return _ConcatNCHW.apply(*outs)  # the NCHW map fusion methods and heads read
 
     def _necks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         outs = [up[1:](spread(up[0](x))) for up, spread, x in zip(self.ups, self.spreads, blocks)]

@@ -31,8 +31,9 @@ classes, run by its own code -- each agent's cloud projected into the ego's fram
 ``PointPillarScatter``, ``BaseBEVBackbone`` and F-Cooper's ``SpatialFusion`` with the scenario's
 widths, and 1x1 class and box convolutions (two anchors); a training step adds
 ``PointPillarLoss`` on fixed targets and the backward pass. OpenCOOD runs with glibc's
-allocator as it ships; ``--opencood-malloc`` gives it the mmap and trim thresholds that importing
-``v2xfuse.models`` sets (v2xfuse.utils.malloc), to compare the code alone. OpenCOOD does not
+allocator as it ships; ``--opencood-malloc`` gives it the allocator settings that importing
+``v2xfuse.models`` makes (v2xfuse.utils.malloc: a 1 GB mmap threshold, no trimming), to compare
+the code alone. OpenCOOD does not
 decode boxes on the CPU (its NMS is a CUDA extension), so the ratio compares the model without
 ``decode``, and the v2xfuse side alone carries its direction head and its target assignment (in
 its step, where OpenCOOD assigns in its data loader). Weights differ (the two parameterise the layers

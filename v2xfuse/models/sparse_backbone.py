@@ -48,6 +48,11 @@ def _sparse_conv_bn_relu(cin: int, cout: int, stride: int, key: str, grow: bool 
                                nn.ReLU(inplace=True))
 
 
+def _finish_neck(up: nn.Sequential, spread: nn.Module, conv_out: torch.Tensor) -> torch.Tensor:
+    """A neck after its conv: the spread, then the neck's norm and ReLU."""
+    return up[1:](spread(conv_out))
+
+
 def _sparse_neck(up: nn.Sequential, x, spread: nn.Module) -> torch.Tensor:
     """``up(x.dense())`` for a neck of ``upsample_to``, with its convolution applied to the
     active cells only where each output cell reads one input cell (a 1x1 conv, a transposed
@@ -71,13 +76,13 @@ def _sparse_neck(up: nn.Sequential, x, spread: nn.Module) -> torch.Tensor:
         k = 1
         cols = x.features @ conv.weight.flatten(1).T  # weight (out, in, 1, 1)
     else:
-        return up[1:](spread(conv(x.dense())))
+        return _finish_neck(up, spread, conv(x.dense()))
     (ny, nx), cout, n = x.spatial_shape, conv.out_channels, x.batch_size
     canvas = cols.new_zeros((n, ny, k, nx, k, cout))
     b, y, xs = x.indices.long().unbind(1)
     canvas[b, y, :, xs] = cols.view(-1, k, k, cout)
     canvas = canvas.view(n, ny * k, nx * k, cout).permute(0, 3, 1, 2)
-    return up[1:](spread(canvas))
+    return _finish_neck(up, spread, canvas)
 
 
 def _transpose_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -189,7 +194,8 @@ class SparseBevBackbone(nn.Module):
         return _ConcatNCHW.apply(*outs)  # the NCHW map fusion methods and heads read
 
     def _necks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        outs = [up[1:](spread(up[0](x))) for up, spread, x in zip(self.ups, self.spreads, blocks)]
+        outs = [_finish_neck(up, spread, up[0](x))
+                for up, spread, x in zip(self.ups, self.spreads, blocks)]
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _zero_blocks(self, pillars: Pillars) -> list[torch.Tensor]:
